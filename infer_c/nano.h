@@ -1,0 +1,145 @@
+/*
+ * Nano inference engine core: model file, forward pass, tokenizer, sampler, generation.
+ *
+ * The same sources build the native CLI (main.c, weights memory-mapped) and the browser page
+ * (Emscripten): every loader takes a buffer in memory, so the caller decides how the bytes arrive.
+ * The layout of the files is described in FORMAT.md at the repository root.
+ */
+#ifndef NANO_H
+#define NANO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NANO_MAGIC0 0x42443453u
+#define NANO_MAGIC1 0x55524C4Du
+#define NANO_HEADER_BYTES 256
+#define NANO_MODEL_MAJOR 2026
+#define NANO_MODEL_MINOR 1
+#define NANO_LORA_MAJOR 2024
+#define NANO_LORA_MINOR 10
+#define NANO_TYPE_MODEL 0
+#define NANO_TYPE_LORA 10
+#define NANO_QUANT_F32 0x00
+#define NANO_QUANT_Q80 0x80
+#define NANO_QUANT_Q4K 0x42
+
+enum { NANO_PAD = 0, NANO_UNKNOWN = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5 };
+
+typedef struct {
+    int block_size, vocab_size, n_layer, n_embd, n_head, n_kv_head, n_hidden;
+    int shared_classifier, head_dim, quant_type, group_size;
+} NanoConfig;
+
+/* A weight matrix [rows, cols]: float32 data, or Q80 int8 values with one scale per group. */
+typedef struct {
+    const float *f32;
+    const int8_t *q;
+    const float *scale;
+    int rows, cols;
+} NanoMatrix;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    NanoMatrix wq, wk, wv, wo, w1, w2, w3;
+} NanoLayer;
+
+typedef struct {
+    int vocab_size;
+    const uint32_t **chars;   /* code points of each token (pointers into the model buffer) */
+    uint8_t *length;          /* code points per token */
+    uint8_t *is_special;
+    int32_t *entry_table;     /* open-addressing hash: token id + 1, 0 = empty */
+    uint32_t entry_mask;
+    uint32_t *first_char;     /* hash of first code point -> longest entry starting with it */
+    uint8_t *first_longest;   /* 0 = empty slot */
+    uint32_t first_mask;
+} NanoTokenizer;
+
+typedef struct {
+    NanoConfig config;
+    int q_dim, kv_dim;        /* n_head * head_dim, n_kv_head * head_dim */
+    NanoLayer *layers;
+    const float *final_norm;
+    NanoMatrix embedding, classifier;
+    const float *rope_cos, *rope_sin;   /* [block_size, head_dim / 2] */
+    NanoTokenizer tokenizer;
+} NanoModel;
+
+/* Side branches y += scaling * B (A x) on wq, wk, wv, wo; matrices stay in the adapter buffer. */
+enum { LORA_WQ, LORA_WK, LORA_WV, LORA_WO, LORA_TARGETS };
+typedef struct {
+    int rank, alpha;
+    float scaling;
+    int in_dim[LORA_TARGETS], out_dim[LORA_TARGETS];
+    const float *a[LORA_TARGETS];   /* per target: n_layer x [rank, in] */
+    const float *b[LORA_TARGETS];   /* per target: n_layer x [out, rank] */
+} NanoLora;
+
+/* Activations and KV cache for one sequence of up to block_size positions. */
+typedef struct {
+    const NanoModel *model;
+    const NanoLora *lora;
+    int pos;                  /* positions held in the KV cache */
+    float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;
+    int8_t *act_q;            /* activations quantized for Q80 matmuls */
+    float *act_scale;
+    float *key_cache, *value_cache;   /* [n_layer, block_size, kv_dim] */
+    float *lora_hidden;       /* [block_size, rank] */
+    int lora_capacity;
+} NanoState;
+
+typedef struct {
+    float temperature;        /* 0 = greedy */
+    int top_k;                /* 0 = off */
+    float top_p;              /* 1 = off */
+    float repetition_penalty; /* 1 = off */
+    uint64_t rng;
+    int vocab_size;
+    uint8_t *seen;            /* tokens already in the context */
+    int *candidates;
+    float *probs;
+} NanoSampler;
+
+/* Return 0 to go on, nonzero to stop. logits are the raw model output of the step. */
+typedef int (*NanoTokenCallback)(void *user, int token, const float *logits, int vocab_size);
+
+typedef struct {
+    int prompt_tokens, generated_tokens;
+    double prefill_seconds, first_token_seconds, decode_seconds;
+} NanoStats;
+
+/* Loaders validate everything and return 0, or -1 with a message naming the file and field in err.
+ * The buffer must stay alive (and 4-byte aligned) while the model or adapter is in use. */
+int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap);
+void nano_model_free(NanoModel *m);
+int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t size, const char *name,
+                   char *err, size_t err_cap);
+
+size_t nano_state_bytes(const NanoModel *m);
+int nano_state_init(NanoState *s, const NanoModel *m);
+void nano_state_free(NanoState *s);
+int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detaches */
+
+/* Run tokens at positions s->pos .. s->pos+n-1 (causal) or 0..n-1 over each other (non-causal);
+ * afterwards nano_logits(s, t) gives the logits of the t-th of those tokens. */
+void nano_forward(NanoState *s, const int *tokens, int n, int causal);
+float *nano_logits(NanoState *s, int t);
+
+int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */
+int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap);
+
+int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top_k, float top_p,
+                      float repetition_penalty, uint64_t seed);
+void nano_sampler_free(NanoSampler *s);
+void nano_sampler_see(NanoSampler *s, int token);
+int nano_sample(NanoSampler *s, float *logits);
+
+/* Prefill the prompt, then sample up to max_new tokens, stopping at <|eos|> or <|padding|>. When the
+ * cache is full, the last block_size/2 tokens are prefilled again from position 0. */
+int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_prompt, int max_new,
+                  NanoTokenCallback callback, void *user, NanoStats *stats);
+
+double nano_seconds(void);
+
+#endif

@@ -1,0 +1,390 @@
+"""
+The Nano model: a Llama-style decoder-only Transformer, in one file.
+
+Pre-norm RMSNorm blocks, rotary position embedding on interleaved pairs (or learned absolute
+positions), grouped-query attention through scaled_dot_product_attention, a SwiGLU feed-forward,
+an output head tied to the token embedding, a KV cache for generation, and LoRA adapters that can
+be attached, merged, unmerged, detached and saved on their own.
+"""
+
+import json
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    block_size: int = 256
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    n_hidden: int = 688
+    dropout: float = 0.0
+    bias: bool = False
+    use_rope: bool = True
+    norm_eps: float = 1e-5
+    is_causal: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"model config: n_head ({self.n_head}) is not divisible by n_kv_head ({self.n_kv_head})")
+        if self.use_rope and self.head_dim % 2 != 0:
+            raise ValueError(f"model config: head_dim n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="model config"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 whatever the autocast dtype, as every engine does
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim, length, base=10000.0):
+    """cos and sin of p * theta_i for positions p < length and pairs i < head_dim / 2."""
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), theta)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by the angles of cos/sin [T, D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer that can carry a low-rank side branch: y = W x + (alpha / rank) B A x."""
+
+    def __init__(self, in_features, out_features, bias=False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_scaling = 0.0
+        self.lora_dropout = nn.Identity()
+        self.lora_merged = False
+
+    def attach_lora(self, rank, alpha, dropout=0.0):
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # B starts at zero so that attaching an adapter leaves the model's output unchanged
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        self.lora_scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_merged = False
+
+    def detach_lora(self):
+        if self.lora_merged:
+            self.unmerge_lora()
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_dropout = nn.Identity()
+
+    def lora_delta(self):
+        return self.lora_scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge_lora(self):
+        if self.lora_A is not None and not self.lora_merged:
+            self.weight += self.lora_delta()
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self):
+        if self.lora_merged:
+            self.weight -= self.lora_delta()
+            self.lora_merged = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A is not None and not self.lora_merged:
+            y = y + self.lora_scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return y
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far, preallocated to block_size."""
+
+    def __init__(self, config, batch_size, device, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled; the next forward writes at this position
+
+    def reset(self):
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        self.wq = LoRALinear(config.n_embd, config.n_head * hd, bias=config.bias)
+        self.wk = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=config.bias)
+        self.wv = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=config.bias)
+        self.wo = LoRALinear(config.n_head * hd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, kv_cache=None, layer_index=0):
+        B, T, _ = x.shape
+        c = self.config
+        q = self.wq(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.length
+            kv_cache.keys[layer_index][:B, :, start:start + T] = k
+            kv_cache.values[layer_index][:B, :, start:start + T] = v
+            k = kv_cache.keys[layer_index][:B, :, :start + T]
+            v = kv_cache.values[layer_index][:B, :, :start + T]
+
+        mask, is_causal = None, False
+        if c.is_causal:
+            if start == 0:
+                is_causal = True
+            elif T > 1:
+                # a chunk after cached positions sees all of them plus its own causal triangle
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=c.dropout if self.training else 0.0,
+            enable_gqa=c.n_kv_head != c.n_head)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = LoRALinear(config.n_embd, config.n_hidden, bias=config.bias)  # gate
+        self.w2 = LoRALinear(config.n_hidden, config.n_embd, bias=config.bias)  # down
+        self.w3 = LoRALinear(config.n_embd, config.n_hidden, bias=config.bias)  # up
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, rope, kv_cache=None, layer_index=0):
+        h = x + self.attn(self.attn_norm(x), rope, kv_cache, layer_index)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_embeddings = None if config.use_rope else nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied head
+        if config.use_rope:
+            cos, sin = rope_tables(config.head_dim, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lora_config = None
+        self.apply(self._init_weights)
+        # residual projections scaled down so the residual stream does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Trainable-model parameters, the tied head counted once, LoRA adapters excluded."""
+        return sum(p.numel() for n, p in self.named_parameters() if "lora_" not in n)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·n_head·head_dim·T for attention."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
+        """Logits [B, T, V] for tokens idx [B, T]; with targets, also the mean cross-entropy over the
+        positions where loss_mask is nonzero (all positions when it is None, targets of -1 ignored).
+        With a kv_cache the tokens continue the cached positions and the cache advances by T."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
+        x = self.tok_embeddings(idx)
+        rope = None
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.output(self.norm(x)).float()
+
+        loss = None
+        if targets is not None:
+            if loss_mask is not None:
+                targets = targets.masked_fill(loss_mask == 0, -1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, sample=None, stop_ids=(0, 3)):
+        """Yield new token ids one at a time for one prompt (a list of ids).
+
+        The prompt is prefilled in one forward pass and each new token costs one cached step. When the
+        sequence would outgrow block_size, the oldest tokens are dropped and the kept window (the last
+        block_size // 2 tokens) is prefilled again from position 0, so RoPE positions always match
+        what the model saw in training. `sample(logits, history) -> id` picks the next token
+        (greedy when None). Non-causal models have no cache: they re-run the whole window each step.
+        """
+        if not prompt_ids:
+            raise ValueError("generate needs a non-empty prompt")
+        sample = sample or (lambda logits, history: int(torch.argmax(logits)))
+        block = self.config.block_size
+        device = self.tok_embeddings.weight.device
+        history = list(prompt_ids)
+        window = history[-block:]
+        cache = KVCache(self.config, 1, device, self.tok_embeddings.weight.dtype) if self.config.is_causal else None
+        logits, _ = self.forward(torch.tensor([window], device=device), kv_cache=cache)
+        for _ in range(max_new_tokens):
+            next_id = sample(logits[0, -1], history)
+            yield next_id
+            if next_id in stop_ids:
+                return
+            history.append(next_id)
+            if cache is not None and cache.length < block:
+                logits, _ = self.forward(torch.tensor([[next_id]], device=device), kv_cache=cache)
+                continue
+            window = history[-(block // 2 if cache is not None else block):]
+            if cache is not None:
+                cache.reset()
+            logits, _ = self.forward(torch.tensor([window], device=device), kv_cache=cache)
+
+    # ---------------------------------------------------------------- LoRA
+
+    def lora_layers(self, targets):
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALinear) and name.rsplit(".", 1)[-1] in targets:
+                yield name, module
+
+    def attach_lora(self, rank, alpha, dropout=0.0, targets=("wq", "wk", "wv", "wo")):
+        """Add adapters to the named projections and freeze everything else."""
+        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+        if not set(targets) <= allowed or not targets:
+            raise ValueError(f"lora targets must be a non-empty subset of {sorted(allowed)}, got {list(targets)}")
+        if rank <= 0:
+            raise ValueError(f"lora rank must be positive, got {rank}")
+        self.detach_lora()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for _, module in self.lora_layers(targets):
+            module.attach_lora(rank, alpha, dropout)
+        self.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+
+    def detach_lora(self):
+        for _, module in self.lora_layers({"wq", "wk", "wv", "wo", "w1", "w2", "w3"}):
+            module.detach_lora()
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.lora_config = None
+
+    def merge_lora(self):
+        for module in self.modules():
+            if isinstance(module, LoRALinear):
+                module.merge_lora()
+
+    def unmerge_lora(self):
+        for module in self.modules():
+            if isinstance(module, LoRALinear):
+                module.unmerge_lora()
+
+    def lora_state_dict(self):
+        return {name: p.detach().clone() for name, p in self.named_parameters() if "lora_" in name}
+
+    def load_lora_state_dict(self, state, lora_config):
+        """Attach adapters described by lora_config and fill them from state (adapter weights only)."""
+        self.attach_lora(lora_config["rank"], lora_config["alpha"], lora_config.get("dropout", 0.0),
+                         lora_config["targets"])
+        own = dict(self.named_parameters())
+        expected = {n for n in own if "lora_" in n}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"LoRA weights do not fit this model: missing {missing[:4]}, unexpected {extra[:4]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"LoRA weight {name}: shape {tuple(tensor.shape)} does not fit "
+                                     f"the model's {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
