@@ -101,11 +101,12 @@ typedef struct {
     float *probs;
 } NanoSampler;
 
-/* Return 0 to go on, nonzero to stop. logits are the raw model output of the step. */
+/* Called with each sampled token (the last may be the stop token) and the raw logits it came from.
+ * Return 0 to go on, nonzero to stop. */
 typedef int (*NanoTokenCallback)(void *user, int token, const float *logits, int vocab_size);
 
 typedef struct {
-    int prompt_tokens, generated_tokens;
+    int prompt_tokens, generated_tokens, decode_steps;
     double prefill_seconds, first_token_seconds, decode_seconds;
 } NanoStats;
 
@@ -133,7 +134,7 @@ int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top
                       float repetition_penalty, uint64_t seed);
 void nano_sampler_free(NanoSampler *s);
 void nano_sampler_see(NanoSampler *s, int token);
-int nano_sample(NanoSampler *s, float *logits);
+int nano_sample(NanoSampler *s, const float *logits);   /* logits are left unchanged */
 
 /* Prefill the prompt, then sample up to max_new tokens, stopping at <|eos|> or <|padding|>. When the
  * cache is full, the last block_size/2 tokens are prefilled again from position 0. */

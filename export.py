@@ -1,0 +1,442 @@
+"""
+Export Nano models and LoRA adapters to .bin files, and read them back (the layout is in FORMAT.md).
+
+    python export.py model.bin --checkpoint ckpt.pt                  # float32
+    python export.py model.bin --quant ckpt.pt [--group-size 128]    # Q80: int8 groups + float32 scales
+    python export.py lora.bin --lora lora.pt                         # LoRA adapter for wq, wk, wv, wo
+
+Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer), Q80 weights dequantized;
+load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
+"""
+
+import argparse
+import os
+import struct
+
+import numpy as np
+import torch
+
+from model import ModelConfig, Transformer, rope_tables
+from tokenizer import Tokenizer
+
+MAGIC = (0x42443453, 0x55524C4D)
+HEADER_BYTES = 256
+MODEL_VERSION = (2026, 1)
+LORA_VERSION = (2024, 10)
+OLD_VERSIONS = {(2024, 10), (2025, 8), (2025, 12)}
+MODEL_TYPE, LORA_TYPE = 0, 10
+QUANT_F32, QUANT_Q80, QUANT_Q4K = 0x00, 0x80, 0x42
+LORA_TARGETS = ("wq", "wk", "wv", "wo")
+LINEAR_KINDS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3")
+NORM_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- layout
+
+def tensor_layout(cfg, shared_classifier=True):
+    """The model file's parameters in order: (state_dict name, shape, quantized in Q80) per tensor."""
+    L, E, V, F, hd = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_hidden, cfg.head_dim
+    q_dim, kv_dim = cfg.n_head * hd, cfg.n_kv_head * hd
+    shapes = {"attn.wq": (q_dim, E), "attn.wk": (kv_dim, E), "attn.wv": (kv_dim, E), "attn.wo": (E, q_dim),
+              "ffn.w1": (F, E), "ffn.w2": (E, F), "ffn.w3": (F, E)}
+    layout = [(f"layers.{i}.attn_norm.weight", (E,), False) for i in range(L)]
+    layout += [(f"layers.{i}.ffn_norm.weight", (E,), False) for i in range(L)]
+    layout += [("norm.weight", (E,), False), ("tok_embeddings.weight", (V, E), True)]
+    for kind in LINEAR_KINDS:
+        layout += [(f"layers.{i}.{kind}.weight", shapes[kind], True) for i in range(L)]
+    layout += [("rope_cos", (cfg.block_size, hd // 2), False), ("rope_sin", (cfg.block_size, hd // 2), False)]
+    if not shared_classifier:
+        layout.append(("output.weight", (V, E), True))
+    return layout
+
+
+def choose_group_size(cfg, requested=128):
+    """The largest of requested, requested/2, requested/4, ... that divides every matmul input width."""
+    widths = (cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_hidden)
+    size = requested
+    while size > 1 and any(w % size for w in widths):
+        size //= 2
+    return max(size, 1)
+
+
+def quantize_q80(tensor, group_size):
+    """int8 values and float32 scales of a tensor's row-major data in groups: scale = max|w| / 127."""
+    groups = tensor.detach().float().reshape(-1, group_size)
+    scales = groups.abs().amax(dim=1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))   # all-zero group: q = 0, scale = 0
+    q = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(-1).numpy(), scales.numpy().astype("<f4")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def header_bytes(words):
+    words = list(words) + [0] * (64 - len(words))
+    return struct.pack("<64I", *[w & 0xFFFFFFFF for w in words])
+
+
+def tokenizer_bytes(tokenizer):
+    special_ids = set(tokenizer.special_tokens.values())
+    records = []
+    for token_id, token in enumerate(tokenizer.itos):
+        if len(token) > 255:
+            raise ValueError(f"tokenizer: token {token_id} has {len(token)} code points, the format allows 255")
+        records.append(struct.pack("<BBBBI", len(token), int(token_id in special_ids), 0xFF, 0xFF, token_id))
+        records.append(struct.pack(f"<{len(token)}I", *map(ord, token)))
+    body = b"".join(records)
+    return struct.pack("<II", 8 + len(body), len(tokenizer.itos)) + body
+
+
+def check_exportable(cfg):
+    problems = []
+    if not cfg.use_rope:
+        problems.append("use_rope=False (the format has no learned position embedding)")
+    if cfg.bias:
+        problems.append("bias=True (the format has no biases)")
+    if abs(cfg.norm_eps - NORM_EPS) > 1e-12:
+        problems.append(f"norm_eps={cfg.norm_eps} (engines use {NORM_EPS})")
+    if problems:
+        raise ValueError("model cannot be exported to .bin: " + "; ".join(problems))
+
+
+def write_model(path, model, tokenizer, quant=False, group_size=128, progress=True):
+    """Write model (a Transformer) and tokenizer as a .bin file; returns the group size used (0 for float32)."""
+    cfg = model.config
+    check_exportable(cfg)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    shared = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size)
+    group = choose_group_size(cfg, group_size) if quant else 0
+    words = [*MAGIC, *MODEL_VERSION, MODEL_TYPE, 36, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_embd,
+             cfg.n_head, cfg.n_kv_head, cfg.n_hidden, int(shared), cfg.head_dim,
+             QUANT_Q80 if quant else QUANT_F32, group]
+    layout = tensor_layout(cfg, shared)
+    bar = _progress(sum(int(np.prod(shape)) for _, shape, _ in layout), path, progress)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header_bytes(words))
+        f.write(tokenizer_bytes(tokenizer))
+        for name, shape, quantizable in layout:
+            tensor = state[name]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
+            if quant and quantizable:
+                q, scales = quantize_q80(tensor, group)
+                f.write(q.tobytes())
+                f.write(scales.tobytes())
+            else:
+                f.write(tensor.numpy().astype("<f4").tobytes())
+            if bar:
+                bar.update(tensor.numel())
+    if bar:
+        bar.close()
+    os.replace(tmp, path)
+    return group
+
+
+def write_lora(path, lora_state, lora_config, model_config):
+    """Write an adapter (state dict of lora_A / lora_B tensors) as a LoRA .bin file."""
+    cfg = model_config
+    targets = list(lora_config["targets"])
+    unsupported = sorted(set(targets) - set(LORA_TARGETS))
+    if unsupported:
+        raise ValueError(f"LoRA targets {unsupported} cannot be exported: the format holds wq, wk, wv, wo only")
+    rank, alpha = int(lora_config["rank"]), lora_config["alpha"]
+    if float(alpha) != int(alpha):
+        raise ValueError(f"lora alpha {alpha} is not an integer; the format stores it as int32")
+    hd = cfg.head_dim
+    dims = {"wq": (cfg.n_embd, cfg.n_head * hd), "wk": (cfg.n_embd, cfg.n_kv_head * hd),
+            "wv": (cfg.n_embd, cfg.n_kv_head * hd), "wo": (cfg.n_head * hd, cfg.n_embd)}
+    words = [*MAGIC, *LORA_VERSION, LORA_TYPE, 32, rank, int(alpha), cfg.n_layer, cfg.n_embd, cfg.n_head,
+             cfg.n_kv_head, cfg.n_hidden, 0]
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header_bytes(words))
+        for target in LORA_TARGETS:
+            in_dim, out_dim = dims[target]
+            for part, shape in (("lora_A", (rank, in_dim)), ("lora_B", (out_dim, rank))):
+                for i in range(cfg.n_layer):
+                    name = f"layers.{i}.attn.{target}.{part}"
+                    if target in targets:
+                        tensor = lora_state[name].detach().float().cpu()
+                        if tuple(tensor.shape) != shape:
+                            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {shape}")
+                    else:   # an untargeted projection gets a zero branch
+                        tensor = torch.zeros(shape)
+                    f.write(tensor.numpy().astype("<f4").tobytes())
+    os.replace(tmp, path)
+
+
+def _progress(total, path, enabled):
+    if not enabled or total < (1 << 24):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="param", unit_scale=True, desc=f"writing {path}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a Nano checkpoint (no model_config)")
+    return ckpt
+
+
+def strip_compile_prefix(state):
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def model_from_checkpoint(path):
+    ckpt = load_checkpoint(path)
+    for key in ("model", "tokenizer"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint has no {key!r} entry")
+    cfg = ModelConfig.from_dict(ckpt["model_config"], source=f"{path} model_config")
+    model = Transformer(cfg)
+    state = {k: v for k, v in strip_compile_prefix(ckpt["model"]).items() if "lora_" not in k}
+    model.load_state_dict(state, strict=False)
+    missing = [k for k in model.state_dict() if k not in state and k != "output.weight"]
+    if missing:
+        raise ValueError(f"{path}: checkpoint model misses {missing[:4]}")
+    model.eval()
+    return model, Tokenizer.from_dict(ckpt["tokenizer"], source=f"{path} tokenizer")
+
+
+def lora_from_checkpoint(path):
+    ckpt = load_checkpoint(path)
+    for key in ("lora", "lora_config"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not a LoRA checkpoint (no {key!r} entry)")
+    cfg = ModelConfig.from_dict(ckpt["model_config"], source=f"{path} model_config")
+    return strip_compile_prefix(ckpt["lora"]), ckpt["lora_config"], cfg
+
+
+# ----------------------------------------------------------------------------- reading
+
+class _Cursor:
+    """Walks a file's bytes; every read is checked against the file length and names the field."""
+
+    def __init__(self, path, data):
+        self.path, self.data, self.offset = path, data, 0
+
+    def error(self, field, message):
+        return ValueError(f"{self.path}: {field}: {message}")
+
+    def take(self, count, dtype, field):
+        nbytes = count * np.dtype(dtype).itemsize
+        if nbytes > len(self.data) - self.offset:
+            raise self.error(field, f"needs {nbytes} bytes at offset {self.offset} but the file has "
+                                    f"{len(self.data)} bytes (truncated or wrong dims)")
+        array = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.offset)
+        self.offset += nbytes
+        return array
+
+    def finish(self):
+        if self.offset != len(self.data):
+            raise self.error("file length", f"{len(self.data)} bytes but the header's dims account for {self.offset}")
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _read_header(cursor, want_type):
+    if len(cursor.data) < HEADER_BYTES:
+        raise cursor.error("header", f"file has {len(cursor.data)} bytes, a Nano file starts with a 256-byte header")
+    words = [int(w) for w in np.frombuffer(cursor.data, dtype="<u4", count=64)]
+    if tuple(words[:2]) != MAGIC:
+        raise cursor.error("magic", f"{words[0]:08x} {words[1]:08x} is not a Nano file")
+    if words[4] != want_type:
+        kinds = {MODEL_TYPE: "a model", LORA_TYPE: "a LoRA adapter"}
+        found = kinds.get(words[4], f"model_type {words[4]}")
+        raise cursor.error("model_type", f"{found} is not supported here (expected {kinds[want_type]})")
+    want = MODEL_VERSION if want_type == MODEL_TYPE else LORA_VERSION
+    version = (words[2], words[3])
+    if version != want:
+        if version in OLD_VERSIONS:
+            raise cursor.error("major_version/minor_version", f"version {version[0]}.{version[1]} not supported "
+                               f"(this reader reads {want[0]}.{want[1]}); export the model again with export.py")
+        raise cursor.error("major_version/minor_version", f"unknown version {version[0]}.{version[1]}")
+    cursor.offset = HEADER_BYTES
+    return words
+
+
+def _read_model_config(cursor, words):
+    if words[5] != 36:
+        raise cursor.error("config_length", f"{words[5]}, expected 36")
+    names = ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")
+    dims = dict(zip(names, words[6:13]))
+    for name, value in dims.items():
+        if not 0 < value <= 1 << 24:
+            raise cursor.error(name, f"{value} is out of range")
+    shared, head_dim, quant, group = words[13:17]
+    if shared > 1:
+        raise cursor.error("is_shared_classifier", f"{shared}, expected 0 or 1")
+    if head_dim * dims["n_head"] != dims["n_embd"]:
+        raise cursor.error("head_dim", f"{head_dim} is not n_embd / n_head, which model.py requires")
+    if quant == QUANT_Q4K:
+        raise cursor.error("quant_type", "0x42 (Q4K) is not supported")
+    if quant not in (QUANT_F32, QUANT_Q80):
+        raise cursor.error("quant_type", f"unknown value {quant:#x}")
+    try:
+        cfg = ModelConfig(**dims, norm_eps=NORM_EPS)
+    except ValueError as e:
+        raise cursor.error("config", str(e)) from None
+    if quant == QUANT_Q80:
+        widths = (cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_hidden)
+        if group == 0 or any(w % group for w in widths):
+            raise cursor.error("group_size", f"{group} does not divide the matmul widths {widths}")
+    return cfg, bool(shared), quant, group
+
+
+def _read_tokenizer(cursor, vocab_size):
+    section_bytes, count = (int(x) for x in cursor.take(2, "<u4", "tokenizer section"))
+    end = cursor.offset - 8 + section_bytes
+    if section_bytes < 8 or end > len(cursor.data):
+        raise cursor.error("tokenizer section length", f"{section_bytes} does not fit the file")
+    if count != vocab_size:
+        raise cursor.error("tokenizer vocab_size", f"{count} but the header says {vocab_size}")
+    itos, special = [], {}
+    for token_id in range(count):
+        if end - cursor.offset < 8:
+            raise cursor.error(f"tokenizer token {token_id}", "record runs past the section end")
+        length, is_special = cursor.data[cursor.offset], cursor.data[cursor.offset + 1]
+        (record_id,) = struct.unpack_from("<I", cursor.data, cursor.offset + 4)
+        cursor.offset += 8
+        if record_id != token_id or length == 0 or end - cursor.offset < 4 * length:
+            raise cursor.error(f"tokenizer token {token_id}", f"bad record (id {record_id}, length {length})")
+        chars = cursor.take(length, "<u4", f"tokenizer token {token_id}")
+        if chars.max() > 0x10FFFF:
+            raise cursor.error(f"tokenizer token {token_id}", "code point beyond U+10FFFF")
+        token = "".join(map(chr, chars))
+        itos.append(token)
+        if is_special:
+            special[token] = token_id
+    if cursor.offset != end:
+        raise cursor.error("tokenizer section length", f"{section_bytes} but the records end at a different place")
+    try:
+        return Tokenizer(itos, special)
+    except ValueError as e:
+        raise cursor.error("tokenizer", str(e)) from None
+
+
+def read_bin(path):
+    """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array} or, for Q80
+    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size."""
+    cursor = _Cursor(path, _read_file(path))
+    words = _read_header(cursor, MODEL_TYPE)
+    cfg, shared, quant, group = _read_model_config(cursor, words)
+    tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
+    tensors = {}
+    for name, shape, quantizable in tensor_layout(cfg, shared):
+        count = int(np.prod(shape))
+        if quant == QUANT_Q80 and quantizable:
+            q = cursor.take(count, np.int8, name)
+            tensors[name] = (q, cursor.take(count // group, "<f4", f"{name} scales"))
+        else:
+            tensors[name] = cursor.take(count, "<f4", name)
+    cursor.finish()
+    return cfg, tokenizer, tensors, quant, group
+
+
+def dequantize_q80(q, scales, group_size):
+    return (q.astype(np.float32).reshape(-1, group_size) * scales[:, None]).reshape(-1)
+
+
+def load_bin(path):
+    """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized."""
+    cfg, tokenizer, tensors, quant, group = read_bin(path)
+    model = Transformer(cfg)
+    layout = {name: shape for name, shape, _ in tensor_layout(cfg, "output.weight" not in tensors)}
+    state = {}
+    for name, data in tensors.items():
+        array = dequantize_q80(*data, group) if isinstance(data, tuple) else data
+        state[name] = torch.from_numpy(array.astype(np.float32)).reshape(layout[name])
+    cos, sin = state.pop("rope_cos"), state.pop("rope_sin")
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    head = state.pop("output.weight", None)
+    model.load_state_dict(state, strict=False)
+    if head is not None:   # untied head: give the output layer its own weight
+        model.output.weight = torch.nn.Parameter(head)
+    model.eval()
+    return model, tokenizer
+
+
+def load_lora_bin(path, model_config=None):
+    """A LoRA .bin as (state dict for Transformer.load_lora_state_dict, lora config). With model_config,
+    refuses an adapter made for another base model."""
+    cursor = _Cursor(path, _read_file(path))
+    words = _read_header(cursor, LORA_TYPE)
+    if words[5] != 32:
+        raise cursor.error("config_length", f"{words[5]}, expected 32")
+    rank, alpha = words[6], struct.unpack("<i", struct.pack("<I", words[7]))[0]
+    n_layer, n_embd, n_head, n_kv_head, n_hidden = words[8:13]
+    if not 0 < rank <= 65536:
+        raise cursor.error("lora_rank", f"{rank} is out of range")
+    if model_config is not None:
+        base = model_config
+        for field, value in zip(("n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"), words[8:13]):
+            if getattr(base, field) != value:
+                raise cursor.error(field, f"{value} but the model has {getattr(base, field)} "
+                                          "(adapter made for another base model)")
+    if n_head == 0 or n_embd % n_head or n_kv_head == 0:
+        raise cursor.error("n_head", f"n_embd {n_embd}, n_head {n_head}, n_kv_head {n_kv_head} are inconsistent")
+    hd = n_embd // n_head
+    dims = {"wq": (n_embd, n_head * hd), "wk": (n_embd, n_kv_head * hd), "wv": (n_embd, n_kv_head * hd),
+            "wo": (n_head * hd, n_embd)}
+    state = {}
+    for target in LORA_TARGETS:
+        in_dim, out_dim = dims[target]
+        for part, shape in (("lora_A", (rank, in_dim)), ("lora_B", (out_dim, rank))):
+            for i in range(n_layer):
+                name = f"layers.{i}.attn.{target}.{part}"
+                array = cursor.take(rank * in_dim if part == "lora_A" else out_dim * rank, "<f4", name)
+                state[name] = torch.from_numpy(array.copy()).reshape(shape)
+    cursor.finish()
+    # a target whose matrices are all zero was not adapted (the writer fills absent targets with zeros)
+    targets = [t for t in LORA_TARGETS
+               if any(state[f"layers.{i}.attn.{t}.{p}"].any() for i in range(n_layer) for p in ("lora_A", "lora_B"))]
+    targets = targets or list(LORA_TARGETS)
+    state = {k: v for k, v in state.items() if k.split(".")[3] in targets}
+    return state, {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": targets}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main():
+    parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file.")
+    parser.add_argument("output", help="the .bin file to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint .pt to export as float32")
+    source.add_argument("--quant", help="checkpoint .pt to export as Q80 (int8 groups)")
+    source.add_argument("--lora", help="LoRA checkpoint .pt to export as an adapter file")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="Q80 group size; halved until it divides every matmul width (default 128)")
+    args = parser.parse_args()
+    try:
+        if args.lora:
+            state, lora_config, cfg = lora_from_checkpoint(args.lora)
+            write_lora(args.output, state, lora_config, cfg)
+            print(f"wrote {args.output}: LoRA rank {lora_config['rank']}, alpha {lora_config['alpha']}, "
+                  f"targets {lora_config['targets']}")
+            return
+        if args.group_size <= 0:
+            raise ValueError(f"--group-size must be positive, got {args.group_size}")
+        model, tokenizer = model_from_checkpoint(args.quant or args.checkpoint)
+        group = write_model(args.output, model, tokenizer, quant=bool(args.quant), group_size=args.group_size)
+        kind = f"Q80, group size {group}" if args.quant else "float32"
+        print(f"wrote {args.output}: {kind}, {os.path.getsize(args.output)} bytes")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""
+Run a Nano model from Python: continue a prompt, answer an instruction, or chat.
+
+    python infer.py -m checkpoint/run/best.pt --prompt "今天"            # continue a text
+    python infer.py -m checkpoint/sft/best.pt -i --prompt "质量很好"     # one instruction
+    python infer.py -m checkpoint/sft/best.pt -i                        # interactive chat
+    python infer.py -m model.bin -l lora.bin -i                         # exported files
+
+Checkpoints are the .pt files of train.py (full model, or a LoRA run that names its base) or the
+.bin files of export.py. Generation streams tokens as they come, uses the model's KV cache, and in
+interactive mode Ctrl-C stops the current answer, not the program. Non-causal models (is_causal
+false) run as seq2seq: every position in one pass, the argmax at each position printed.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer, PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
+
+STOP_IDS = (PAD_ID, EOS_ID)
+
+
+def warn(message):
+    print(f"[warning] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- loading
+
+def read_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def base_checkpoint_path(lora_path, base_path):
+    """A LoRA run names its base as it was given to train.py: relative to the working directory
+    then, or to the LoRA file when the run has moved."""
+    for candidate in (base_path, os.path.join(os.path.dirname(lora_path), base_path)):
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"{lora_path}: its base checkpoint {base_path!r} does not exist")
+
+
+def load_model(path, device="cpu"):
+    """(model, tokenizer) from a train.py checkpoint (full, or LoRA on its base) or an exported .bin."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    if path.endswith(".bin"):
+        import export  # only needed for exported files
+        model, tokenizer = export.load_bin(path)
+    else:
+        checkpoint = read_checkpoint(path)
+        if "lora" in checkpoint:
+            model, tokenizer = load_model(base_checkpoint_path(path, checkpoint["base_checkpoint"]), device)
+            model.load_lora_state_dict(checkpoint["lora"], checkpoint["lora_config"])
+        else:
+            missing = [k for k in ("model", "model_config", "tokenizer") if k not in checkpoint]
+            if missing:
+                raise ValueError(f"{path}: not a Nano checkpoint, missing key(s) {', '.join(missing)}")
+            model = Transformer(ModelConfig.from_dict(checkpoint["model_config"], source=f"{path} model_config"))
+            model.load_state_dict(checkpoint["model"])
+            tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"], source=f"{path} tokenizer")
+    return model.to(device).eval(), tokenizer
+
+
+def load_lora(model, path):
+    """Attach the adapter of a LoRA .pt run or an exported LoRA .bin to model (replacing any)."""
+    if path.endswith(".bin"):
+        import export
+        state, lora_config = export.load_lora_bin(path, model.config)
+    else:
+        checkpoint = read_checkpoint(path)
+        if "lora" not in checkpoint:
+            raise ValueError(f"{path}: not a LoRA checkpoint (no 'lora' key)")
+        state, lora_config = checkpoint["lora"], checkpoint["lora_config"]
+    device = model.tok_embeddings.weight.device
+    model.load_lora_state_dict({name: t.to(device) for name, t in state.items()}, lora_config)
+    return model
+
+
+# ---------------------------------------------------------------- sampling
+
+def apply_repetition_penalty(logits, history, penalty):
+    """Make tokens already in the context less likely. Sign-aware, so that both kinds move down:
+    a positive logit is divided by the penalty, a negative one multiplied by it."""
+    if penalty == 1.0 or not history:
+        return logits
+    seen = torch.tensor(sorted(set(history)), device=logits.device)
+    penalised = logits.clone()
+    values = logits[seen]
+    penalised[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return penalised
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits (ties with the k-th kept too); k <= 0 keeps all."""
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth_largest = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it
+    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+
+
+def make_sampler(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
+    """The `sample(logits, history) -> id` callable that model.generate takes.
+    Order: repetition penalty, then greedy if temperature is 0, else temperature, top-k, top-p, draw."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0, got {repetition_penalty}")
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def sample(logits, history):
+        logits = apply_repetition_penalty(logits.float(), history, repetition_penalty)
+        if temperature == 0:
+            return int(torch.argmax(logits))
+        logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+        probs = torch.softmax(logits, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return sample
+
+
+# ---------------------------------------------------------------- prompts
+
+def encode_text(tokenizer, text):
+    """Token ids of text; characters outside the vocabulary become <|unknown|>, with a warning."""
+    ids = tokenizer.encode(text)
+    if UNK_ID in ids:
+        unknown = sorted({c for c in text if c not in tokenizer.stoi})
+        warn(f"{ids.count(UNK_ID)} character(s) not in the vocabulary became <|unknown|>: "
+             f"{' '.join(map(repr, unknown))}")
+    return ids
+
+
+def keep_last_tokens(ids, limit, what="prompt"):
+    """Fit ids into limit tokens by keeping the first one (its <|bos|> or <|instruct_mark|>) and
+    the most recent ones, and say so: a silently cut prompt reads as garbage."""
+    if len(ids) <= limit:
+        return ids
+    warn(f"{what} is {len(ids)} tokens, longer than the context of {limit}: keeping its last {limit - 1}")
+    return ids[:1] + ids[len(ids) - (limit - 1):]
+
+
+def continuation_prompt(tokenizer, text):
+    return [BOS_ID] + encode_text(tokenizer, text)
+
+
+def instruct_prompt(tokenizer, text):
+    return [INSTRUCT_ID] + encode_text(tokenizer, text) + [RESPONSE_ID]
+
+
+class Conversation:
+    """A multi-turn instruct chat as token ids: <|instruct_mark|>q<|response_mark|>a<|eos|> per turn.
+    The oldest turns are dropped when the next prompt would leave less than answer_room tokens of
+    the context for the answer."""
+
+    def __init__(self, tokenizer, context_length, answer_room):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.answer_room = answer_room
+        self.turns = []
+        self.question = []
+
+    def reset(self):
+        self.turns = []
+
+    def ask(self, question):
+        """The prompt for the next answer: the kept turns, then this question."""
+        self.question = keep_last_tokens(instruct_prompt(self.tokenizer, question),
+                                         self.context_length - self.answer_room, "question")
+        budget = self.context_length - self.answer_room - len(self.question)
+        while self.turns and sum(map(len, self.turns)) > budget:
+            self.turns.pop(0)
+        return [token for turn in self.turns for token in turn] + self.question
+
+    def add_answer(self, answer_ids):
+        """Close the asked turn; an interrupted answer is closed with <|eos|> like a finished one."""
+        answer = [t for t in answer_ids if t not in STOP_IDS]
+        self.turns.append(self.question + answer + [EOS_ID])
+
+
+# ---------------------------------------------------------------- generation
+
+def stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample, out=None):
+    """Generate after prompt_ids, writing each token's text to out (stdout) as it comes.
+    Ctrl-C stops the answer. Returns (new ids, timings) with timings for --profile."""
+    out = out or sys.stdout
+    new_ids = []
+    start = time.perf_counter()
+    first_token_at = None
+    try:
+        for token in model.generate(prompt_ids, max_new_tokens, sample=sample, stop_ids=STOP_IDS):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            new_ids.append(token)
+            if token not in STOP_IDS:
+                # every vocabulary entry is whole characters, so each token prints on its own
+                out.write(tokenizer.decode([token]))
+                out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    timings = {"prompt_tokens": min(len(prompt_ids), model.config.block_size), "new_tokens": len(new_ids),
+               "start": start, "first_token": first_token_at, "end": time.perf_counter()}
+    return new_ids, timings
+
+
+def profile_report(timings):
+    """Time to first token, prefill tokens/s (the prompt pass until the first token) and decode
+    tokens/s (every token after the first)."""
+    if timings["first_token"] is None:
+        return "[profile] no token generated"
+    ttft = timings["first_token"] - timings["start"]
+    decode_time = timings["end"] - timings["first_token"]
+    decoded = timings["new_tokens"] - 1
+    decode_rate = f"{decoded / decode_time:.1f} tokens/s" if decoded > 0 and decode_time > 0 else "n/a"
+    return (f"[profile] time to first token {ttft * 1000:.1f} ms | "
+            f"prefill {timings['prompt_tokens']} tokens at {timings['prompt_tokens'] / ttft:.1f} tokens/s | "
+            f"decode {decoded} tokens at {decode_rate}")
+
+
+def answer(model, tokenizer, prompt_ids, args, sample):
+    """Generate and print one answer within --max_seq_length; returns the new ids."""
+    prompt_ids = keep_last_tokens(prompt_ids, model.config.block_size)
+    max_new_tokens = args.max_seq_length - len(prompt_ids)
+    if max_new_tokens <= 0:
+        warn(f"the prompt of {len(prompt_ids)} tokens leaves no room under --max_seq_length "
+             f"{args.max_seq_length}")
+        return []
+    new_ids, timings = stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample)
+    if args.profile:
+        print(profile_report(timings), file=sys.stderr, flush=True)
+    return new_ids
+
+
+@torch.no_grad()
+def seq2seq(model, tokenizer, text):
+    """A non-causal model reads the whole input at once and predicts every position."""
+    ids = keep_last_tokens(encode_text(tokenizer, text), model.config.block_size, "input")
+    device = model.tok_embeddings.weight.device
+    logits, _ = model(torch.tensor([ids], device=device))
+    return tokenizer.decode(logits[0].argmax(dim=-1).tolist())
+
+
+def interactive(model, tokenizer, args, sample):
+    """Read a line, answer it, repeat. /reset clears the conversation, /quit or EOF leaves."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignored Ctrl-C
+    block = model.config.block_size
+    conversation = Conversation(tokenizer, block, answer_room=max(1, block // 4))
+    print("Nano: Ctrl-C stops an answer, /reset starts a new conversation, /quit or Ctrl-D leaves.", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = line.strip()
+        if command == "/quit":
+            return
+        if command == "/reset":
+            conversation.reset()
+            print("[conversation reset]", flush=True)
+            continue
+        if not command:
+            continue
+        if not model.config.is_causal:
+            print(seq2seq(model, tokenizer, line), flush=True)
+        elif args.instruct:
+            conversation.add_answer(answer(model, tokenizer, conversation.ask(line), args, sample))
+        else:
+            answer(model, tokenizer, continuation_prompt(tokenizer, line), args, sample)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Generate text with a Nano model (.pt checkpoint or exported .bin).",
+        epilog="Repetition penalty (-r): every token already in the context (prompt and answer so "
+               "far) has its logit moved down before sampling: a positive logit is divided by the "
+               "penalty, a negative one multiplied by it (dividing a negative logit would raise it). "
+               "1.0 turns it off. Sampling order: penalty, temperature, top-k, top-p.")
+    parser.add_argument("-m", "--model", required=True, help="checkpoint .pt or exported model .bin")
+    parser.add_argument("-l", "--lora", help="LoRA adapter: a LoRA run's .pt or an exported .bin")
+    parser.add_argument("-i", "--instruct", action="store_true",
+                        help="wrap input as <|instruct_mark|>…<|response_mark|> (multi-turn when interactive)")
+    parser.add_argument("-s", "--max_seq_length", type=int, default=None,
+                        help="maximum length of prompt + answer in tokens (default: the model's context; "
+                             "longer answers slide the context window)")
+    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
+    parser.add_argument("-k", "--top_k", type=int, default=5, help="sample among the k most likely (0: all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("-r", "--repetition_penalty", type=float, default=1.2, help="see below (1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
+    parser.add_argument("-p", "--profile", action="store_true",
+                        help="print time to first token, prefill and decode tokens/s to stderr")
+    parser.add_argument("--prompt", help="answer this and exit (default: interactive session)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    model, tokenizer = load_model(args.model, args.device)
+    if args.lora:
+        load_lora(model, args.lora)
+    args.max_seq_length = args.max_seq_length or model.config.block_size
+    sample = make_sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if args.prompt is None:
+        interactive(model, tokenizer, args, sample)
+    elif not model.config.is_causal:
+        print(seq2seq(model, tokenizer, args.prompt))
+    else:
+        make_prompt = instruct_prompt if args.instruct else continuation_prompt
+        answer(model, tokenizer, make_prompt(tokenizer, args.prompt), args, sample)
+
+
+if __name__ == "__main__":
+    main()

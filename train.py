@@ -1,0 +1,626 @@
+"""
+Train a Nano model: pretraining, SFT (loss on the answers only) or LoRA (base frozen, adapters saved alone).
+
+    python train.py -m config/nano-small.json -t config/pretrain.json
+    python train.py -t config/sft.json                 # from_checkpoint in the config gives the base
+    python train.py -c checkpoint/pretrain/latest.pt   # resume exactly where it stopped
+    python train.py -m ... -t ... --set max_iters=20 --set learning_rate=3e-4
+    torchrun --nproc_per_node 2 train.py -m ... -t ... # DDP: gloo on CPU, nccl on GPU
+
+The mode follows from the training config: a dataset whose meta.json says "kind": "sft" is trained
+with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA adapters on a frozen
+base and saves only them. `dataset_path` is a list whose entries are either a prepared dataset
+directory ("dataset/pretrain") or a [train_bin, val_bin] pair; batches draw from the datasets in
+proportion to their size. Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/):
+latest.pt, best.pt and train_<run>.log (one JSON object per line; plot_loss.py draws it).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer, BOS_ID, INSTRUCT_ID, RESPONSE_ID
+
+
+@dataclass
+class TrainConfig:
+    from_checkpoint: str = ""           # base .pt for sft / lora ("" trains from scratch)
+    save_checkpoint_to: str = "checkpoint/pretrain"
+    dataset_path: list = field(default_factory=lambda: ["dataset/pretrain"])
+    tokenizer_path: str = ""            # "" takes the vocabulary named in the dataset's meta.json
+    random_seed: int = 1337
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0              # 0 disables clipping
+    dropout: float = 0.0                # replaces the model config's dropout
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 1e-4
+    max_iters: int = 5000
+    max_time: float = 0.0               # seconds of training (over all resumes); 0 = no limit
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    save_interval: int = 500            # latest.pt every this many steps (and at the end)
+    backend: str = "auto"               # DDP backend: auto = nccl on CUDA, gloo on CPU
+    device: str = "auto"                # auto = cuda when available, else cpu
+    sdp_kernel: str = "auto"            # auto, math, flash, efficient, cudnn
+    dtype: str = "auto"                 # autocast dtype: auto, float32, bfloat16, float16
+    use_amp: bool = True                # autocast with dtype; false trains in float32
+    compile: bool = False
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+    @classmethod
+    def from_dict(cls, d, source="training config"):
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"{source}: unknown key {key!r}; known keys are {', '.join(sorted(known))}")
+        config, defaults = cls(**d), cls()
+        for name in known:
+            value, default = getattr(config, name), getattr(defaults, name)
+            # JSON has one number type: accept 3 for a float key, refuse "3", 3.5 or true for an int key
+            if isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = type(value) is type(default)
+            if not ok:
+                raise ValueError(f"{source}: {name} must be {type(default).__name__}, got {value!r}")
+        return config
+
+    @classmethod
+    def from_json(cls, path):
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def parse_override(text):
+    """'key=value' from --set, the value read as JSON when it parses (numbers, true, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# ----------------------------------------------------------------------------- data
+
+class Split:
+    """One split of one prepared dataset: token ids (and the SFT loss mask) as read-only memmaps."""
+
+    def __init__(self, ids_path, dtype, with_mask):
+        if not os.path.exists(ids_path):
+            raise FileNotFoundError(f"dataset file {ids_path} does not exist (run data.py first)")
+        self.ids = np.memmap(ids_path, dtype=dtype, mode="r")
+        self.mask = None
+        if with_mask:
+            mask_path = ids_path[:-len(".bin")] + "_mask.bin"
+            if not os.path.exists(mask_path):
+                raise FileNotFoundError(f"SFT dataset file {mask_path} does not exist")
+            self.mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+            if len(self.mask) != len(self.ids):
+                raise ValueError(f"{mask_path} holds {len(self.mask)} entries for {len(self.ids)} tokens")
+            # SFT windows start where a record starts, as the prompts at inference do
+            self.starts = np.flatnonzero(np.asarray(self.ids) == INSTRUCT_ID)
+
+    def window_starts(self, block_size):
+        """Where a window of block_size + 1 tokens may start: anywhere, or (SFT) at a record start."""
+        last = len(self.ids) - block_size - 1
+        if self.mask is None:
+            return range(max(0, last + 1))
+        return self.starts[self.starts <= last]
+
+
+class Dataset:
+    def __init__(self, entry):
+        if isinstance(entry, str):
+            train_path, val_path = os.path.join(entry, "train.bin"), os.path.join(entry, "val.bin")
+        elif isinstance(entry, list) and len(entry) == 2 and all(isinstance(p, str) for p in entry):
+            train_path, val_path = entry
+        else:
+            raise ValueError(f"dataset_path entries are a dataset directory or a [train_bin, val_bin] pair, got {entry!r}")
+        self.dir = os.path.dirname(train_path) or "."
+        self.meta = read_json(os.path.join(self.dir, "meta.json"))
+        self.is_sft = self.meta.get("kind") == "sft"
+        self.splits = {"train": Split(train_path, self.meta["dtype"], self.is_sft),
+                       "val": Split(val_path, self.meta["dtype"], self.is_sft)}
+
+    def tokenizer_path(self):
+        return os.path.join(self.dir, self.meta["tokenizer"])
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens, drawn from the datasets in proportion to their size.
+    The generator is the whole data position: saving its state lets a resumed run draw the same batches."""
+
+    def __init__(self, datasets, split, block_size, batch_size, seed):
+        self.splits = [d.splits[split] for d in datasets]
+        self.block_size, self.batch_size = block_size, batch_size
+        self.starts = [s.window_starts(block_size) for s in self.splits]
+        sizes = [len(s) for s in self.starts]
+        if min(sizes) <= 0:
+            raise ValueError(f"a {split} split is too small for block_size {block_size}")
+        self.weights = torch.tensor(sizes, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        T = self.block_size
+        which = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        xs, ys, masks = [], [], []
+        for d in which.tolist():
+            split, starts = self.splits[d], self.starts[d]
+            i = int(starts[int(torch.randint(len(starts), (1,), generator=self.generator))])
+            window = torch.from_numpy(split.ids[i:i + T + 1].astype(np.int64))
+            xs.append(window[:-1])
+            ys.append(window[1:])
+            if split.mask is not None:
+                # mask[j] says whether predicting ids[j] counts: align it with the targets
+                masks.append(torch.from_numpy(split.mask[i + 1:i + T + 1].astype(np.int64)))
+        return torch.stack(xs), torch.stack(ys), torch.stack(masks) if masks else None
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed(config):
+    """(rank, world_size, device); torchrun's environment variables switch DDP on."""
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, device
+    backend = config.backend if config.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=backend)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world_size, device
+
+
+def autocast_dtype(config, device):
+    """The autocast dtype, or None for plain float32. auto: bf16 (fp16 without bf16) on CUDA; bf16 on a CPU
+    with native bf16 matmuls (measured 2.4x fp32 with the same loss curve: bench/bench_train.py)."""
+    if not config.use_amp or config.dtype == "float32":
+        return None
+    if config.dtype != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def sdp_kernel_context(name):
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if name not in backends:
+        raise ValueError(f"sdp_kernel must be auto or one of {', '.join(backends)}, got {name!r}")
+    return sdpa_kernel(backends[name])
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_tokenizer(config, datasets, base, base_path):
+    """The vocabulary of the datasets (or tokenizer_path); it must be the one the base model learned."""
+    paths = {config.tokenizer_path} if config.tokenizer_path else {d.tokenizer_path() for d in datasets}
+    tokenizers = [Tokenizer.load(p) for p in sorted(paths)]
+    if any(t.to_dict() != tokenizers[0].to_dict() for t in tokenizers):
+        raise ValueError(f"the datasets use different vocabularies: {', '.join(sorted(paths))}")
+    tokenizer = tokenizers[0]
+    if base is not None and base["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"the vocabulary {sorted(paths)[0]} is not the one checkpoint {base_path} was trained with")
+    return tokenizer
+
+
+def model_config_for(model_path, config, base, base_path, tokenizer):
+    """The model config of the base checkpoint (which -m, if given, must agree with) or of -m."""
+    if base is not None:
+        model_config = ModelConfig.from_dict(base["model_config"], source=base_path)
+        if model_path:
+            wanted = ModelConfig.from_json(model_path).to_dict()
+            differing = [k for k, v in wanted.items() if k != "dropout" and v != getattr(model_config, k)]
+            if differing:
+                raise ValueError(f"checkpoint {base_path} holds another model shape than {model_path}: "
+                                 + ", ".join(f"{k} {getattr(model_config, k)} vs {wanted[k]}" for k in differing))
+    elif model_path:
+        model_config = ModelConfig.from_json(model_path)
+    else:
+        raise ValueError("give a model config (-m config/<model>.json) or a from_checkpoint in the training config")
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the vocabulary's "
+                         f"{tokenizer.vocab_size} entries: raise vocab_size in the model config")
+    model_config.dropout = config.dropout
+    return model_config
+
+
+def load_weights(model, state, source):
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}")
+    model.load_state_dict(state)
+
+
+def make_optimizer(model, config, device):
+    """AdamW with weight decay on the matrices only: norms and biases are not pulled towards zero."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def learning_rate_at(step, config):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not config.decay_lr:
+        return config.learning_rate
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    if step >= config.lr_decay_iters:
+        return config.min_lr
+    progress = (step - config.warmup_iters) / max(1, config.lr_decay_iters - config.warmup_iters)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+
+
+def measure_matmul_peak(device, dtype, size=1024, seconds=0.3):
+    """FLOP/s of a square matmul on this device in this dtype: the ceiling that MFU is measured against."""
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG alone
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * count / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_states(sampler_states):
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": numpy_state[2],
+                      "has_gauss": numpy_state[3], "cached_gaussian": numpy_state[4]},
+            "python": [list(random.getstate()[1]), random.getstate()[2]],
+            "sampler": sampler_states}  # one generator state per DDP rank
+
+
+def restore_rng_states(rng, rank):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((3, tuple(rng["python"][0]), rng["python"][1]))
+    return rng["sampler"][rank] if rank < len(rng["sampler"]) else None
+
+
+def save_atomically(payload, path, step):
+    """Write a temp file beside `path`, fsync it, rename it over `path`, fsync the directory: a crash at
+    any moment leaves either the old file or the new one, never a torn one."""
+    directory = os.path.dirname(path) or "."
+    temp_path = f"{path}.tmp{os.getpid()}"
+    with open(temp_path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        if os.environ.get("NANO_DEBUG_PAUSE_IN_SAVE_AT_STEP") == str(step):
+            time.sleep(3600)  # lets the tests SIGKILL a save half-way
+        os.fsync(f.fileno())
+    os.replace(temp_path, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_payload(model, optimizer, model_config, config, tokenizer, progress, sampler_states):
+    """Everything a resume needs. A LoRA run stores its adapters and the path of its base, not the base."""
+    payload = {"model_config": model_config.to_dict(), "train_config": asdict(config),
+               "tokenizer": tokenizer.to_dict(), "optimizer": optimizer.state_dict(),
+               "rng": rng_states(sampler_states), **progress}
+    if config.use_lora:
+        payload.update(lora=model.lora_state_dict(), lora_config=model.lora_config,
+                       base_checkpoint=config.from_checkpoint)
+    else:
+        payload["model"] = model.state_dict()
+    return payload
+
+
+# ----------------------------------------------------------------------------- evaluation and logging
+
+@torch.no_grad()
+def estimate_val_loss(model, datasets, model_config, config, device, autocast, seed):
+    """Mean loss over eval_iters batches of the val splits, the same batches at every evaluation."""
+    sampler = BatchSampler(datasets, "val", model_config.block_size, config.batch_size, seed)
+    model.eval()
+    losses = []
+    for _ in range(config.eval_iters):
+        x, y, mask = to_device(sampler.next_batch(), device)
+        with autocast:
+            losses.append(model(x, y, mask)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def to_device(batch, device):
+    return [t.to(device, non_blocking=True) if t is not None else None for t in batch]
+
+
+def print_sample(model, tokenizer, datasets, device):
+    """Greedy continuation of the first validation record: a document's opening, or an SFT question."""
+    ids = datasets[0].splits["val"].ids
+    model.eval()
+    if datasets[0].is_sft:
+        start = int(np.flatnonzero(np.asarray(ids[:100_000]) == INSTRUCT_ID)[0])
+        end = start + int(np.flatnonzero(np.asarray(ids[start:start + 10_000]) == RESPONSE_ID)[0]) + 1
+        prompt = ids[start:end].tolist()
+    else:
+        start = int(np.flatnonzero(np.asarray(ids[:100_000]) == BOS_ID)[0])
+        prompt = ids[start:start + 8].tolist()
+    prompt = prompt[-model.config.block_size // 2:]
+    generated = list(model.generate(prompt, max_new_tokens=60))
+    print(f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(generated)!r}")
+
+
+def parameter_checksum(model):
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+class RunLog:
+    """One JSON object per line in checkpoint/<run>/train_<run>.log; only rank 0 writes it."""
+
+    def __init__(self, path, resume, enabled):
+        self.file = open(path, "a" if resume else "w", encoding="utf-8") if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self.file.flush()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", help="model config JSON (from the base checkpoint when omitted)")
+    parser.add_argument("-t", "--train", help="training config JSON")
+    parser.add_argument("-c", "--checkpoint", help="resume from this checkpoint (its configs unless -t is given)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training key")
+    parser.add_argument("--out", help="where to save checkpoints (overrides save_checkpoint_to)")
+    args = parser.parse_args()
+
+    # ---- configuration: the checkpoint's when resuming, then -t, then --set / --out
+    if not args.train and not args.checkpoint:
+        parser.error("give a training config (-t) or a checkpoint to resume (-c)")
+    resume = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    train_dict = read_json(args.train) if args.train else resume["train_config"]
+    train_dict = {**train_dict, **dict(parse_override(s) for s in args.set)}
+    if args.out:
+        train_dict["save_checkpoint_to"] = args.out
+    config = TrainConfig.from_dict(train_dict, source=args.train or args.checkpoint)
+
+    rank, world_size, device = setup_distributed(config)
+    is_master = rank == 0
+    torch.manual_seed(config.random_seed)  # the same initial weights on every rank
+
+    datasets = [Dataset(entry) for entry in config.dataset_path]
+    if len({d.is_sft for d in datasets}) > 1:
+        raise ValueError("dataset_path mixes pretraining and SFT datasets")
+    # the full weights to start from: the resumed run's own, or (sft, lora) the base model's
+    base_path = args.checkpoint if resume and not config.use_lora else config.from_checkpoint
+    base = resume if base_path == args.checkpoint else load_checkpoint(base_path) if base_path else None
+    if base is not None and "model" not in base:
+        raise ValueError(f"checkpoint {base_path} holds no full model (a LoRA checkpoint?)")
+    tokenizer = load_tokenizer(config, datasets, base, base_path)
+    model_config = model_config_for(args.model, config, base, base_path, tokenizer)
+
+    model = Transformer(model_config)
+    if base is not None:
+        load_weights(model, base["model"], base_path)
+    if config.use_lora and resume is not None:
+        model.load_lora_state_dict(resume["lora"], resume["lora_config"])
+    elif config.use_lora:
+        model.attach_lora(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model.to(device)
+    optimizer = make_optimizer(model, config, device)
+    sampler = BatchSampler(datasets, "train", model_config.block_size, config.batch_size, config.random_seed + rank)
+    torch.manual_seed(config.random_seed + rank)  # dropout masks differ between ranks
+    step, tokens_seen, train_seconds, best_val_loss = 0, 0, 0.0, float("inf")
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        step, tokens_seen = resume["step"], resume["tokens_seen"]
+        train_seconds, best_val_loss = resume["train_seconds"], resume["best_val_loss"]
+        sampler_state = restore_rng_states(resume["rng"], rank)
+        if sampler_state is not None:
+            sampler.generator.set_state(sampler_state)
+    del base, resume
+
+    raw_model = model  # checkpoints and generation use the plain module
+    if config.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    dtype = autocast_dtype(config, device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
+    peak_flops = measure_matmul_peak(device, dtype or torch.float32) if is_master else 1.0
+
+    out_dir = config.save_checkpoint_to
+    run_name = os.path.basename(os.path.normpath(out_dir))
+    if is_master:
+        os.makedirs(out_dir, exist_ok=True)
+    log = RunLog(os.path.join(out_dir, f"train_{run_name}.log"), resume=args.checkpoint is not None, enabled=is_master)
+    tokens_per_step = config.batch_size * model_config.block_size * config.gradient_accumulation_steps * world_size
+    train_tokens = sum(len(d.splits["train"].ids) for d in datasets)
+    flops_per_token = raw_model.flops_per_token(model_config.block_size)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    mode = "lora" if config.use_lora else "sft" if datasets[0].is_sft else "pretrain"
+    log.write(kind="start", step=step, mode=mode, world_size=world_size, device=device, dtype=str(dtype or "float32"),
+              params=raw_model.num_params(), trainable_params=trainable, peak_flops=peak_flops)
+    if is_master:
+        print(f"{mode}: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
+              f"{world_size} process(es) on {device}, autocast {dtype or 'off'}, {tokens_per_step} tokens/step")
+
+    def evaluate_and_save(step, final):
+        """Evaluate; save best.pt on improvement and latest.pt every save_interval steps and at the end."""
+        nonlocal best_val_loss
+        evaluate = final or step % config.eval_interval == 0
+        save_latest = final or (step > 0 and step % config.save_interval == 0)
+        if not (evaluate or save_latest):
+            return
+        sampler_states = gather_sampler_states(sampler, world_size)  # collective: every rank calls it
+        if not is_master:
+            return
+        val_loss, improved = None, False
+        if evaluate:
+            with sdp_kernel_context(config.sdp_kernel):
+                val_loss = estimate_val_loss(raw_model, datasets, model_config, config, device, autocast,
+                                             config.random_seed)
+            improved = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            log.write(kind="val", step=step, epoch=tokens_seen / train_tokens, val_loss=val_loss)
+            progress_bar.write(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        if improved or save_latest:
+            progress = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+                        "best_val_loss": best_val_loss}
+            payload = checkpoint_payload(raw_model, optimizer, model_config, config, tokenizer, progress, sampler_states)
+            for name, wanted in (("best.pt", improved), ("latest.pt", save_latest)):
+                if wanted:
+                    save_atomically(payload, os.path.join(out_dir, name), step)
+
+    progress_bar = tqdm(total=config.max_iters, initial=step, disable=not is_master, dynamic_ncols=True)
+    if step == 0:
+        evaluate_and_save(0, final=False)
+
+    # ---- the training loop
+    run_start = time.perf_counter() - train_seconds  # max_time counts the time of earlier runs too
+    interval_tokens, interval_seconds = 0, 0.0
+    done = step >= config.max_iters or time_is_up(train_seconds, config, world_size, device)
+    while not done:
+        step_start = time.perf_counter()
+        lr = learning_rate_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with sdp_kernel_context(config.sdp_kernel):
+            for micro_step in range(config.gradient_accumulation_steps):
+                if world_size > 1:  # synchronise gradients only after the last micro-step
+                    model.require_backward_grad_sync = micro_step == config.gradient_accumulation_steps - 1
+                x, y, mask = to_device(sampler.next_batch(), device)
+                with autocast:
+                    _, loss = model(x, y, mask)
+                    loss = loss / config.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        interval_tokens += tokens_per_step
+        interval_seconds += time.perf_counter() - step_start
+        train_seconds = time.perf_counter() - run_start
+        progress_bar.update(1)
+
+        if step % config.log_interval == 0 and is_master:
+            # the loss of the last micro-batch, as nanoGPT logs it: no extra synchronisation
+            train_loss = loss.item() * config.gradient_accumulation_steps
+            tokens_per_s = interval_tokens / interval_seconds
+            mfu = tokens_per_s / world_size * flops_per_token / peak_flops
+            log.write(kind="train", step=step, epoch=tokens_seen / train_tokens, loss=train_loss, lr=lr,
+                      tokens_per_s=tokens_per_s, mfu=mfu)
+            progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                                     mfu=f"{mfu:.0%}")
+            interval_tokens, interval_seconds = 0, 0.0
+        done = step >= config.max_iters or time_is_up(train_seconds, config, world_size, device)
+        evaluate_and_save(step, final=done)
+    progress_bar.close()
+    if world_size > 1:
+        checksums = [None] * world_size
+        dist.all_gather_object(checksums, parameter_checksum(raw_model))
+        log.write(kind="ddp", step=step, parameter_checksums=checksums)
+        dist.destroy_process_group()
+    if is_master:
+        print(f"done: step {step}, best val loss {best_val_loss:.4f}, {train_seconds:.0f} s, checkpoints in {out_dir}")
+        print_sample(raw_model, tokenizer, datasets, device)
+
+
+def gather_sampler_states(sampler, world_size):
+    """Every rank's data position, so that a resumed DDP run continues each rank's stream."""
+    state = sampler.generator.get_state()
+    if world_size == 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world_size)]
+    dist.all_gather(states, state)
+    return states
+
+
+def time_is_up(train_seconds, config, world_size, device):
+    """Whether max_time is spent; under DDP the ranks agree (rank 0's clock decides)."""
+    if config.max_time <= 0:
+        return False
+    up = torch.tensor([train_seconds >= config.max_time], dtype=torch.int32, device=device)
+    if world_size > 1:
+        dist.broadcast(up, src=0)
+    return bool(up.item())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: error: {e}")
