@@ -24,29 +24,33 @@ How each task is scored:
   right only if the unrestricted argmax is that token. Reviews are cut from the left to fit the
   context. Two ways to ask:
     instruct  `<|instruct_mark|>review<|response_mark|>` (default for SFT and LoRA runs);
-    prompted  K examples from the task's training split (train.bin next to the test file), each
-              `<|bos|>review。情感：label<|eos|>`, then `<|bos|>review。情感：` (default for
-              pretraining runs, whose checkpoints say so in train_config). The shared examples are
-              prefilled once into a KV cache that every batch reuses.
+    prompted  K (--few-shot, default 4) reviews of 4-24 characters from the task's training split
+              (train.bin next to the test file: the first found, labels alternating), each
+              `<|bos|>review。情感：label<|eos|>`, then `<|bos|>review。情感：`; examples are dropped
+              while they leave less than a quarter of the context for the review. The default for
+              pretraining runs (the train_config's dataset_path leads to a meta.json of kind
+              "pretrain"). The shared examples are prefilled once into a KV cache that every batch
+              reuses.
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 from collections import Counter
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import infer
-from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID
+from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID, UNK_ID
 from model import KVCache
 
 SENTIMENT_LABELS = ("正面", "负面")
 PROMPTED_SUFFIX = "。情感："
 BATCH_TOKENS = 4096  # tokens per forward pass: bounds the [batch, time, vocab] logits in memory
+BATCH_ROWS = 64  # sequences per forward pass: bounds the KV cache, allocated for the whole context
 
 
 def read_jsonl(path, keys):
@@ -68,12 +72,12 @@ def read_jsonl(path, keys):
     return records
 
 
-def batches_by_length(sequences, max_tokens=BATCH_TOKENS):
+def batches_by_length(sequences, max_tokens=BATCH_TOKENS, max_rows=BATCH_ROWS):
     """Indices of sequences grouped into batches of similar length, each at most max_tokens padded."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batch = []
     for i in order:
-        if batch and (len(batch) + 1) * len(sequences[i]) > max_tokens:
+        if batch and ((len(batch) + 1) * len(sequences[i]) > max_tokens or len(batch) == max_rows):
             yield batch
             batch = []
         batch.append(i)
@@ -87,6 +91,20 @@ def right_padded(sequences, device):
     return torch.tensor([s + [PAD_ID] * (width - len(s)) for s in sequences], device=device)
 
 
+def encode_all(tokenizer, texts, source):
+    """Token ids of each text, with one warning for all characters outside the vocabulary."""
+    encoded = [tokenizer.encode(text) for text in texts]
+    unknown = sum(ids.count(UNK_ID) for ids in encoded)
+    if unknown:
+        infer.warn(f"{source}: {unknown} character(s) not in the vocabulary are scored as <|unknown|>")
+    return encoded
+
+
+def progress(batches, description):
+    """A progress bar on a terminal's stderr, nothing elsewhere."""
+    return tqdm(list(batches), desc=description, unit="batch", leave=False, disable=None)
+
+
 def model_device(model):
     return model.tok_embeddings.weight.device
 
@@ -98,7 +116,7 @@ def scored_log_likelihoods(model, sequences, score_from):
     """For each sequence (at most block_size + 1 ids), the sum of log p(token | tokens before it) over
     the tokens at positions >= its score_from (which must be >= 1)."""
     totals = [0.0] * len(sequences)
-    for batch in batches_by_length(sequences):
+    for batch in progress(batches_by_length(sequences), "scoring"):
         tokens = right_padded([sequences[i] for i in batch], model_device(model))
         logits, _ = model(tokens[:, :-1])
         targets = tokens[:, 1:]
@@ -128,8 +146,8 @@ def evaluate_text(model, tokenizer, path):
     if not lines:
         raise ValueError(f"{path}: no text")
     windows = []
-    for line in lines:
-        windows += text_windows([BOS_ID] + infer.encode_text(tokenizer, line) + [EOS_ID], model.config.block_size)
+    for ids in encode_all(tokenizer, lines, path):
+        windows += text_windows([BOS_ID] + ids + [EOS_ID], model.config.block_size)
     nll = -sum(scored_log_likelihoods(model, [w for w, _ in windows], [s for _, s in windows]))
     predicted_tokens = sum(len(w) - s for w, s in windows)
     characters = sum(len(line) + 1 for line in lines)
@@ -140,32 +158,32 @@ def evaluate_text(model, tokenizer, path):
 
 # ---------------------------------------------------------------- multiple choice
 
-def question_prompt(tokenizer, question, instruct):
-    return infer.instruct_prompt(tokenizer, question) if instruct else [BOS_ID] + infer.encode_text(tokenizer, question)
-
-
 def evaluate_choices(model, tokenizer, path, instruct=False):
     records = read_jsonl(path, ("question", "choices", "answer"))
+    questions = encode_all(tokenizer, [r["question"] for r in records], path)
+    choices = iter(encode_all(tokenizer, [c for r in records for c in r["choices"]], path))
+    opening, closing = ([INSTRUCT_ID], [RESPONSE_ID]) if instruct else ([BOS_ID], [])
     block = model.config.block_size
-    sequences, score_from, owners = [], [], []
-    for n, record in enumerate(records):
-        context = question_prompt(tokenizer, record["question"], instruct)
-        for choice in record["choices"]:
-            continuation = infer.encode_text(tokenizer, choice)
+    sequences, score_from = [], []
+    for number, (record, question) in enumerate(zip(records, questions), 1):
+        context = opening + question + closing
+        for _ in record["choices"]:
+            continuation = next(choices)
             room = block - len(continuation)
             if room < 1:
-                raise ValueError(f"{path}: record {n + 1} has a choice longer than the context")
-            kept = context[-room:]
+                raise ValueError(f"{path}: record {number} has a choice longer than the context")
+            kept = context[-room:]  # a long question loses its beginning
             sequences.append(kept + continuation)
             score_from.append(len(kept))
-            owners.append((n, len(choice)))
-    scores = scored_log_likelihoods(model, sequences, score_from)
-    per_record = [[] for _ in records]
-    for (n, length), score in zip(owners, scores):
-        per_record[n].append((score, score / max(1, length)))
-    raw = sum(max(range(len(s)), key=lambda c: s[c][0]) == r["answer"] for s, r in zip(per_record, records))
-    normalised = sum(max(range(len(s)), key=lambda c: s[c][1]) == r["answer"] for s, r in zip(per_record, records))
-    return {"n": len(records), "accuracy": raw / len(records), "accuracy_length_normalised": normalised / len(records)}
+    scores = iter(scored_log_likelihoods(model, sequences, score_from))
+    correct = correct_normalised = 0
+    for record in records:
+        raw = [next(scores) for _ in record["choices"]]
+        normalised = [score / max(1, len(choice)) for score, choice in zip(raw, record["choices"])]
+        correct += raw.index(max(raw)) == record["answer"]
+        correct_normalised += normalised.index(max(normalised)) == record["answer"]
+    return {"n": len(records), "accuracy": correct / len(records),
+            "accuracy_length_normalised": correct_normalised / len(records)}
 
 
 # ---------------------------------------------------------------- QA
@@ -245,7 +263,7 @@ def next_token_choices(model, prefix, bodies, candidate_ids):
     prefix_cache = KVCache(model.config, 1, device)
     model(torch.tensor([prefix], device=device), kv_cache=prefix_cache)
     result = [None] * len(bodies)
-    for batch in batches_by_length(bodies):
+    for batch in progress(batches_by_length(bodies), "classifying"):
         cache = KVCache(model.config, len(batch), device)
         for shared, own in zip(prefix_cache.keys + prefix_cache.values, cache.keys + cache.values):
             own[:, :, :len(prefix)] = shared[:, :, :len(prefix)]
@@ -282,12 +300,15 @@ def sentiment_prompts(tokenizer, reviews, method, examples, block_size):
     room = block_size - len(prefix) - len(suffix)
     if room < 1:
         raise ValueError(f"the {block_size}-token context has no room for a review")
-    bodies = [tokenizer.encode(review)[-room:] + suffix for review in reviews]
+    bodies = [ids[-room:] + suffix for ids in encode_all(tokenizer, reviews, "sentiment test reviews")]
     return prefix, bodies, examples
 
 
 def evaluate_sentiment(model, tokenizer, path, method, few_shot):
     records = read_jsonl(path, ("question", "answer"))
+    unlabelled = [n for n, r in enumerate(records, 1) if r["answer"] not in SENTIMENT_LABELS]
+    if unlabelled:
+        raise ValueError(f"{path}: record {unlabelled[0]} has an answer other than {' or '.join(SENTIMENT_LABELS)}")
     label_ids = [tokenizer.encode(label)[0] for label in SENTIMENT_LABELS]
     if label_ids[0] == label_ids[1]:
         raise ValueError(f"the labels {SENTIMENT_LABELS} start with the same token in this vocabulary")
@@ -316,6 +337,26 @@ def print_table(results):
             print(f"| {task} | {name} | {shown} |")
 
 
+def evaluate(args):
+    """The results of every task asked for, by task name."""
+    model, tokenizer = infer.load_model(args.model, args.device)
+    if args.lora:
+        infer.load_lora(model, args.lora)
+    results = {}
+    if args.text:
+        results["text"] = evaluate_text(model, tokenizer, args.text)
+    if args.choices:
+        results["choices"] = evaluate_choices(model, tokenizer, args.choices, args.instruct)
+    if args.qa:
+        results["qa"] = evaluate_qa(model, tokenizer, args.qa)
+    if args.sentiment:
+        method = args.sentiment_method
+        if method is None:
+            method = "prompted" if training_mode(args.model, args.lora) == "pretrain" else "instruct"
+        results["sentiment"] = evaluate_sentiment(model, tokenizer, args.sentiment, method, args.few_shot)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description="Evaluate a Nano model.", epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,21 +377,10 @@ def main():
     if not (args.text or args.choices or args.qa or args.sentiment):
         parser.error("give at least one of --text, --choices, --qa, --sentiment")
 
-    model, tokenizer = infer.load_model(args.model, args.device)
-    if args.lora:
-        infer.load_lora(model, args.lora)
-    results = {}
-    if args.text:
-        results["text"] = evaluate_text(model, tokenizer, args.text)
-    if args.choices:
-        results["choices"] = evaluate_choices(model, tokenizer, args.choices, args.instruct)
-    if args.qa:
-        results["qa"] = evaluate_qa(model, tokenizer, args.qa)
-    if args.sentiment:
-        method = args.sentiment_method
-        if method is None:
-            method = "prompted" if training_mode(args.model, args.lora) == "pretrain" else "instruct"
-        results["sentiment"] = evaluate_sentiment(model, tokenizer, args.sentiment, method, args.few_shot)
+    try:
+        results = evaluate(args)
+    except (OSError, ValueError) as error:  # a missing or malformed file: say which, no traceback
+        raise SystemExit(f"eval.py: {error}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
     else:
@@ -358,4 +388,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -268,7 +268,7 @@ def _read_header(cursor, want_type):
     return words
 
 
-def _read_model_config(cursor, words):
+def _read_model_config(cursor, words, is_causal=True):
     if words[5] != 36:
         raise cursor.error("config_length", f"{words[5]}, expected 36")
     names = ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")
@@ -286,7 +286,7 @@ def _read_model_config(cursor, words):
     if quant not in (QUANT_F32, QUANT_Q80):
         raise cursor.error("quant_type", f"unknown value {quant:#x}")
     try:
-        cfg = ModelConfig(**dims, norm_eps=NORM_EPS)
+        cfg = ModelConfig(**dims, norm_eps=NORM_EPS, is_causal=is_causal)
     except ValueError as e:
         raise cursor.error("config", str(e)) from None
     if quant == QUANT_Q80:
@@ -327,12 +327,13 @@ def _read_tokenizer(cursor, vocab_size):
         raise cursor.error("tokenizer", str(e)) from None
 
 
-def read_bin(path):
+def read_bin(path, is_causal=True):
     """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array} or, for Q80
-    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size."""
+    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size. The file does
+    not say whether the model is causal: is_causal goes into the returned config."""
     cursor = _Cursor(path, _read_file(path))
     words = _read_header(cursor, MODEL_TYPE)
-    cfg, shared, quant, group = _read_model_config(cursor, words)
+    cfg, shared, quant, group = _read_model_config(cursor, words, is_causal)
     tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
     tensors = {}
     for name, shape, quantizable in tensor_layout(cfg, shared):
@@ -350,9 +351,10 @@ def dequantize_q80(q, scales, group_size):
     return (q.astype(np.float32).reshape(-1, group_size) * scales[:, None]).reshape(-1)
 
 
-def load_bin(path):
-    """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized."""
-    cfg, tokenizer, tensors, quant, group = read_bin(path)
+def load_bin(path, is_causal=True):
+    """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized.
+    Pass is_causal=False for a seq2seq model (the file does not record it)."""
+    cfg, tokenizer, tensors, quant, group = read_bin(path, is_causal)
     model = Transformer(cfg)
     layout = {name: shape for name, shape, _ in tensor_layout(cfg, "output.weight" not in tensors)}
     state = {}

@@ -324,9 +324,12 @@ def build_parser():
 
 def main():
     args = build_parser().parse_args()
-    model, tokenizer = load_model(args.model, args.device)
-    if args.lora:
-        load_lora(model, args.lora)
+    try:
+        model, tokenizer = load_model(args.model, args.device)
+        if args.lora:
+            load_lora(model, args.lora)
+    except (OSError, ValueError, KeyError) as error:  # a missing or foreign file: say which, no traceback
+        sys.exit(f"infer.py: {error}")
     args.max_seq_length = args.max_seq_length or model.config.block_size
     sample = make_sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     if args.prompt is None:

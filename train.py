@@ -153,6 +153,8 @@ class Dataset:
         else:
             raise ValueError(f"dataset_path entries are a dataset directory or a [train_bin, val_bin] pair, got {entry!r}")
         self.dir = os.path.dirname(train_path) or "."
+        if not os.path.exists(os.path.join(self.dir, "meta.json")):
+            raise FileNotFoundError(f"no prepared dataset in {self.dir} (no meta.json): run data.py first")
         self.meta = read_json(os.path.join(self.dir, "meta.json"))
         self.is_sft = self.meta.get("kind") == "sft"
         self.splits = {"train": Split(train_path, self.meta["dtype"], self.is_sft),
@@ -296,15 +298,17 @@ def make_optimizer(model, config, device):
                              fused=device.startswith("cuda"))
 
 
-def learning_rate_at(step, config):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+def learning_rate_at(step, train_seconds, config):
+    """Linear warmup, then cosine decay to min_lr over lr_decay_iters steps, or over max_time when that
+    budget runs out first: a time-bounded run ends annealed on a slow machine too."""
     if not config.decay_lr:
         return config.learning_rate
     if step < config.warmup_iters:
         return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
-    if step >= config.lr_decay_iters:
-        return config.min_lr
     progress = (step - config.warmup_iters) / max(1, config.lr_decay_iters - config.warmup_iters)
+    if config.max_time > 0:
+        progress = max(progress, train_seconds / config.max_time)
+    progress = min(progress, 1.0)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
@@ -397,7 +401,7 @@ def to_device(batch, device):
     return [t.to(device, non_blocking=True) if t is not None else None for t in batch]
 
 
-def print_sample(model, tokenizer, datasets, device):
+def print_sample(model, tokenizer, datasets):
     """Greedy continuation of the first validation record: a document's opening, or an SFT question."""
     ids = datasets[0].splits["val"].ids
     model.eval()
@@ -508,11 +512,12 @@ def main():
     flops_per_token = raw_model.flops_per_token(model_config.block_size)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     mode = "lora" if config.use_lora else "sft" if datasets[0].is_sft else "pretrain"
-    log.write(kind="start", step=step, mode=mode, world_size=world_size, device=device, dtype=str(dtype or "float32"),
+    dtype_name = str(dtype or torch.float32).removeprefix("torch.")
+    log.write(kind="start", step=step, mode=mode, world_size=world_size, device=device, dtype=dtype_name,
               params=raw_model.num_params(), trainable_params=trainable, peak_flops=peak_flops)
     if is_master:
         print(f"{mode}: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
-              f"{world_size} process(es) on {device}, autocast {dtype or 'off'}, {tokens_per_step} tokens/step")
+              f"{world_size} process(es) on {device}, {dtype_name}, {tokens_per_step} tokens/step")
 
     def evaluate_and_save(step, final):
         """Evaluate; save best.pt on improvement and latest.pt every save_interval steps and at the end."""
@@ -548,10 +553,10 @@ def main():
     # ---- the training loop
     run_start = time.perf_counter() - train_seconds  # max_time counts the time of earlier runs too
     interval_tokens, interval_seconds = 0, 0.0
-    done = step >= config.max_iters or time_is_up(train_seconds, config, world_size, device)
+    done = step >= config.max_iters or 0 < config.max_time <= train_seconds
     while not done:
         step_start = time.perf_counter()
-        lr = learning_rate_at(step, config)
+        lr = learning_rate_at(step, train_seconds, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with sdp_kernel_context(config.sdp_kernel):
@@ -573,7 +578,7 @@ def main():
         tokens_seen += tokens_per_step
         interval_tokens += tokens_per_step
         interval_seconds += time.perf_counter() - step_start
-        train_seconds = time.perf_counter() - run_start
+        train_seconds = elapsed_seconds(run_start, world_size, device)
         progress_bar.update(1)
 
         if step % config.log_interval == 0 and is_master:
@@ -586,7 +591,7 @@ def main():
             progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
                                      mfu=f"{mfu:.0%}")
             interval_tokens, interval_seconds = 0, 0.0
-        done = step >= config.max_iters or time_is_up(train_seconds, config, world_size, device)
+        done = step >= config.max_iters or 0 < config.max_time <= train_seconds
         evaluate_and_save(step, final=done)
     progress_bar.close()
     if world_size > 1:
@@ -596,7 +601,7 @@ def main():
         dist.destroy_process_group()
     if is_master:
         print(f"done: step {step}, best val loss {best_val_loss:.4f}, {train_seconds:.0f} s, checkpoints in {out_dir}")
-        print_sample(raw_model, tokenizer, datasets, device)
+        print_sample(raw_model, tokenizer, datasets)
 
 
 def gather_sampler_states(sampler, world_size):
@@ -609,14 +614,13 @@ def gather_sampler_states(sampler, world_size):
     return states
 
 
-def time_is_up(train_seconds, config, world_size, device):
-    """Whether max_time is spent; under DDP the ranks agree (rank 0's clock decides)."""
-    if config.max_time <= 0:
-        return False
-    up = torch.tensor([train_seconds >= config.max_time], dtype=torch.int32, device=device)
+def elapsed_seconds(run_start, world_size, device):
+    """Seconds of training so far; under DDP rank 0's clock, so that all ranks use the same learning
+    rate and stop at the same step."""
+    elapsed = torch.tensor([time.perf_counter() - run_start], dtype=torch.float64, device=device)
     if world_size > 1:
-        dist.broadcast(up, src=0)
-    return bool(up.item())
+        dist.broadcast(elapsed, src=0)
+    return elapsed.item()
 
 
 if __name__ == "__main__":

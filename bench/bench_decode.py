@@ -7,7 +7,7 @@ weights) on 1 and 2 threads.
 A run generates greedily from a 1-token prompt until the sequence holds L tokens; tokens/s is the
 L - 1 new tokens over the time taken. With the cache each token is one cached step (model.generate).
 Without it each token re-runs the whole sequence so far; at L = 512 that is minutes per run, so the
-no-cache time is the sum of forward passes timed at every 32nd length (each standing for the 32
+no-cache time is the sum of forward passes timed at every 64th length (each standing for the 64
 lengths around it) — an estimate, marked as such. Runs alternate between the modes and the figure is
 the median of the repeats, because this machine is shared and noisy.
 Writes bench/results/bench_decode.json with the machine's description.
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
 
 CONFIG = "config/nano-56m.json"
-NO_CACHE_SAMPLING = 32  # lengths per timed forward pass in the no-cache estimate at long lengths
+NO_CACHE_SAMPLING = 64  # lengths per timed forward pass in the no-cache estimate at long lengths
 
 
 def greedy(logits, history):
@@ -111,7 +111,7 @@ def main():
             mark = "*" if uncached["estimated"] else ""
             print(f"| {threads} | {length} | {cached['tokens_per_s']:.1f} | {uncached['tokens_per_s']:.1f}{mark} | "
                   f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.1f}x |")
-    print("\n* estimated from forward passes timed at every 32nd length")
+    print("\n* estimated from forward passes timed at every 64th length")
     os.makedirs(os.path.join(root, "bench", "results"), exist_ok=True)
     with open(os.path.join(root, "bench", "results", "bench_decode.json"), "w") as f:
         json.dump({"machine": machine, "repeats": args.repeats, "results": rows}, f, indent=1)

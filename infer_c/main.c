@@ -36,7 +36,7 @@ static void usage(void) {
         "  --encode     print the prompt's token ids and exit\n"
         "  --logits F   append the float32 logits of every step to file F\n"
         "  --dump-scales F  write every Q80 weight scale (file order) as float32 to F and exit\n"
-        "threads: OMP_NUM_THREADS\n");
+        "threads: OMP_NUM_THREADS (on a busy shared machine, OMP_WAIT_POLICY=passive avoids stalls)\n");
 }
 
 /* ---------------------------------------------------------------------------- files */
@@ -195,6 +195,7 @@ static void print_profile(const NanoStats *st) {
 static int generate(NanoState *state, NanoSampler *sampler, Output *out, const int *ids, int n, int max_new, int profile) {
     NanoStats stats;
     memset(sampler->seen, 0, sampler->vocab_size);
+    out->printed = 0;
     if (nano_generate(state, sampler, ids, n, max_new, on_token, out, &stats)) {
         fprintf(stderr, "error: generation failed (out of memory)\n");
         return -1;
@@ -208,7 +209,7 @@ static int generate(NanoState *state, NanoSampler *sampler, Output *out, const i
 /* One non-causal pass over the whole input; the answer is the argmax at every position. */
 static int run_seq2seq(NanoState *state, Output *out, const int *ids, int n) {
     state->pos = 0;
-    nano_forward(state, ids, n, 0);
+    if (nano_forward(state, ids, n, 0)) return -1;   /* cannot happen: the prompt length was checked */
     for (int t = 0; t < n; t++) {
         const float *logits = nano_logits(state, t);
         int best = 0;
@@ -226,9 +227,7 @@ static char *read_prompt(void) {
     char *text = malloc(cap), line[4096];
     if (!text) return NULL;
     text[0] = 0;
-    int got_any = 0;
     while (fgets(line, sizeof line, stdin)) {
-        got_any = 1;
         if (len > 0 && (strcmp(line, "\n") == 0 || strcmp(line, "\r\n") == 0)) break;
         if (len == 0 && (strcmp(line, "\n") == 0 || strcmp(line, "\r\n") == 0)) continue;
         size_t n = strlen(line);
@@ -241,7 +240,7 @@ static char *read_prompt(void) {
         memcpy(text + len, line, n + 1);
         len += n;
     }
-    if (!got_any || len == 0) { free(text); return NULL; }
+    if (len == 0) { free(text); return NULL; }
     if (text[len - 1] == '\n') text[--len] = 0;   /* the final newline ends the prompt, it is not part of it */
     return text;
 }

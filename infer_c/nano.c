@@ -24,7 +24,7 @@
 #ifdef _OPENMP
 #define PARALLEL_FOR_IF(work) _Pragma("omp parallel for schedule(static) if((work) >= PARALLEL_MIN_WORK)")
 #else
-#define PARALLEL_FOR_IF(work)
+#define PARALLEL_FOR_IF(work) (void)(work);
 #endif
 
 /* Dimension fields above this are refused, so that every size product fits in 64 bits. */
@@ -649,10 +649,11 @@ static void embed(const NanoModel *m, float *out, int token) {
     for (int i = 0; i < E; i++) out[i] = e->q[offset + i] * e->scale[(offset + i) / group];
 }
 
-void nano_forward(NanoState *s, const int *tokens, int n, int causal) {
+int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int E = c->n_embd, F = c->n_hidden, kv_dim = m->kv_dim, start = s->pos;
+    if (n < 1 || n > c->block_size - start) return -1;
     for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
     for (int l = 0; l < c->n_layer; l++) {
         const NanoLayer *layer = &m->layers[l];
@@ -688,6 +689,7 @@ void nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     }
     for (int t = 0; t < n; t++) rmsnorm(s->x + (size_t)t * E, s->x + (size_t)t * E, m->final_norm, E);
     s->pos = start + n;
+    return 0;
 }
 
 float *nano_logits(NanoState *s, int t) {

@@ -122,9 +122,10 @@ int nano_state_init(NanoState *s, const NanoModel *m);
 void nano_state_free(NanoState *s);
 int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detaches */
 
-/* Run tokens at positions s->pos .. s->pos+n-1 (causal) or 0..n-1 over each other (non-causal);
- * afterwards nano_logits(s, t) gives the logits of the t-th of those tokens. */
-void nano_forward(NanoState *s, const int *tokens, int n, int causal);
+/* Run tokens at positions s->pos .. s->pos+n-1, each seeing the positions before it (causal) or all
+ * of them (non-causal, from pos 0); afterwards nano_logits(s, t) gives the logits of the t-th token.
+ * Returns -1 (and does nothing) when the tokens do not fit in block_size. */
+int nano_forward(NanoState *s, const int *tokens, int n, int causal);
 float *nano_logits(NanoState *s, int t);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */

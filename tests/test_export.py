@@ -182,6 +182,13 @@ def test_lora_subset_targets_and_refusals(tmp_path, tok):
                         n_hidden=128)
     with pytest.raises(ValueError, match=r"lora.bin: n_embd: 48 but the model has 64 \(adapter made for another"):
         export.load_lora_bin(path, other)
+    truncated = corrupt(path, tmp_path / "short_lora.bin", truncate=os.path.getsize(path) - 4)
+    with pytest.raises(ValueError, match=r"short_lora.bin: layers.1.attn.wo.lora_B: needs .* \(truncated"):
+        export.load_lora_bin(truncated)
+    model_file = str(tmp_path / "model.bin")
+    export.write_model(model_file, model, tok)
+    with pytest.raises(ValueError, match=r"model.bin: model_type: a model is not supported here"):
+        export.load_lora_bin(model_file)
 
 
 def corrupt(path, out, offset=None, word=None, truncate=None, append=b""):

@@ -152,38 +152,45 @@ def test_repetition_penalty_is_sign_aware():
 
 # ---------------------------------------------------------------- loading and prompts
 
-def test_load_full_and_lora_checkpoints(tmp_path):
+def lora_run(tmp_path):
+    """A base checkpoint and a LoRA run on it with non-zero adapters, the adapted model's logits on
+    a few tokens, and those tokens."""
     base_path = save(cyclic_checkpoint(), tmp_path / "base.pt")
     model, tokenizer = infer.load_model(base_path)
-    assert tokenizer.itos[7:] == list(CYCLE)
-    greedy = infer.make_sampler(temperature=0, repetition_penalty=1.0)
-    assert tokenizer.decode(model.generate([BOS_ID] + tokenizer.encode("ab"), 6, greedy)) == "cdefgh"
-
     torch.manual_seed(1)
     model.attach_lora(rank=2, alpha=4.0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_()
     tokens = torch.tensor([[BOS_ID] + tokenizer.encode("abcd")])
-    expected = model(tokens)[0]
     lora_path = save({"lora": model.lora_state_dict(), "lora_config": model.lora_config,
                       "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
                       "base_checkpoint": "base.pt"}, tmp_path / "lora.pt")  # relative to the LoRA file
-    lora_model, _ = infer.load_model(lora_path)
+    return base_path, lora_path, tokens, model(tokens)[0]
+
+
+def test_load_full_and_lora_checkpoints(tmp_path):
+    base_path, lora_path, tokens, expected = lora_run(tmp_path)
+    model, tokenizer = infer.load_model(base_path)
+    assert tokenizer.itos[7:] == list(CYCLE)
+    greedy = infer.make_sampler(temperature=0, repetition_penalty=1.0)
+    assert tokenizer.decode(model.generate([BOS_ID] + tokenizer.encode("ab"), 6, greedy)) == "cdefgh"
+    lora_model, _ = infer.load_model(lora_path)  # loads its base, then attaches
     torch.testing.assert_close(lora_model(tokens)[0], expected)
-    plain, _ = infer.load_model(base_path)
-    torch.testing.assert_close(infer.load_lora(plain, lora_path)(tokens)[0], expected)
+    torch.testing.assert_close(infer.load_lora(model, lora_path)(tokens)[0], expected)
 
 
 def test_load_exported_bin(tmp_path):
     pytest.importorskip("export")  # export.py is another part of Nano; test when it is there
-    base_path = save(cyclic_checkpoint(), tmp_path / "base.pt")
-    bin_path = str(tmp_path / "model.bin")
-    subprocess.run([sys.executable, "export.py", bin_path, "--checkpoint", base_path], check=True)
+    base_path, lora_path, tokens, expected = lora_run(tmp_path)
+    for source, output in (("--checkpoint", base_path), ("--lora", lora_path)):
+        subprocess.run([sys.executable, "export.py", output.replace(".pt", ".bin"), source, output],
+                       check=True, capture_output=True, env=ONE_THREAD)
     from_pt, _ = infer.load_model(base_path)
-    from_bin, _ = infer.load_model(bin_path)
-    tokens = torch.tensor([[BOS_ID, 7, 8, 9]])
+    from_bin, _ = infer.load_model(base_path.replace(".pt", ".bin"))
     torch.testing.assert_close(from_bin(tokens)[0], from_pt(tokens)[0], atol=1e-5, rtol=1e-5)
+    infer.load_lora(from_bin, lora_path.replace(".pt", ".bin"))
+    torch.testing.assert_close(from_bin(tokens)[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_characters_warn(capsys):
@@ -288,6 +295,12 @@ def test_interactive_streams_and_ctrl_c_stops_only_the_answer(tmp_path):
         if process.poll() is None:
             process.kill()
         os.close(controller)
+
+
+def test_a_missing_model_is_a_message_not_a_traceback():
+    result = run_infer("-m", "no/such/model.pt", "--prompt", "ab")
+    assert result.returncode == 1
+    assert "no/such/model.pt' does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_documents_the_repetition_penalty_rule():

@@ -188,8 +188,10 @@ def test_seq2seq_non_causal_matches_pytorch(infer, tmp_path, tok):
     logits_path = str(tmp_path / "s2s.f32")
     r = run_c(infer, path, "-g", prompt, "--seq2seq", "--print-ids", "--logits", logits_path)
     assert r.returncode == 0, r.stderr
+    loaded, _ = export.load_bin(path, is_causal=False)
     with torch.no_grad():
         reference = model(torch.tensor([prompt_ids]))[0][0].numpy()
+        assert np.array_equal(loaded(torch.tensor([prompt_ids]))[0][0].numpy(), reference)
     logits = np.fromfile(logits_path, dtype=np.float32).reshape(reference.shape)
     assert np.abs(logits - reference).max() < F32_LOGITS_TOL
     assert [int(x) for x in r.stdout.split()] == reference.argmax(-1).tolist()
@@ -210,6 +212,26 @@ def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):
     assert np.array_equal(np.fromfile(dump, dtype=np.float32), np.concatenate(expected))
     ids, logits = c_greedy(infer, path, "hello", 3, tmp_path)
     assert np.isfinite(logits).all()
+
+
+@pytest.mark.skipif(shutil.which("emcc") is None or shutil.which("node") is None, reason="needs emcc and node")
+def test_webassembly_build_matches_native(infer, tmp_path, tok):
+    """The same core compiled by Emscripten (wasm SIMD kernels) gives the native engine's logits."""
+    subprocess.run(["make", "-C", ENGINE_DIR, "wasm-node"], check=True, capture_output=True)
+    adapted = lora_model(tok)
+    lora_path = str(tmp_path / "lora.bin")
+    export.write_lora(lora_path, adapted.lora_state_dict(), adapted.lora_config, adapted.config)
+    for quant in (False, True):
+        path = str(tmp_path / f"m{int(quant)}.bin")
+        export.write_model(path, adapted, tok, quant=quant, group_size=16)
+        native_ids, native_logits = c_greedy(infer, path, "hello 世界", 6, tmp_path, extra=("-l", lora_path))
+        wasm_logits_path = str(tmp_path / "wasm.f32")
+        r = subprocess.run(["node", os.path.join(ENGINE_DIR, "infer-node.js"), path,
+                            "-g", "hello 世界", "-t", "0", "-n", "6", "--print-ids", "-l", lora_path,
+                            "--logits", wasm_logits_path], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [int(x) for x in r.stdout.split()] == native_ids
+        assert np.abs(np.fromfile(wasm_logits_path, dtype=np.float32) - native_logits).max() < 1e-5
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -315,6 +337,9 @@ def check_refusals(binary, bad_inputs, tmp_path):
     assert r.returncode != 0 and "n_hidden" in r.stderr and "another base" in r.stderr, r.stderr
     r = run_c(binary, lora_ok, "-g", "hello")
     assert r.returncode != 0 and "LoRA adapter" in r.stderr, r.stderr
+    short_lora = corrupt(lora_ok, tmp_path / "short_lora.bin", truncate=os.path.getsize(lora_ok) - 4)
+    r = run_c(binary, good, "-l", short_lora, "-g", "hello")
+    assert r.returncode != 0 and "short_lora.bin: wo.B" in r.stderr and "truncated" in r.stderr, r.stderr
     r = run_c(binary, good, "-l", good, "-g", "hello")
     assert r.returncode != 0 and "model_type" in r.stderr, r.stderr
     r = run_c(binary, good, "-g", "hello world " * 10)

@@ -141,7 +141,7 @@ def c_engine(files, prompt_flag, prompt, lora=False):
 # ----------------------------------------------------------------------------- browser
 
 @pytest.fixture(scope="module")
-def browser_page(files):
+def browser_page():
     reason = browser_missing()
     if reason:
         pytest.skip(reason)

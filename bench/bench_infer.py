@@ -1,0 +1,200 @@
+"""
+Decode speed of the C engine (float32, Q80) and PyTorch (eager, KV cache) on a Nano-56M-sized model with
+random weights, greedy, next to the memory-bandwidth bound (weight bytes per token / read bandwidth
+measured in the same run by a STREAM-like read loop in C). Engines alternate; figures are medians.
+
+    python bench/bench_infer.py [--rounds 3] [--tokens 128] [--threads 1 2]
+
+Prints a markdown table and writes bench/results/bench_infer.json with the machine's description.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Threads that sleep at barriers instead of spinning: on a shared, oversubscribed machine spinning
+# OpenMP threads (C engine and PyTorch alike) lose whole scheduler slices at every barrier.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import export  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+
+NANO_56M = dict(block_size=512, vocab_size=16384, n_layer=16, n_embd=512, n_head=16, n_kv_head=8, n_hidden=1408)
+PROMPT_TOKENS = 16
+
+# Sums a large float array with every thread, several times; prints the best read bandwidth in GB/s.
+BANDWIDTH_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+int main(void) {
+    size_t n = (size_t)256 << 20;   /* 1 GiB of floats: far beyond any cache */
+    float *a = malloc(n * sizeof(float));
+    if (!a) return 1;
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
+    double best = 1e9; float total = 0.0f;
+    for (int rep = 0; rep < 6; rep++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        float sum = 0.0f;
+        #pragma omp parallel for schedule(static) reduction(+:sum)
+        for (size_t i = 0; i < n; i++) sum += a[i];
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+        if (s < best) best = s;
+        total += sum;
+    }
+    printf("%.3f %g\n", n * sizeof(float) / best / 1e9, total);
+    free(a);
+    return 0;
+}
+"""
+
+
+def build_tools(workdir):
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
+    source = os.path.join(workdir, "bandwidth.c")
+    binary = os.path.join(workdir, "bandwidth")
+    with open(source, "w") as f:
+        f.write(BANDWIDTH_SOURCE)
+    subprocess.run(["gcc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-o", binary, source], check=True)
+    return os.path.join(ROOT, "infer_c", "infer"), binary
+
+
+def make_model(workdir):
+    """Random Nano-56M-sized model; <|padding|> and <|eos|> get zero embeddings (logit 0) so greedy
+    decoding of random weights never stops early."""
+    torch.manual_seed(0)
+    chars = [chr(0x4E00 + i) for i in range(NANO_56M["vocab_size"] - len(SPECIAL_TOKENS))]
+    tokenizer = Tokenizer(SPECIAL_TOKENS + chars)
+    model = Transformer(ModelConfig(**NANO_56M)).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight[[0, 3]] = 0.0
+    paths = {"f32": os.path.join(workdir, "nano56m_f32.bin"), "q80": os.path.join(workdir, "nano56m_q80.bin")}
+    export.write_model(paths["f32"], model, tokenizer, progress=False)
+    export.write_model(paths["q80"], model, tokenizer, quant=True, progress=False)
+    return model, tokenizer, paths
+
+
+def weight_bytes_per_token(path, config, tokenizer):
+    """Bytes a decode step reads: the whole file less the header, the tokenizer and the RoPE tables."""
+    rope = 2 * 4 * config.block_size * (config.head_dim // 2)
+    tokenizer_bytes = 8 + sum(8 + 4 * len(t) for t in tokenizer.itos)
+    return os.path.getsize(path) - 256 - tokenizer_bytes - rope
+
+
+def prompt_text(tokenizer):
+    return "".join(tokenizer.itos[100 + 37 * i] for i in range(PROMPT_TOKENS))
+
+
+def c_decode(infer, path, prompt, threads, tokens):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run([infer, path, "-g", prompt, "-t", "0", "-n", str(tokens), "--profile"], capture_output=True,
+                       text=True, env=env, check=True)
+    match = re.search(r"generated (\d+) .* decode ([\d.]+) tok/s", r.stderr)
+    generated, rate = int(match.group(1)), float(match.group(2))
+    if generated < tokens:
+        raise RuntimeError(f"{path}: generation stopped after {generated} tokens")
+    return rate
+
+
+def torch_decode(model, prompt_ids, threads, tokens):
+    torch.set_num_threads(threads)
+    stream = model.generate(prompt_ids, tokens)
+    next(stream)   # prefill and first token
+    start, count = time.perf_counter(), 0
+    for _ in stream:
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def bandwidth(binary, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return float(subprocess.run([binary], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per decode run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        infer, bandwidth_binary = build_tools(workdir)
+        model, tokenizer, paths = make_model(workdir)
+        prompt = prompt_text(tokenizer)
+        prompt_ids = tokenizer.encode(prompt)
+        weight_bytes = {kind: weight_bytes_per_token(path, model.config, tokenizer) for kind, path in paths.items()}
+        samples = {t: {k: [] for k in ("bandwidth", "torch", "c_f32", "c_q80")} for t in args.threads}
+        for round_index in range(args.rounds):
+            for threads in args.threads:   # alternate engines inside each round: the machine is shared
+                s = samples[threads]
+                s["bandwidth"].append(bandwidth(bandwidth_binary, threads))
+                s["c_f32"].append(c_decode(infer, paths["f32"], prompt, threads, args.tokens))
+                s["c_q80"].append(c_decode(infer, paths["q80"], prompt, threads, args.tokens))
+                s["torch"].append(torch_decode(model, prompt_ids, threads, args.tokens))
+                print(f"round {round_index + 1}, {threads} thread(s): " +
+                      ", ".join(f"{k} {v[-1]:.1f}" for k, v in s.items()), file=sys.stderr)
+
+    rows = []
+    for threads in args.threads:
+        med = {k: statistics.median(v) for k, v in samples[threads].items()}
+        bound_f32 = med["bandwidth"] * 1e9 / weight_bytes["f32"]
+        bound_q80 = med["bandwidth"] * 1e9 / weight_bytes["q80"]
+        rows.append({"threads": threads, "bandwidth_gb_s": med["bandwidth"], "torch_f32_tok_s": med["torch"],
+                     "c_f32_tok_s": med["c_f32"], "c_q80_tok_s": med["c_q80"], "bound_f32_tok_s": bound_f32,
+                     "bound_q80_tok_s": bound_q80, "c_f32_of_bound": med["c_f32"] / bound_f32,
+                     "c_q80_of_bound": med["c_q80"] / bound_q80, "samples": samples[threads]})
+
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average after the run {os.getloadavg()[0]:.1f}")
+    print(f"\nDecode tokens/s, Nano-56M-sized model (random weights, greedy, {args.tokens} new tokens after a "
+          f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds\n")
+    print("| threads | read GB/s | PyTorch f32 | C f32 | f32 bound | C f32 / bound | C Q80 | Q80 bound | C Q80 / bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['bandwidth_gb_s']:.1f} | {r['torch_f32_tok_s']:.1f} | {r['c_f32_tok_s']:.1f} | "
+              f"{r['bound_f32_tok_s']:.1f} | {100 * r['c_f32_of_bound']:.0f} % | {r['c_q80_tok_s']:.1f} | "
+              f"{r['bound_q80_tok_s']:.1f} | {100 * r['c_q80_of_bound']:.0f} % |")
+    result = {
+        "benchmark": "bench_infer", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_after": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
+        "model": NANO_56M, "weight_bytes_per_token": weight_bytes, "tokens": args.tokens, "rounds": args.rounds,
+        "results": rows,
+    }
+    out_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_infer.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on the built-in corpus, about 15 minutes on 2 CPU cores:
+# prepare data -> pretrain (7 min) -> SFT on review sentiment -> LoRA from the pretrained base ->
+# held-out accuracy of all three next to the majority baseline -> loss plots -> a generated sample.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python data.py
+python train.py -m config/nano-small.json -t config/pretrain.json
+python train.py -t config/sft.json
+python train.py -t config/lora.json
+
+echo "== held-out sentiment accuracy (dataset/sentiment/test.jsonl)"
+python eval.py -m checkpoint/pretrain/best.pt --sentiment
+python eval.py -m checkpoint/sft/best.pt --sentiment
+python eval.py -m checkpoint/pretrain/best.pt -l checkpoint/lora/best.pt --sentiment
+
+for run in pretrain sft lora; do
+    python plot_loss.py -n "checkpoint/$run/train_$run.log" -o "checkpoint/$run/loss.png"
+done
+echo "== generated samples: the pretrained model continues, the SFT model answers"
+python infer.py -m checkpoint/pretrain/best.pt --prompt "中国经济" -s 100 --seed 1
+python infer.py -m checkpoint/sft/best.pt -i --prompt "质量很好，物流也快，很满意" -t 0
