@@ -401,13 +401,15 @@ def prepare(sources, out_dir, tokenizer=None, tokenizer_path=None, sft=False, vo
         n_chars = n_text_tokens = n_unknown = 0
         start = time.time()
         with progress_bar(sources, f"tokenize {os.path.basename(out_dir)}") as bar:
-            for chunk in ordered_map(encode_chunk, chunk_tasks(sources), workers, tokenizer, sft, dtype, seed):
-                shards.add(chunk, sources[chunk.source].split)
-                n_chars += chunk.n_chars
-                n_text_tokens += chunk.n_text_tokens
-                n_unknown += int(np.count_nonzero(chunk.ids == UNK_ID))
-                bar.update(chunk.n_bytes)
-        shards.close()
+            try:
+                for chunk in ordered_map(encode_chunk, chunk_tasks(sources), workers, tokenizer, sft, dtype, seed):
+                    shards.add(chunk, sources[chunk.source].split)
+                    n_chars += chunk.n_chars
+                    n_text_tokens += chunk.n_text_tokens
+                    n_unknown += int(np.count_nonzero(chunk.ids == UNK_ID))
+                    bar.update(chunk.n_bytes)
+            finally:
+                shards.close()
         check_splits(shards.documents, sources, val_fraction)
 
         for split in SPLITS:
