@@ -6,6 +6,7 @@ Train a Nano model: pretraining, SFT (loss on the answers only) or LoRA (base fr
     python train.py -c checkpoint/pretrain/latest.pt   # resume exactly where it stopped
     python train.py -m ... -t ... --set max_iters=20 --set learning_rate=3e-4
     torchrun --nproc_per_node 2 train.py -m ... -t ... # DDP: gloo on CPU, nccl on GPU
+    deepspeed train.py -m ... -t ... --deepspeed config/ds_zero2.json  # DeepSpeed ZeRO (or with torchrun)
 
 The mode follows from the training config: a dataset whose meta.json says "kind": "sft" is trained
 with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA adapters on a frozen
@@ -20,6 +21,8 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -119,29 +122,60 @@ def parse_override(text):
 # ----------------------------------------------------------------------------- data
 
 class Split:
-    """One split of one prepared dataset: token ids (and the SFT loss mask) as read-only memmaps."""
+    """One split of one prepared dataset: token ids (and the SFT loss mask, or the seq2seq targets) as
+    read-only memmaps."""
 
-    def __init__(self, ids_path, dtype, with_mask):
+    def __init__(self, ids_path, dtype, with_mask, record_length=0):
         if not os.path.exists(ids_path):
             raise FileNotFoundError(f"dataset file {ids_path} does not exist (run data.py first)")
         self.ids = np.memmap(ids_path, dtype=dtype, mode="r")
         self.mask = None
+        self.targets = None
+        self.record_length = record_length
         if with_mask:
-            mask_path = ids_path[:-len(".bin")] + "_mask.bin"
-            if not os.path.exists(mask_path):
-                raise FileNotFoundError(f"SFT dataset file {mask_path} does not exist")
-            self.mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-            if len(self.mask) != len(self.ids):
-                raise ValueError(f"{mask_path} holds {len(self.mask)} entries for {len(self.ids)} tokens")
+            self.mask = self.aligned_file(ids_path, "_mask.bin", np.uint8)
             # SFT windows start where a record starts, as the prompts at inference do
             self.starts = np.flatnonzero(np.asarray(self.ids) == INSTRUCT_ID)
+        if record_length:
+            self.targets = self.aligned_file(ids_path, "_target.bin", dtype)
+            if len(self.ids) % record_length:
+                raise ValueError(f"{ids_path} holds {len(self.ids)} tokens, not whole records of {record_length}")
+
+    def aligned_file(self, ids_path, suffix, dtype):
+        """A file of one entry per token beside the ids (train_mask.bin, train_target.bin)."""
+        path = ids_path[:-len(".bin")] + suffix
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        entries = np.memmap(path, dtype=dtype, mode="r")
+        if len(entries) != len(self.ids):
+            raise ValueError(f"{path} holds {len(entries)} entries for {len(self.ids)} tokens")
+        return entries
 
     def window_starts(self, block_size):
-        """Where a window of block_size + 1 tokens may start: anywhere, or (SFT) at a record start."""
+        """Where a window may start: anywhere, (SFT) at a record start, or (seq2seq) at every record."""
+        if self.targets is not None:
+            if self.record_length > block_size:
+                raise ValueError(f"seq2seq records of {self.record_length} tokens exceed block_size {block_size}")
+            return range(0, len(self.ids), self.record_length)
         last = len(self.ids) - block_size - 1
         if self.mask is None:
             return range(max(0, last + 1))
         return self.starts[self.starts <= last]
+
+    def window(self, start, block_size):
+        """(x, y, mask or None) at start: block_size next-token pairs, or (seq2seq) one record's inputs
+        and its position-aligned targets."""
+        if self.targets is not None:
+            end = start + self.record_length
+            return as_tensor(self.ids[start:end]), as_tensor(self.targets[start:end]), None
+        tokens = as_tensor(self.ids[start:start + block_size + 1])
+        # mask[j] says whether predicting ids[j] counts: align it with the targets
+        mask = as_tensor(self.mask[start + 1:start + block_size + 1]) if self.mask is not None else None
+        return tokens[:-1], tokens[1:], mask
+
+
+def as_tensor(array):
+    return torch.from_numpy(array.astype(np.int64))
 
 
 class Dataset:
@@ -157,20 +191,24 @@ class Dataset:
             raise FileNotFoundError(f"no prepared dataset in {self.dir} (no meta.json): run data.py first")
         self.meta = read_json(os.path.join(self.dir, "meta.json"))
         self.is_sft = self.meta.get("kind") == "sft"
-        self.splits = {"train": Split(train_path, self.meta["dtype"], self.is_sft),
-                       "val": Split(val_path, self.meta["dtype"], self.is_sft)}
+        # seq2seq: fixed-length records of inputs with position-aligned targets (non-causal models)
+        record_length = self.meta["record_length"] if self.meta.get("kind") == "seq2seq" else 0
+        self.splits = {split: Split(path, self.meta["dtype"], self.is_sft, record_length)
+                       for split, path in (("train", train_path), ("val", val_path))}
 
     def tokenizer_path(self):
         return os.path.join(self.dir, self.meta["tokenizer"])
 
 
 class BatchSampler:
-    """Random windows of block_size + 1 tokens, drawn from the datasets in proportion to their size.
-    The generator is the whole data position: saving its state lets a resumed run draw the same batches."""
+    """Random windows of block_size + 1 tokens (seq2seq: whole records), drawn from the datasets in
+    proportion to their size. The generator is the whole data position: saving its state lets a resumed run draw the same batches."""
 
     def __init__(self, datasets, split, block_size, batch_size, seed):
         self.splits = [d.splits[split] for d in datasets]
         self.block_size, self.batch_size = block_size, batch_size
+        if len({s.record_length for s in self.splits}) > 1:
+            raise ValueError("dataset_path mixes seq2seq records of different lengths, or seq2seq and other datasets")
         self.starts = [s.window_starts(block_size) for s in self.splits]
         sizes = [len(s) for s in self.starts]
         if min(sizes) <= 0:
@@ -185,22 +223,24 @@ class BatchSampler:
         for d in which.tolist():
             split, starts = self.splits[d], self.starts[d]
             i = int(starts[int(torch.randint(len(starts), (1,), generator=self.generator))])
-            window = torch.from_numpy(split.ids[i:i + T + 1].astype(np.int64))
-            xs.append(window[:-1])
-            ys.append(window[1:])
-            if split.mask is not None:
-                # mask[j] says whether predicting ids[j] counts: align it with the targets
-                masks.append(torch.from_numpy(split.mask[i + 1:i + T + 1].astype(np.int64)))
+            x, y, mask = split.window(i, T)
+            xs.append(x)
+            ys.append(y)
+            if mask is not None:
+                masks.append(mask)
         return torch.stack(xs), torch.stack(ys), torch.stack(masks) if masks else None
 
 
 # ----------------------------------------------------------------------------- setup
 
-def setup_distributed(config):
-    """(rank, world_size, device); torchrun's environment variables switch DDP on."""
+def setup_distributed(config, use_deepspeed):
+    """(rank, world_size, device); torchrun's (or the deepspeed launcher's) environment variables switch DDP on.
+    DeepSpeed needs a process group even for one process started without a launcher."""
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if use_deepspeed and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    if world_size == 1 and not use_deepspeed:
         return 0, 1, device
     backend = config.backend if config.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
     dist.init_process_group(backend=backend)
@@ -208,6 +248,12 @@ def setup_distributed(config):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return dist.get_rank(), world_size, device
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def autocast_dtype(config, device):
@@ -289,13 +335,16 @@ def load_weights(model, state, source):
     model.load_state_dict(state)
 
 
-def make_optimizer(model, config, device):
-    """AdamW with weight decay on the matrices only: norms and biases are not pulled towards zero."""
+def parameter_groups(model, config):
+    """Weight decay on the matrices only: norms and biases are not pulled towards zero."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-                             fused=device.startswith("cuda"))
+    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model, config, device):
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate,
+                             betas=(config.beta1, config.beta2), fused=device.startswith("cuda"))
 
 
 def learning_rate_at(step, train_seconds, config):
@@ -368,17 +417,120 @@ def save_atomically(payload, path, step):
         os.close(dir_fd)
 
 
-def checkpoint_payload(model, optimizer, model_config, config, tokenizer, progress, sampler_states):
-    """Everything a resume needs. A LoRA run stores its adapters and the path of its base, not the base."""
+def checkpoint_payload(model, optimizer, model_config, config, tokenizer, progress, sampler_states, deepspeed=None):
+    """Everything a resume needs. A LoRA run stores its adapters and the path of its base, not the base.
+    A DeepSpeed run (deepspeed = (tag, full fp32 weights)) stores the weights gathered from ZeRO's shards and
+    the tag of DeepSpeed's own checkpoint, which holds every rank's optimizer shard (None: weights only)."""
     payload = {"model_config": model_config.to_dict(), "train_config": asdict(config),
-               "tokenizer": tokenizer.to_dict(), "optimizer": optimizer.state_dict(),
-               "rng": rng_states(sampler_states), **progress}
+               "tokenizer": tokenizer.to_dict(), "rng": rng_states(sampler_states), **progress}
+    if deepspeed is not None:
+        payload["deepspeed_tag"], payload["model"] = deepspeed
+        return payload
+    payload["optimizer"] = optimizer.state_dict()
     if config.use_lora:
         payload.update(lora=model.lora_state_dict(), lora_config=model.lora_config,
                        base_checkpoint=config.from_checkpoint)
     else:
         payload["model"] = model.state_dict()
     return payload
+
+
+# ----------------------------------------------------------------------------- DeepSpeed (imported only with --deepspeed)
+
+def deepspeed_config(path, config, world_size, dtype):
+    """The DeepSpeed JSON completed from the training config, so that the two cannot disagree: batch sizes,
+    accumulation, clipping (DeepSpeed clips at 1.0 when gradient_clipping is missing), precision and AdamW.
+    A key left out or set to "auto" takes the training config's value; any other value must equal it."""
+    ds = read_json(path)
+    if "scheduler" in ds:
+        raise ValueError(f"{path}: remove \"scheduler\": the learning-rate schedule comes from the training config")
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.batch_size * config.gradient_accumulation_steps * world_size,
+        "gradient_clipping": config.grad_clip,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+        "optimizer.type": "AdamW",
+        "optimizer.params.lr": config.learning_rate,
+        "optimizer.params.betas": [config.beta1, config.beta2],
+        "optimizer.params.weight_decay": config.weight_decay,
+    }
+    for dotted, value in wanted.items():
+        *parents, key = dotted.split(".")
+        section = ds
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        given = section.get(key, "auto")
+        if given == "auto":
+            section[key] = value
+        elif given != value:
+            raise ValueError(f"{path}: {dotted} is {given!r} but the training config gives {value!r} "
+                             f"(set it to \"auto\" or leave it out)")
+    return ds
+
+
+def deepspeed_engine(model, config, ds_path, world_size, dtype, device):
+    """The model wrapped in a DeepSpeed engine whose ZeRO optimizer partitions AdamW's state (and gradients,
+    parameters) across the ranks; engine.optimizer.param_groups take the learning rate as ours do."""
+    if not device.startswith("cuda"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for a GPU first
+    import deepspeed
+    ds_config = deepspeed_config(ds_path, config, world_size, dtype)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, config), config=ds_config)
+    return engine
+
+
+def full_weights(model, keep):
+    """The fp32 state dict of the whole model, gathered from ZeRO's partitions of the master weights (under
+    bf16 the module holds only a bf16 copy; under ZeRO-3 each rank only a shard). A collective: every rank
+    calls it, the one with keep gets the state dict (tied parameters stay one tensor), the others None."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    gathered, state = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.nn.Parameter):
+            if id(tensor) not in gathered:
+                master = safe_get_full_fp32_param(tensor)  # None for a parameter ZeRO does not manage
+                full = master if master is not None else tensor
+                gathered[id(tensor)] = full.detach().float().cpu().clone() if keep else None
+            tensor = gathered[id(tensor)]
+        state[name] = tensor
+    return state if keep else None
+
+
+def gathered_parameters(model):
+    """A context in which ZeRO-3's partitioned parameters are whole on every rank (a no-op for stages 0-2)."""
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def save_deepspeed_checkpoint(engine, out_dir, step):
+    """DeepSpeed's own checkpoint: every rank writes its optimizer (and ZeRO-3 parameter) shard. A new tag per
+    save, so that latest.pt points at a complete one until it is replaced. Collective; returns the tag."""
+    tag = f"step{step}"
+    engine.save_checkpoint(deepspeed_dir(out_dir), tag=tag, save_latest=False)
+    return tag
+
+
+def remove_deepspeed_checkpoints_but(out_dir, tag):
+    """Once latest.pt points at tag, the earlier DeepSpeed checkpoints are no longer needed."""
+    for name in os.listdir(deepspeed_dir(out_dir)):
+        if name != tag and name.startswith("step"):
+            shutil.rmtree(os.path.join(deepspeed_dir(out_dir), name))
+
+
+def deepspeed_dir(run_dir):
+    return os.path.join(run_dir, "deepspeed")
+
+
+def check_resume_backend(resume, path, use_deepspeed):
+    """A DeepSpeed run's optimizer state lives in DeepSpeed's checkpoint, a plain run's in the .pt."""
+    if use_deepspeed and "deepspeed_tag" not in resume:
+        raise ValueError(f"checkpoint {path} was written without DeepSpeed: resume it without --deepspeed")
+    if not use_deepspeed and "deepspeed_tag" in resume:
+        raise ValueError(f"checkpoint {path} was written by a DeepSpeed run: resume it with --deepspeed")
+    if use_deepspeed and resume["deepspeed_tag"] is None:
+        raise ValueError(f"checkpoint {path} holds a DeepSpeed run's weights only: resume from its latest.pt")
 
 
 # ----------------------------------------------------------------------------- evaluation and logging
@@ -442,19 +594,25 @@ def main():
     parser.add_argument("-c", "--checkpoint", help="resume from this checkpoint (its configs unless -t is given)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training key")
     parser.add_argument("--out", help="where to save checkpoints (overrides save_checkpoint_to)")
+    parser.add_argument("--deepspeed", metavar="DS_CONFIG", help="train with DeepSpeed ZeRO (config/ds_zero*.json)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK says the same
     args = parser.parse_args()
 
     # ---- configuration: the checkpoint's when resuming, then -t, then --set / --out
     if not args.train and not args.checkpoint:
         parser.error("give a training config (-t) or a checkpoint to resume (-c)")
     resume = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if resume is not None:
+        check_resume_backend(resume, args.checkpoint, args.deepspeed is not None)
     train_dict = read_json(args.train) if args.train else resume["train_config"]
     train_dict = {**train_dict, **dict(parse_override(s) for s in args.set)}
     if args.out:
         train_dict["save_checkpoint_to"] = args.out
     config = TrainConfig.from_dict(train_dict, source=args.train or args.checkpoint)
+    if args.deepspeed and (config.use_lora or config.compile):
+        raise ValueError("--deepspeed trains full models without torch.compile: set use_lora and compile to false")
 
-    rank, world_size, device = setup_distributed(config)
+    rank, world_size, device = setup_distributed(config, args.deepspeed is not None)
     is_master = rank == 0
     torch.manual_seed(config.random_seed)  # the same initial weights on every rank
 
@@ -477,12 +635,25 @@ def main():
     elif config.use_lora:
         model.attach_lora(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model.to(device)
-    optimizer = make_optimizer(model, config, device)
+    raw_model = model  # checkpoints and generation use the plain module
+    # counted before ZeRO-3 leaves each rank a shard of every parameter
+    num_params, flops_per_token = raw_model.num_params(), raw_model.flops_per_token(model_config.block_size)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    dtype = autocast_dtype(config, device)
+    engine = None
+    if args.deepspeed:  # the engine is the model in the loop, its ZeRO optimizer takes the learning rate
+        model = engine = deepspeed_engine(model, config, args.deepspeed, world_size, dtype, device)
+        optimizer = engine.optimizer
+    else:
+        optimizer = make_optimizer(model, config, device)
     sampler = BatchSampler(datasets, "train", model_config.block_size, config.batch_size, config.random_seed + rank)
     torch.manual_seed(config.random_seed + rank)  # dropout masks differ between ranks
     step, tokens_seen, train_seconds, best_val_loss = 0, 0, 0.0, float("inf")
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        if engine is None:
+            optimizer.load_state_dict(resume["optimizer"])
+        else:  # every rank's optimizer shard, from DeepSpeed's checkpoint beside the .pt
+            engine.load_checkpoint(deepspeed_dir(os.path.dirname(args.checkpoint)), tag=resume["deepspeed_tag"])
         step, tokens_seen = resume["step"], resume["tokens_seen"]
         train_seconds, best_val_loss = resume["train_seconds"], resume["best_val_loss"]
         sampler_state = restore_rng_states(resume["rng"], rank)
@@ -490,16 +661,15 @@ def main():
             sampler.generator.set_state(sampler_state)
     del base, resume
 
-    raw_model = model  # checkpoints and generation use the plain module
     if config.compile:
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and engine is None:
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
-    dtype = autocast_dtype(config, device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
+    # DeepSpeed casts the model to bf16/fp16 itself and scales fp16 losses itself
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype and engine is None else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and engine is None)  # bf16 needs no loss scaling
     peak_flops = measure_matmul_peak(device, dtype or torch.float32) if is_master else 1.0
 
     out_dir = config.save_checkpoint_to
@@ -509,42 +679,55 @@ def main():
     log = RunLog(os.path.join(out_dir, f"train_{run_name}.log"), resume=args.checkpoint is not None, enabled=is_master)
     tokens_per_step = config.batch_size * model_config.block_size * config.gradient_accumulation_steps * world_size
     train_tokens = sum(len(d.splits["train"].ids) for d in datasets)
-    flops_per_token = raw_model.flops_per_token(model_config.block_size)
-    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     mode = "lora" if config.use_lora else "sft" if datasets[0].is_sft else "pretrain"
     dtype_name = str(dtype or torch.float32).removeprefix("torch.")
     log.write(kind="start", step=step, mode=mode, world_size=world_size, device=device, dtype=dtype_name,
-              params=raw_model.num_params(), trainable_params=trainable, peak_flops=peak_flops)
+              params=num_params, trainable_params=trainable, peak_flops=peak_flops)
     if is_master:
-        print(f"{mode}: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
+        print(f"{mode}: {num_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
               f"{world_size} process(es) on {device}, {dtype_name}, {tokens_per_step} tokens/step")
 
     def evaluate_and_save(step, final):
-        """Evaluate; save best.pt on improvement and latest.pt every save_interval steps and at the end."""
+        """Evaluate; save best.pt on improvement and latest.pt every save_interval steps and at the end.
+        Under DeepSpeed every rank takes part: a ZeRO-3 forward gathers each layer from all ranks, and
+        every rank writes its shard of DeepSpeed's checkpoint."""
         nonlocal best_val_loss
         evaluate = final or step % config.eval_interval == 0
         save_latest = final or (step > 0 and step % config.save_interval == 0)
         if not (evaluate or save_latest):
             return
         sampler_states = gather_sampler_states(sampler, world_size)  # collective: every rank calls it
-        if not is_master:
+        if not is_master and engine is None:
             return
         val_loss, improved = None, False
         if evaluate:
             with sdp_kernel_context(config.sdp_kernel):
                 val_loss = estimate_val_loss(raw_model, datasets, model_config, config, device, autocast,
                                              config.random_seed)
+            if engine is not None:  # rank 0's value: all ranks must agree on saving best.pt
+                val_loss = from_rank0(val_loss, world_size, device)
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             log.write(kind="val", step=step, epoch=tokens_seen / train_tokens, val_loss=val_loss)
-            progress_bar.write(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
-        if improved or save_latest:
-            progress = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-                        "best_val_loss": best_val_loss}
-            payload = checkpoint_payload(raw_model, optimizer, model_config, config, tokenizer, progress, sampler_states)
-            for name, wanted in (("best.pt", improved), ("latest.pt", save_latest)):
-                if wanted:
-                    save_atomically(payload, os.path.join(out_dir, name), step)
+            if is_master:
+                progress_bar.write(f"step {step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        if not (improved or save_latest):
+            return
+        progress = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+                    "best_val_loss": best_val_loss}
+        deepspeed = None
+        if engine is not None:  # best.pt alone needs only the weights, latest.pt also DeepSpeed's checkpoint
+            tag = save_deepspeed_checkpoint(engine, out_dir, step) if save_latest else None
+            deepspeed = (tag, full_weights(raw_model, keep=is_master))
+            if not is_master:
+                return
+        payload = checkpoint_payload(raw_model, optimizer, model_config, config, tokenizer, progress, sampler_states,
+                                     deepspeed)
+        for name, wanted in (("best.pt", improved), ("latest.pt", save_latest)):
+            if wanted:
+                save_atomically(payload, os.path.join(out_dir, name), step)
+        if engine is not None and save_latest:
+            remove_deepspeed_checkpoints_but(out_dir, tag)
 
     progress_bar = tqdm(total=config.max_iters, initial=step, disable=not is_master, dynamic_ncols=True)
     if step == 0:
@@ -561,19 +744,28 @@ def main():
             group["lr"] = lr
         with sdp_kernel_context(config.sdp_kernel):
             for micro_step in range(config.gradient_accumulation_steps):
-                if world_size > 1:  # synchronise gradients only after the last micro-step
-                    model.require_backward_grad_sync = micro_step == config.gradient_accumulation_steps - 1
+                last_micro_step = micro_step == config.gradient_accumulation_steps - 1
+                if engine is not None:  # DeepSpeed reduces gradients (ZeRO-1) and steps only at the boundary
+                    engine.set_gradient_accumulation_boundary(last_micro_step)
+                elif world_size > 1:  # synchronise gradients only after the last micro-step
+                    model.require_backward_grad_sync = last_micro_step
                 x, y, mask = to_device(sampler.next_batch(), device)
                 with autocast:
                     _, loss = model(x, y, mask)
                     loss = loss / config.gradient_accumulation_steps
-                scaler.scale(loss).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                if engine is not None:
+                    engine.backward(loss, scale_wrt_gas=False)  # divided above already
+                else:
+                    scaler.scale(loss).backward()
+        if engine is not None:
+            engine.step()  # clips at gradient_clipping (our grad_clip) across the shards, steps, zeroes the grads
+        else:
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
         interval_tokens += tokens_per_step
@@ -595,9 +787,17 @@ def main():
         evaluate_and_save(step, final=done)
     progress_bar.close()
     if world_size > 1:
+        with gathered_parameters(raw_model) if engine is not None else nullcontext():  # ZeRO-3 holds shards
+            checksum = parameter_checksum(raw_model)
         checksums = [None] * world_size
-        dist.all_gather_object(checksums, parameter_checksum(raw_model))
+        dist.all_gather_object(checksums, checksum)
         log.write(kind="ddp", step=step, parameter_checksums=checksums)
+    if engine is not None:  # rank 0 generates the sample alone, which a ZeRO-3 module cannot: a plain copy
+        weights = full_weights(raw_model, keep=is_master)
+        if is_master:
+            raw_model = Transformer(model_config)
+            raw_model.load_state_dict(weights)
+    if dist.is_initialized():
         dist.destroy_process_group()
     if is_master:
         print(f"done: step {step}, best val loss {best_val_loss:.4f}, {train_seconds:.0f} s, checkpoints in {out_dir}")
@@ -617,10 +817,15 @@ def gather_sampler_states(sampler, world_size):
 def elapsed_seconds(run_start, world_size, device):
     """Seconds of training so far; under DDP rank 0's clock, so that all ranks use the same learning
     rate and stop at the same step."""
-    elapsed = torch.tensor([time.perf_counter() - run_start], dtype=torch.float64, device=device)
+    return from_rank0(time.perf_counter() - run_start, world_size, device)
+
+
+def from_rank0(value, world_size, device):
+    """Rank 0's value of a float, on every rank."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     if world_size > 1:
-        dist.broadcast(elapsed, src=0)
-    return elapsed.item()
+        dist.broadcast(tensor, src=0)
+    return tensor.item()
 
 
 if __name__ == "__main__":
