@@ -13,7 +13,6 @@ Prints a markdown table and writes bench/results/bench_data.json.
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -23,14 +22,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the built-in corpus readers)
+from bench.common import machine_info  # noqa: E402
 
 
-def machine_info():
-    import torch
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__}
 
 
 def generate_corpus(path, size_bytes, seed=0):

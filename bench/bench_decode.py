@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 
 CONFIG = "config/nano-56m.json"
 NO_CACHE_SAMPLING = 64  # lengths per timed forward pass in the no-cache estimate at long lengths
@@ -58,15 +59,6 @@ def decode_seconds_uncached(model, length):
     return total
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():

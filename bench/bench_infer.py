@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import export  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -127,15 +128,6 @@ def bandwidth(binary, threads):
     return float(subprocess.run([binary], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

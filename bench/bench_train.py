@@ -26,18 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer, BOS_ID, EOS_ID  # noqa: E402
 
 REFERENCE_TOKENS_PER_S = 1360  # a GPT-2-style model of this size, fp32, on this machine (the figure)
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def peoples_daily_dataset(directory, vocab_size):

@@ -13,7 +13,6 @@ bench/results/bench_wasm.json with the machine's description.
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import machine_info as common_machine_info  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -100,16 +100,8 @@ class BrowserPage:
 
 
 def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
     chromium = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "chromium": chromium, "native_threads": 1,
-            "date": time.strftime("%Y-%m-%d")}
+    return common_machine_info(chromium=chromium, native_threads=1, date=time.strftime("%Y-%m-%d"))
 
 
 def main():

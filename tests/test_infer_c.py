@@ -3,7 +3,6 @@ seq2seq, sampler options, and clear refusals of bad input (also under AddressSan
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 

@@ -1,0 +1,24 @@
+"""What every benchmark records beside its figures: the machine it ran on."""
+
+import os
+import platform
+
+import torch
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(**extra):
+    """CPU model, usable cores, versions and the load at the start (these machines are shared)."""
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "load_average": os.getloadavg(), **extra}
