@@ -17,6 +17,7 @@ latest.pt, best.pt and train_<run>.log (one JSON object per line; plot_loss.py d
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -435,7 +436,7 @@ def checkpoint_payload(model, optimizer, model_config, config, tokenizer, progre
     return payload
 
 
-# ----------------------------------------------------------------------------- DeepSpeed (imported only with --deepspeed)
+# ----------------------------------------------------------------------------- DeepSpeed (--deepspeed only)
 
 def deepspeed_config(path, config, world_size, dtype):
     """The DeepSpeed JSON completed from the training config, so that the two cannot disagree: batch sizes,
@@ -595,7 +596,8 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training key")
     parser.add_argument("--out", help="where to save checkpoints (overrides save_checkpoint_to)")
     parser.add_argument("--deepspeed", metavar="DS_CONFIG", help="train with DeepSpeed ZeRO (config/ds_zero*.json)")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it; LOCAL_RANK says the same
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     # ---- configuration: the checkpoint's when resuming, then -t, then --set / --out
@@ -667,9 +669,9 @@ def main():
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    # DeepSpeed casts the model to bf16/fp16 itself and scales fp16 losses itself
+    # DeepSpeed casts the model to bf16/fp16 itself and scales fp16 losses itself; bf16 needs no loss scaling
     autocast = torch.autocast(device_type, dtype=dtype) if dtype and engine is None else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and engine is None)  # bf16 needs no loss scaling
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and engine is None)
     peak_flops = measure_matmul_peak(device, dtype or torch.float32) if is_master else 1.0
 
     out_dir = config.save_checkpoint_to
@@ -794,6 +796,7 @@ def main():
         log.write(kind="ddp", step=step, parameter_checksums=checksums)
     if engine is not None:  # rank 0 generates the sample alone, which a ZeRO-3 module cannot: a plain copy
         weights = full_weights(raw_model, keep=is_master)
+        engine.destroy()  # its pending communication handles must go before the process group does
         if is_master:
             raw_model = Transformer(model_config)
             raw_model.load_state_dict(weights)
@@ -833,3 +836,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
+    # DeepSpeed's engine sits in reference cycles: free it, and the gloo handles it holds, now rather than
+    # during interpreter shutdown, where they abort the process now and then ("terminate called ...")
+    gc.collect()

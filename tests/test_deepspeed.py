@@ -3,6 +3,7 @@ single plain process does on the same global batch, resume continues the same lo
 checkpoint holds the live weights and loads in infer.py, and the DeepSpeed config cannot contradict the
 training config."""
 
+import importlib.util
 import os
 import sys
 
@@ -14,10 +15,13 @@ from model import ModelConfig, Transformer
 from test_multinode import launch
 from test_train import MODEL, data, read_log, train_losses, write_train_config  # noqa: F401 (data is a fixture)
 
-pytest.importorskip("deepspeed", reason="pip install deepspeed==0.19.8")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed==0.19.8")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # for the consolidation API imported here; train.py sets its own
 
-TOLERANCE = 1e-4  # ZeRO sums gradients across ranks and clips from partial norms: float32 rounding differs
-RUN = dict(max_iters=6, eval_interval=1, save_interval=3, grad_clip=0.3)  # clips below DeepSpeed's default of 1.0
+# ZeRO sums gradients across ranks and clips from partial norms: float32 rounding differs (seen: 7e-7)
+TOLERANCE = 1e-5
+# clipping at 0.05 instead of DeepSpeed's default 1.0 moves the weights of these runs by 3e-3
+RUN = dict(max_iters=6, eval_interval=1, save_interval=3, grad_clip=0.05)
 
 
 class TwoRankSampler:
@@ -96,7 +100,7 @@ def test_zero3_with_accumulation_trains_as_one_plain_process(zero3_run, data, tm
 
 def test_resume_continues_the_same_losses(zero2_run, data, tmp_path):  # noqa: F811
     out = deepspeed_run(tmp_path, data, "resumed", "config/ds_zero2.json", max_iters=3)
-    assert os.listdir(os.path.join(out, "deepspeed", )) >= ["step3"]
+    assert "step3" in os.listdir(os.path.join(out, "deepspeed"))
     launch(["-c", os.path.join(out, "latest.pt"), "--deepspeed", "config/ds_zero2.json", "--set", "max_iters=6"],
            nodes=1, log_dir=str(tmp_path))
     straight, resumed = train_losses(zero2_run), train_losses(out)
@@ -104,7 +108,7 @@ def test_resume_continues_the_same_losses(zero2_run, data, tmp_path):  # noqa: F
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
     # only the DeepSpeed checkpoint that latest.pt names is kept
-    assert sorted(os.listdir(os.path.join(out, "deepspeed")))[:1] == ["step6"]
+    assert [name for name in os.listdir(os.path.join(out, "deepspeed")) if name.startswith("step")] == ["step6"]
 
 
 def test_consolidated_checkpoint_holds_the_live_weights(zero3_run):

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from test_train import MODEL, data, read_log, write_train_config  # noqa: F401 (data is a fixture)
 
@@ -25,15 +26,23 @@ def launch(train_args, nodes, log_dir):
         endpoint = f"127.0.0.1:{free_port()}"
         launchers = [["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                       "--rdzv_endpoint", endpoint, "--node_rank", str(node)] for node in range(2)]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crashing process prints its Python stacks
     processes = []
     for node, launcher in enumerate(launchers):
         output = open(os.path.join(log_dir, f"node{node}.txt"), "w")
         command = [sys.executable, "-m", "torch.distributed.run", *launcher, "train.py", *train_args]
-        processes.append((subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), output))
-    for process, output in processes:
-        process.wait(timeout=TIMEOUT)
+        processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env))
         output.close()
-        assert process.returncode == 0, open(output.name).read()[-3000:]
+    deadline = time.time() + TIMEOUT
+    while any(p.poll() is None for p in processes) and time.time() < deadline:
+        if any(p.returncode for p in processes):  # a failed node leaves the others waiting: stop them
+            break
+        time.sleep(0.2)
+    for node, process in enumerate(processes):
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.returncode == 0, open(os.path.join(log_dir, f"node{node}.txt")).read()[-3000:]
 
 
 def test_two_nodes_on_loopback_end_with_identical_parameters(data, tmp_path):  # noqa: F811
