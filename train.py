@@ -554,10 +554,18 @@ def to_device(batch, device):
     return [t.to(device, non_blocking=True) if t is not None else None for t in batch]
 
 
+@torch.no_grad()
 def print_sample(model, tokenizer, datasets):
-    """Greedy continuation of the first validation record: a document's opening, or an SFT question."""
-    ids = datasets[0].splits["val"].ids
+    """Greedy continuation of the first validation record: a document's opening, or an SFT question;
+    for a seq2seq dataset, the answer written in one pass for the first validation input."""
+    split = datasets[0].splits["val"]
+    ids = split.ids
     model.eval()
+    if split.record_length:
+        record = torch.from_numpy(ids[:split.record_length].astype(np.int64))[None]
+        answer = model(record.to(model.tok_embeddings.weight.device))[0].argmax(-1)[0].tolist()
+        print(f"sample: {tokenizer.decode(record[0].tolist())!r} -> {tokenizer.decode(answer)!r}")
+        return
     if datasets[0].is_sft:
         start = int(np.flatnonzero(np.asarray(ids[:100_000]) == INSTRUCT_ID)[0])
         end = start + int(np.flatnonzero(np.asarray(ids[start:start + 10_000]) == RESPONSE_ID)[0]) + 1
@@ -681,7 +689,7 @@ def main():
     log = RunLog(os.path.join(out_dir, f"train_{run_name}.log"), resume=args.checkpoint is not None, enabled=is_master)
     tokens_per_step = config.batch_size * model_config.block_size * config.gradient_accumulation_steps * world_size
     train_tokens = sum(len(d.splits["train"].ids) for d in datasets)
-    mode = "lora" if config.use_lora else "sft" if datasets[0].is_sft else "pretrain"
+    mode = "lora" if config.use_lora else "sft" if datasets[0].is_sft else datasets[0].meta.get("kind", "pretrain")
     dtype_name = str(dtype or torch.float32).removeprefix("torch.")
     log.write(kind="start", step=step, mode=mode, world_size=world_size, device=device, dtype=dtype_name,
               params=num_params, trainable_params=trainable, peak_flops=peak_flops)
