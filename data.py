@@ -154,20 +154,22 @@ Encoded = namedtuple("Encoded", "source ids mask lengths hashes n_bytes n_chars 
 worker = {}  # the tokenizer and settings of a worker process (set by init_worker)
 
 
-def init_worker(tokenizer, sft, dtype, seed):
-    worker.update(tokenizer=tokenizer, sft=sft, dtype=dtype, key=seed.to_bytes(8, "little"))
+def init_worker(tokenizer, sft, dtype, seed, block_size):
+    worker.update(tokenizer=tokenizer, sft=sft, dtype=dtype, key=seed.to_bytes(8, "little"), block_size=block_size)
 
 
-def encode_document(tokenizer, document):
+def encode_document(tokenizer, document, block_size):
     """Pretraining: <|bos|> text <|eos|>. SFT: <|instruct_mark|> q <|response_mark|> a <|eos|> per turn,
-    with the mask on the answer and its eos. Returns (ids, mask or None, number of text tokens)."""
+    with the mask on the answer and its eos; a question too long for one block keeps its end, as the
+    prompts at inference do, so that its answer still trains. Returns (ids, mask or None, text tokens)."""
     if isinstance(document, str):
         text_ids = tokenizer.encode(document)
         return [BOS_ID] + text_ids + [EOS_ID], None, len(text_ids)
     ids, mask, n_text = [], [], 0
     for question, answer in document:
-        prompt = [INSTRUCT_ID] + tokenizer.encode(question) + [RESPONSE_ID]
         reply = tokenizer.encode(answer) + [EOS_ID]
+        question_room = max(block_size - 2 - len(reply), 1)
+        prompt = [INSTRUCT_ID] + tokenizer.encode(question)[-question_room:] + [RESPONSE_ID]
         ids += prompt + reply
         mask += [0] * len(prompt) + [1] * len(reply)
         n_text += len(prompt) + len(reply) - 3
@@ -184,7 +186,7 @@ def encode_chunk(task):
     documents = parse_documents(source, raw, first_line, worker["sft"])
     ids, mask, lengths, hashes, n_chars, n_text_tokens = [], [], [], [], 0, 0
     for document in documents:
-        doc_ids, doc_mask, n_text = encode_document(worker["tokenizer"], document)
+        doc_ids, doc_mask, n_text = encode_document(worker["tokenizer"], document, worker["block_size"])
         text = document_text(document)
         ids += doc_ids
         mask += doc_mask or ()
@@ -202,15 +204,15 @@ def chunk_text(task):
     return "\n".join(map(document_text, parse_documents(source, raw, first_line, worker["sft"]))), len(raw)
 
 
-def ordered_map(function, tasks, workers, tokenizer=None, sft=False, dtype=None, seed=0):
+def ordered_map(function, tasks, workers, tokenizer=None, sft=False, dtype=None, seed=0, block_size=0):
     """function over tasks in worker processes, results in order. At most two tasks per worker are in
     flight, so reading never runs ahead of encoding (Pool.imap would queue up the whole corpus)."""
     if workers == 1:
-        init_worker(tokenizer, sft, dtype, seed)
+        init_worker(tokenizer, sft, dtype, seed, block_size)
         yield from map(function, tasks)
         return
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, init_worker, (tokenizer, sft, dtype, seed)) as pool:
+    with context.Pool(workers, init_worker, (tokenizer, sft, dtype, seed, block_size)) as pool:
         in_flight = deque()
         for task in tasks:
             in_flight.append(pool.apply_async(function, (task,)))
@@ -402,7 +404,8 @@ def prepare(sources, out_dir, tokenizer=None, tokenizer_path=None, sft=False, vo
         start = time.time()
         with progress_bar(sources, f"tokenize {os.path.basename(out_dir)}") as bar:
             try:
-                for chunk in ordered_map(encode_chunk, chunk_tasks(sources), workers, tokenizer, sft, dtype, seed):
+                for chunk in ordered_map(encode_chunk, chunk_tasks(sources), workers, tokenizer, sft, dtype, seed,
+                                         block_size):
                     shards.add(chunk, sources[chunk.source].split)
                     n_chars += chunk.n_chars
                     n_text_tokens += chunk.n_text_tokens

@@ -122,6 +122,18 @@ def test_sft_masks_single_and_multi_turn_records(tmp_path):
     assert len(splits["train"][1]) == len(splits["train"][0])
 
 
+def test_sft_question_longer_than_a_block_keeps_its_end(tmp_path):
+    long_question = "".join(chr(0x4e00 + i) for i in range(100))
+    lines = [{"question": long_question, "answer": "正面"}, {"question": "短", "answer": "负面"}]
+    corpus = write(tmp_path / "qa.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    held_out = write(tmp_path / "val.jsonl", json.dumps({"question": "中", "answer": "正面"}, ensure_ascii=False) + "\n")
+    meta, splits, tokenizer = prepare(tmp_path, [corpus], "--sft", "--val-input", held_out, "--block-size", "32")
+    turns = sft_turns(*splits["train"], tokenizer)
+    # the record fills the block: instruct mark + question + response mark + answer + eos = 32 tokens
+    room = 32 - 3 - len(tokenizer.encode("正面"))
+    assert (long_question[-room:], "正面") in turns and ("短", "负面") in turns
+
+
 def test_val_input_holds_out_a_given_file(tmp_path):
     train = write(tmp_path / "train.txt", "\n".join(DOCS[:150]))
     val = write(tmp_path / "val.txt", "\n".join(DOCS[150:]))
