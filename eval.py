@@ -212,7 +212,7 @@ def training_mode(model_path, lora_path):
         return "lora"
     if not model_path.endswith(".pt"):
         return None
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = infer.read_checkpoint(model_path)
     if "lora" in checkpoint:
         return "lora"
     train_config = checkpoint.get("train_config") or {}

@@ -11,6 +11,7 @@ load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 
 import argparse
 import os
+import pickle
 import struct
 
 import numpy as np
@@ -181,8 +182,18 @@ def _progress(total, path, enabled):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def read_checkpoint(path):
+    """A .pt checkpoint, tensors and plain values only; a missing or unreadable file says which."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+
+
 def load_checkpoint(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a Nano checkpoint (no model_config)")
     return ckpt

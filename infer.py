@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from export import read_checkpoint
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
 
@@ -31,10 +32,6 @@ def warn(message):
 
 
 # ---------------------------------------------------------------- loading
-
-def read_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
 
 def base_checkpoint_path(lora_path, base_path):
     """A LoRA run names its base as it was given to train.py: relative to the working directory

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from export import read_checkpoint
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, BOS_ID, INSTRUCT_ID, RESPONSE_ID
 
@@ -287,12 +288,6 @@ def sdp_kernel_context(name):
     if name not in backends:
         raise ValueError(f"sdp_kernel must be auto or one of {', '.join(backends)}, got {name!r}")
     return sdpa_kernel(backends[name])
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_tokenizer(config, datasets, base, base_path):
@@ -611,7 +606,7 @@ def main():
     # ---- configuration: the checkpoint's when resuming, then -t, then --set / --out
     if not args.train and not args.checkpoint:
         parser.error("give a training config (-t) or a checkpoint to resume (-c)")
-    resume = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    resume = read_checkpoint(args.checkpoint) if args.checkpoint else None
     if resume is not None:
         check_resume_backend(resume, args.checkpoint, args.deepspeed is not None)
     train_dict = read_json(args.train) if args.train else resume["train_config"]
@@ -631,7 +626,7 @@ def main():
         raise ValueError("dataset_path mixes pretraining and SFT datasets")
     # the full weights to start from: the resumed run's own, or (sft, lora) the base model's
     base_path = args.checkpoint if resume and not config.use_lora else config.from_checkpoint
-    base = resume if base_path == args.checkpoint else load_checkpoint(base_path) if base_path else None
+    base = resume if base_path == args.checkpoint else read_checkpoint(base_path) if base_path else None
     if base is not None and "model" not in base:
         raise ValueError(f"checkpoint {base_path} holds no full model (a LoRA checkpoint?)")
     tokenizer = load_tokenizer(config, datasets, base, base_path)
@@ -663,7 +658,7 @@ def main():
         if engine is None:
             optimizer.load_state_dict(resume["optimizer"])
         else:  # every rank's optimizer shard, from DeepSpeed's checkpoint beside the .pt
-            engine.load_checkpoint(deepspeed_dir(os.path.dirname(args.checkpoint)), tag=resume["deepspeed_tag"])
+            engine.read_checkpoint(deepspeed_dir(os.path.dirname(args.checkpoint)), tag=resume["deepspeed_tag"])
         step, tokens_seen = resume["step"], resume["tokens_seen"]
         train_seconds, best_val_loss = resume["train_seconds"], resume["best_val_loss"]
         sampler_state = restore_rng_states(resume["rng"], rank)

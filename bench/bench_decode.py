@@ -14,7 +14,6 @@ Writes bench/results/bench_decode.json with the machine's description.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
-from bench.common import cpu_model  # noqa: E402
+from bench.common import cpu_model, write_results  # noqa: E402
 
 CONFIG = "config/nano-56m.json"
 NO_CACHE_SAMPLING = 64  # lengths per timed forward pass in the no-cache estimate at long lengths
@@ -104,9 +103,7 @@ def main():
             print(f"| {threads} | {length} | {cached['tokens_per_s']:.1f} | {uncached['tokens_per_s']:.1f}{mark} | "
                   f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.1f}x |")
     print("\n* estimated from forward passes timed at every 64th length")
-    os.makedirs(os.path.join(root, "bench", "results"), exist_ok=True)
-    with open(os.path.join(root, "bench", "results", "bench_decode.json"), "w") as f:
-        json.dump({"machine": machine, "repeats": args.repeats, "results": rows}, f, indent=1)
+    write_results("bench_decode", {"machine": machine, "repeats": args.repeats, "results": rows})
 
 
 if __name__ == "__main__":

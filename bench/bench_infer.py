@@ -9,7 +9,6 @@ Prints a markdown table and writes bench/results/bench_infer.json with the machi
 """
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -29,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import export  # noqa: E402
-from bench.common import cpu_model  # noqa: E402
+from bench.common import cpu_model, write_results  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -182,10 +181,7 @@ def main():
         "model": NANO_56M, "weight_bytes_per_token": weight_bytes, "tokens": args.tokens, "rounds": args.rounds,
         "results": rows,
     }
-    out_dir = os.path.join(ROOT, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_infer.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_results("bench_infer", result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Prints a markdown table and writes bench/results/bench_tokenizer.json.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from bench.bench_data import machine_info  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 
 
 def builtin_tokenizer():
@@ -61,9 +60,7 @@ def main():
     print("|---:|---:|---:|---:|")
     for run in runs:
         print(f"| {run['processes']} | {run['mb_per_s']:.2f} | {run['mchars_per_s']:.2f} | {run['tokens_per_s']:,} |")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "bench_tokenizer.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_results("bench_tokenizer", results)
 
 
 if __name__ == "__main__":

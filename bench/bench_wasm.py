@@ -11,7 +11,6 @@ bench/results/bench_wasm.json with the machine's description.
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -26,7 +25,7 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import machine_info as common_machine_info  # noqa: E402
+from bench.common import machine_info as common_machine_info, write_results  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -145,10 +144,8 @@ def main():
     for row in rows:
         print(f"| {row['weights']} | {row['native_tokens_per_s']:.1f} | {row['wasm_tokens_per_s']:.1f} | "
               f"{row['ratio']:.2f} | {'yes' if row['same_greedy_text'] else 'no'} |")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "bench_wasm.json"), "w") as f:
-        json.dump({"machine": info, "config": cfg.to_dict(), "parameters": n_params, "tokens": args.tokens, "repeats": args.repeats,
-                   "prompt": PROMPT, "results": rows}, f, indent=2, ensure_ascii=False)
+    write_results("bench_wasm", {"machine": info, "config": cfg.to_dict(), "parameters": n_params, "tokens": args.tokens,
+                                 "repeats": args.repeats, "prompt": PROMPT, "results": rows})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What every benchmark records beside its figures: the machine it ran on."""
 
+import json
 import os
 import platform
 
@@ -22,3 +23,11 @@ def machine_info(**extra):
     return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "load_average": os.getloadavg(), **extra}
+
+
+def write_results(name, payload):
+    """bench/results/<name>.json, next to this file (git-ignored)."""
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2, ensure_ascii=False)

@@ -82,8 +82,8 @@ def assert_runs_agree(deepspeed_dir, plain_dir):
         assert sorted(ours) == sorted(plain) and len(ours) >= 6
         for step in plain:
             assert ours[step] == pytest.approx(plain[step], abs=TOLERANCE), (kind, step)
-    weights = train.load_checkpoint(os.path.join(deepspeed_dir, "latest.pt"))["model"]
-    plain_weights = train.load_checkpoint(os.path.join(plain_dir, "latest.pt"))["model"]
+    weights = train.read_checkpoint(os.path.join(deepspeed_dir, "latest.pt"))["model"]
+    plain_weights = train.read_checkpoint(os.path.join(plain_dir, "latest.pt"))["model"]
     assert weights.keys() == plain_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], plain_weights[name], atol=TOLERANCE, rtol=0, msg=name)
@@ -115,7 +115,7 @@ def test_consolidated_checkpoint_holds_the_live_weights(zero3_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     import infer
 
-    checkpoint = train.load_checkpoint(os.path.join(zero3_run, "latest.pt"))
+    checkpoint = train.read_checkpoint(os.path.join(zero3_run, "latest.pt"))
     assert checkpoint["step"] == 6 and checkpoint["deepspeed_tag"] == "step6"
     # the live parameters at the end of the run, gathered from ZeRO-3's shards on each rank
     (live,) = read_log(zero3_run, "ddp")
@@ -128,7 +128,7 @@ def test_consolidated_checkpoint_holds_the_live_weights(zero3_run):
     for name, tensor in offline.items():
         assert torch.equal(tensor, checkpoint["model"][name]), name
     # best.pt holds weights only, and infer.py loads both
-    assert train.load_checkpoint(os.path.join(zero3_run, "best.pt"))["deepspeed_tag"] in (None, "step6")
+    assert train.read_checkpoint(os.path.join(zero3_run, "best.pt"))["deepspeed_tag"] in (None, "step6")
     loaded, _ = infer.load_model(os.path.join(zero3_run, "latest.pt"))
     assert train.parameter_checksum(loaded) == live["parameter_checksums"][0]
 

@@ -265,3 +265,13 @@ def test_cli_float32_q80_and_lora(tmp_path, model, tok):
     assert torch.equal(state["layers.1.attn.wo.lora_B"], adapted.layers[1].attn.wo.lora_B)
     r = run("x.bin", "--checkpoint", str(tmp_path / "missing.pt"))
     assert r.returncode != 0 and "missing.pt" in r.stderr
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_config": {}, "weights": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        export.read_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.read_checkpoint(str(tmp_path / "missing.pt"))
