@@ -658,7 +658,7 @@ def main():
         if engine is None:
             optimizer.load_state_dict(resume["optimizer"])
         else:  # every rank's optimizer shard, from DeepSpeed's checkpoint beside the .pt
-            engine.read_checkpoint(deepspeed_dir(os.path.dirname(args.checkpoint)), tag=resume["deepspeed_tag"])
+            engine.load_checkpoint(deepspeed_dir(os.path.dirname(args.checkpoint)), tag=resume["deepspeed_tag"])
         step, tokens_seen = resume["step"], resume["tokens_seen"]
         train_seconds, best_val_loss = resume["train_seconds"], resume["best_val_loss"]
         sampler_state = restore_rng_states(resume["rng"], rank)
