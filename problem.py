@@ -137,7 +137,7 @@ def task_rng(task, split, seed):
 # ----------------------------------------------------------------------------- datasets
 
 def write_dataset(task, directory, train_records, val_records, seed):
-    """Random records in the dataset layout of CONTRACTS.md, with the task's vocabulary beside them."""
+    """Random records in the dataset layout data.py writes, with the task's vocabulary beside them."""
     os.makedirs(directory, exist_ok=True)
     tokenizer = task.tokenizer()
     tokenizer.save(os.path.join(directory, "vocab.json"))

@@ -11,8 +11,8 @@ Train a Nano model: pretraining, SFT (loss on the answers only) or LoRA (base fr
 The mode follows from the training config: a dataset whose meta.json says "kind": "sft" is trained
 with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA adapters on a frozen
 base and saves only them. `dataset_path` is a list whose entries are either a prepared dataset
-directory ("dataset/pretrain") or a [train_bin, val_bin] pair; batches draw from the datasets in
-proportion to their size. Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/):
+directory ("dataset/news") or a [train_bin, val_bin] pair; batches draw from the datasets in
+proportion to their size, or to `dataset_weights` (one positive number per entry) to mix them. Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/):
 latest.pt, best.pt and train_<run>.log (one JSON object per line; plot_loss.py draws it).
 """
 
@@ -44,7 +44,8 @@ from tokenizer import Tokenizer, BOS_ID, INSTRUCT_ID, RESPONSE_ID
 class TrainConfig:
     from_checkpoint: str = ""           # base .pt for sft / lora ("" trains from scratch)
     save_checkpoint_to: str = "checkpoint/pretrain"
-    dataset_path: list = field(default_factory=lambda: ["dataset/pretrain"])
+    dataset_path: list = field(default_factory=lambda: ["dataset/news"])
+    dataset_weights: list = field(default_factory=list)  # share of batches per dataset; [] = by size
     tokenizer_path: str = ""            # "" takes the vocabulary named in the dataset's meta.json
     random_seed: int = 1337
     batch_size: int = 16
@@ -204,9 +205,10 @@ class Dataset:
 
 class BatchSampler:
     """Random windows of block_size + 1 tokens (seq2seq: whole records), drawn from the datasets in
-    proportion to their size. The generator is the whole data position: saving its state lets a resumed run draw the same batches."""
+    proportion to their size or to the given weights. The generator is the whole data position: saving
+    its state lets a resumed run draw the same batches."""
 
-    def __init__(self, datasets, split, block_size, batch_size, seed):
+    def __init__(self, datasets, split, block_size, batch_size, seed, weights=()):
         self.splits = [d.splits[split] for d in datasets]
         self.block_size, self.batch_size = block_size, batch_size
         if len({s.record_length for s in self.splits}) > 1:
@@ -215,7 +217,7 @@ class BatchSampler:
         sizes = [len(s) for s in self.starts]
         if min(sizes) <= 0:
             raise ValueError(f"a {split} split is too small for block_size {block_size}")
-        self.weights = torch.tensor(sizes, dtype=torch.float64)
+        self.weights = torch.tensor(weights or sizes, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self):
@@ -534,7 +536,7 @@ def check_resume_backend(resume, path, use_deepspeed):
 @torch.no_grad()
 def estimate_val_loss(model, datasets, model_config, config, device, autocast, seed):
     """Mean loss over eval_iters batches of the val splits, the same batches at every evaluation."""
-    sampler = BatchSampler(datasets, "val", model_config.block_size, config.batch_size, seed)
+    sampler = BatchSampler(datasets, "val", model_config.block_size, config.batch_size, seed, config.dataset_weights)
     model.eval()
     losses = []
     for _ in range(config.eval_iters):
@@ -624,6 +626,10 @@ def main():
     datasets = [Dataset(entry) for entry in config.dataset_path]
     if len({d.is_sft for d in datasets}) > 1:
         raise ValueError("dataset_path mixes pretraining and SFT datasets")
+    if config.dataset_weights and (len(config.dataset_weights) != len(datasets) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in config.dataset_weights)):
+        raise ValueError(f"dataset_weights must be one positive number per dataset_path entry ({len(datasets)}), "
+                         f"got {config.dataset_weights!r}")
     # the full weights to start from: the resumed run's own, or (sft, lora) the base model's
     base_path = args.checkpoint if resume and not config.use_lora else config.from_checkpoint
     base = resume if base_path == args.checkpoint else read_checkpoint(base_path) if base_path else None
@@ -651,7 +657,8 @@ def main():
         optimizer = engine.optimizer
     else:
         optimizer = make_optimizer(model, config, device)
-    sampler = BatchSampler(datasets, "train", model_config.block_size, config.batch_size, config.random_seed + rank)
+    sampler = BatchSampler(datasets, "train", model_config.block_size, config.batch_size, config.random_seed + rank,
+                           config.dataset_weights)
     torch.manual_seed(config.random_seed + rank)  # dropout masks differ between ranks
     step, tokens_seen, train_seconds, best_val_loss = 0, 0, 0.0, float("inf")
     if resume is not None:

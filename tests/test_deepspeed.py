@@ -29,8 +29,8 @@ class TwoRankSampler:
     with seed random_seed + r): with twice the accumulation steps the single process sees the global batch
     of a 2-process run, and its last micro-batch, whose loss the log holds, is rank 0's."""
 
-    def __init__(self, datasets, split, block_size, batch_size, seed):
-        self.streams = [PlainSampler(datasets, split, block_size, batch_size, seed + rank) for rank in (1, 0)]
+    def __init__(self, datasets, split, block_size, batch_size, seed, weights=()):
+        self.streams = [PlainSampler(datasets, split, block_size, batch_size, seed + rank, weights) for rank in (1, 0)]
         self.generator = self.streams[1].generator  # the data position checkpoints save
         self.turn = 0
 

@@ -1,5 +1,5 @@
 """train.py and plot_loss.py on a tiny model (config/nano-tiny.json) and tiny datasets written here with
-numpy in the layout of CONTRACTS.md: exact resume after a SIGKILL during a save, DDP on two processes,
+numpy in the layout data.py writes: exact resume after a SIGKILL during a save, DDP on two processes,
 SFT masking, LoRA adapter-only checkpoints, clear errors, the loss plot."""
 
 import json
@@ -288,3 +288,24 @@ def test_plot_loss_writes_a_png(straight_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "20 training and 3 validation points" in result.stdout
+
+
+def test_dataset_weights_set_the_mix(data, tmp_path, monkeypatch):
+    vocab_path = str(data / "vocab.json")
+    constant = [7] * 2000  # every window of this dataset is all 7s
+    write_dataset(tmp_path / "sevens", vocab_path, "pretrain", {"train": (constant, None), "val": (constant, None)})
+    datasets = [train.Dataset(str(data / "pretrain")), train.Dataset(str(tmp_path / "sevens"))]
+
+    def share_of_sevens(weights):
+        sampler = train.BatchSampler(datasets, "train", 32, 8, seed=0, weights=weights)
+        batches = [sampler.next_batch()[0] for _ in range(100)]
+        return float(torch.cat(batches).eq(7).all(dim=1).double().mean())
+
+    by_size = len(constant) / (len(constant) + len(datasets[0].splits["train"].ids))
+    assert abs(share_of_sevens(()) - by_size) < 0.07
+    assert abs(share_of_sevens([1, 3]) - 0.75) < 0.07
+    assert abs(share_of_sevens([3, 1]) - 0.25) < 0.07
+
+    config = write_train_config(tmp_path / "bad.json", dataset_path=[str(data / "pretrain")], dataset_weights=[1, 2])
+    with pytest.raises(ValueError, match="dataset_weights must be one positive number per dataset_path entry"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config)
