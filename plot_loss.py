@@ -47,7 +47,8 @@ def plot(log_path, png_path):
             steps = sorted(losses)
             axes.plot(steps, [losses[s] for s in steps], style, label=label, markersize=4)
     axes.set_xlabel("step")
-    axes.set_ylabel("loss")
+    axes.set_ylabel("loss (log scale)")
+    axes.set_yscale("log")  # the first steps' loss dwarfs the rest, SFT's most of all
     axes.set_title(os.path.basename(log_path))
     axes.grid(alpha=0.3)
     if train or val:
