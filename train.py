@@ -12,8 +12,9 @@ The mode follows from the training config: a dataset whose meta.json says "kind"
 with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA adapters on a frozen
 base and saves only them. `dataset_path` is a list whose entries are either a prepared dataset
 directory ("dataset/news") or a [train_bin, val_bin] pair; batches draw from the datasets in
-proportion to their size, or to `dataset_weights` (one positive number per entry) to mix them. Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/):
-latest.pt, best.pt and train_<run>.log (one JSON object per line; plot_loss.py draws it).
+proportion to their size, or to `dataset_weights` (one positive number per entry) to mix them.
+Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/): latest.pt, best.pt and
+train_<run>.log (one JSON object per line; plot_loss.py draws it).
 """
 
 import argparse
@@ -217,6 +218,10 @@ class BatchSampler:
         sizes = [len(s) for s in self.starts]
         if min(sizes) <= 0:
             raise ValueError(f"a {split} split is too small for block_size {block_size}")
+        if weights and (len(weights) != len(datasets) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)):
+            raise ValueError(f"dataset_weights must be one positive number per dataset_path entry "
+                             f"({len(datasets)}), got {weights!r}")
         self.weights = torch.tensor(weights or sizes, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -626,10 +631,6 @@ def main():
     datasets = [Dataset(entry) for entry in config.dataset_path]
     if len({d.is_sft for d in datasets}) > 1:
         raise ValueError("dataset_path mixes pretraining and SFT datasets")
-    if config.dataset_weights and (len(config.dataset_weights) != len(datasets) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in config.dataset_weights)):
-        raise ValueError(f"dataset_weights must be one positive number per dataset_path entry ({len(datasets)}), "
-                         f"got {config.dataset_weights!r}")
     # the full weights to start from: the resumed run's own, or (sft, lora) the base model's
     base_path = args.checkpoint if resume and not config.use_lora else config.from_checkpoint
     base = resume if base_path == args.checkpoint else read_checkpoint(base_path) if base_path else None
