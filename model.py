@@ -263,15 +263,18 @@ class Transformer(nn.Module):
         """Trainable-model parameters, the tied head counted once, LoRA adapters excluded."""
         return sum(p.numel() for n, p in self.named_parameters() if "lora_" not in n)
 
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N for the matmuls plus 12·L·n_head·head_dim·T for attention."""
+    def flops_per_token(self, seq_len=None, head=True):
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·n_head·head_dim·T for attention.
+        head=False leaves out the tied output layer, for training that computes it at a few masked positions."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+        matmul_params = self.num_params() - (0 if head else c.vocab_size * c.n_embd)
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
         """Logits [B, T, V] for tokens idx [B, T]; with targets, also the mean cross-entropy over the
         positions where loss_mask is nonzero (all positions when it is None, targets of -1 ignored).
+        With a loss_mask the logits are those of the marked positions only, [N, V] in row-major order.
         With a kv_cache the tokens continue the cached positions and the cache advances by T."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -288,13 +291,16 @@ class Transformer(nn.Module):
             x = layer(x, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.output(self.norm(x)).float()
-
-        loss = None
-        if targets is not None:
-            if loss_mask is not None:
-                targets = targets.masked_fill(loss_mask == 0, -1)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        h = self.norm(x)
+        if targets is None:
+            return self.output(h).float(), None
+        if loss_mask is not None:
+            # SFT marks a few answer tokens per record: the head, the largest matmul of a small model,
+            # and its softmax run on those positions alone
+            keep = loss_mask != 0
+            h, targets = h[keep], targets[keep]
+        logits = self.output(h).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # ---------------------------------------------------------------- generation

@@ -649,7 +649,8 @@ def main():
     model.to(device)
     raw_model = model  # checkpoints and generation use the plain module
     # counted before ZeRO-3 leaves each rank a shard of every parameter
-    num_params, flops_per_token = raw_model.num_params(), raw_model.flops_per_token(model_config.block_size)
+    num_params = raw_model.num_params()
+    flops_per_token = raw_model.flops_per_token(model_config.block_size, head=not datasets[0].is_sft)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     dtype = autocast_dtype(config, device)
     engine = None

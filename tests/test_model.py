@@ -124,15 +124,19 @@ def test_init_scales_residual_projections():
     assert abs(std_wo - 0.02 / math.sqrt(16)) < 0.001
 
 
-def test_loss_mask_restricts_loss_to_marked_positions():
+def test_loss_mask_restricts_loss_and_logits_to_marked_positions():
     model = tiny_model()
-    ids = torch.randint(0, 50, (1, 9))
+    ids = torch.randint(0, 50, (2, 9))
     x, y = ids[:, :-1], ids[:, 1:]
     mask = torch.zeros_like(y)
     mask[0, 5:] = 1
+    mask[1, 2] = 1
+    full_logits, _ = model(x)
     logits, loss = model(x, y, loss_mask=mask)
-    expected = torch.nn.functional.cross_entropy(logits[0, 5:], y[0, 5:])
-    torch.testing.assert_close(loss, expected)
+    marked = full_logits[mask == 1]
+    assert logits.shape == (4, model.config.vocab_size)
+    torch.testing.assert_close(logits, marked)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(marked, y[mask == 1]))
 
 
 # ------------------------------------------------------------------ KV cache
@@ -285,6 +289,8 @@ def test_flops_per_token():
     model = tiny_model()
     c = model.config
     assert model.flops_per_token(10) == 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * 10
+    # without the head: less the tied vocab_size x n_embd matrix's 6 FLOPs per weight
+    assert model.flops_per_token(10) - model.flops_per_token(10, head=False) == 6 * c.vocab_size * c.n_embd
 
 
 @pytest.mark.parametrize("change, message", [
