@@ -229,6 +229,64 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weight.T against targets (-1: ignored), chunk by chunk.
+
+    The [tokens, vocab_size] logits never exist whole, and the gradient is taken while each chunk is
+    at hand (softmax minus the one-hot target), so backward only scales it. On a CPU the softmax and its
+    backward over the full logits cost more than the head's matmuls; chunked, they run in cache."""
+
+    ROWS = 256  # rows per chunk: 256 x 8192 float32 logits are 8 MB
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, want_grad):
+        grad_h = torch.empty_like(h) if want_grad else None
+        high = torch.promote_types(weight.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+        if torch.is_autocast_enabled(h.device.type):  # cast the weight once, not for every chunk's matmuls
+            weight = weight.to(torch.get_autocast_dtype(h.device.type))
+        grad_weight = torch.zeros(weight.shape, dtype=high, device=weight.device) if want_grad else None
+        valid = (targets >= 0).to(high)
+        total = torch.zeros((), dtype=high, device=h.device)
+        for i in range(0, h.shape[0], HeadCrossEntropy.ROWS):
+            rows = slice(i, i + HeadCrossEntropy.ROWS)
+            h_chunk, target_chunk, valid_chunk = h[rows], targets[rows].clamp(min=0), valid[rows]
+            logits = F.linear(h_chunk, weight).to(high)
+            target_logits = logits.gather(1, target_chunk[:, None]).squeeze(1)
+            max_logits = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(max_logits).exp_()  # in place: one pass of exp serves the loss and the softmax
+            sums = exps.sum(dim=-1, keepdim=True)
+            log_z = (sums.log() + max_logits).squeeze(1)
+            total += ((log_z - target_logits) * valid_chunk).sum()
+            if want_grad:
+                grad_logits = exps.div_(sums)  # the softmax
+                grad_logits.scatter_add_(1, target_chunk[:, None], -torch.ones_like(sums))
+                grad_logits = grad_logits.mul_(valid_chunk[:, None]).to(weight.dtype)
+                grad_h[rows] = grad_logits @ weight
+                grad_weight += grad_logits.t() @ h_chunk
+        count = valid.sum()
+        ctx.save_for_backward(grad_h, grad_weight, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        # autograd casts each gradient to its input's dtype
+        return grad_h * scale, grad_weight * scale, None, None
+
+
+class OutputHead(nn.Linear):
+    """The output layer. Given targets it returns their mean cross-entropy instead of the logits
+    (HeadCrossEntropy); being a module call, ZeRO-3 gathers its weight for it as for any layer."""
+
+    def forward(self, h, targets=None):
+        if targets is None:
+            return super().forward(h).float()
+        # under no_grad (validation) there is no gradient to take along
+        want_grad = torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad)
+        return HeadCrossEntropy.apply(h, self.weight, targets, want_grad)
+
+
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -238,7 +296,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.output = OutputHead(config.n_embd, config.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied head
         if config.use_rope:
             cos, sin = rope_tables(config.head_dim, config.block_size)
@@ -272,9 +330,8 @@ class Transformer(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
-        """Logits [B, T, V] for tokens idx [B, T]; with targets, also the mean cross-entropy over the
-        positions where loss_mask is nonzero (all positions when it is None, targets of -1 ignored).
-        With a loss_mask the logits are those of the marked positions only, [N, V] in row-major order.
+        """(logits [B, T, V], None) for tokens idx [B, T]; with targets, (None, the mean cross-entropy over
+        the positions where loss_mask is nonzero): all positions when it is None, targets of -1 ignored.
         With a kv_cache the tokens continue the cached positions and the cache advances by T."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -293,15 +350,13 @@ class Transformer(nn.Module):
             kv_cache.length += T
         h = self.norm(x)
         if targets is None:
-            return self.output(h).float(), None
+            return self.output(h), None
         if loss_mask is not None:
             # SFT marks a few answer tokens per record: the head, the largest matmul of a small model,
             # and its softmax run on those positions alone
             keep = loss_mask != 0
             h, targets = h[keep], targets[keep]
-        logits = self.output(h).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return None, self.output(h.reshape(-1, h.size(-1)), targets.reshape(-1))
 
     # ---------------------------------------------------------------- generation
 

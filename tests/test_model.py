@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import KVCache, ModelConfig, Transformer
+from model import HeadCrossEntropy, KVCache, ModelConfig, Transformer
 
 TINY = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, n_hidden=24)
 
@@ -124,19 +125,59 @@ def test_init_scales_residual_projections():
     assert abs(std_wo - 0.02 / math.sqrt(16)) < 0.001
 
 
-def test_loss_mask_restricts_loss_and_logits_to_marked_positions():
+def test_loss_mask_restricts_loss_to_marked_positions():
     model = tiny_model()
     ids = torch.randint(0, 50, (2, 9))
     x, y = ids[:, :-1], ids[:, 1:]
     mask = torch.zeros_like(y)
     mask[0, 5:] = 1
     mask[1, 2] = 1
-    full_logits, _ = model(x)
-    logits, loss = model(x, y, loss_mask=mask)
-    marked = full_logits[mask == 1]
-    assert logits.shape == (4, model.config.vocab_size)
-    torch.testing.assert_close(logits, marked)
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(marked, y[mask == 1]))
+    logits, _ = model(x)
+    no_logits, loss = model(x, y, loss_mask=mask)
+    assert no_logits is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits[mask == 1], y[mask == 1]))
+
+
+@pytest.mark.parametrize("rows", [4, 1000])  # several chunks with a ragged last one, and a single chunk
+def test_chunked_head_cross_entropy_matches_full_logits(rows, monkeypatch):
+    monkeypatch.setattr(HeadCrossEntropy, "ROWS", rows)
+    torch.manual_seed(0)
+    h = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (11,))
+    targets[[2, 7]] = -1  # ignored
+
+    def chunked(h, weight):
+        return HeadCrossEntropy.apply(h, weight, targets, True)
+
+    expected = F.cross_entropy(h @ weight.t(), targets, ignore_index=-1)
+    torch.testing.assert_close(chunked(h, weight), expected)
+    assert torch.autograd.gradcheck(chunked, (h, weight))
+    with torch.no_grad():  # validation: the loss alone
+        torch.testing.assert_close(HeadCrossEntropy.apply(h, weight, targets, False), expected)
+
+
+def test_training_loss_and_gradients_match_full_logits_under_bf16_autocast():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (2, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def loss_and_grads(full_logits):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if full_logits:
+                logits, _ = model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            else:
+                _, loss = model(x, y)
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()]
+
+    full_loss, full_grads = loss_and_grads(True)
+    loss, grads = loss_and_grads(False)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-3, atol=1e-3)
+    for a, b in zip(grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
 
 
 # ------------------------------------------------------------------ KV cache
