@@ -239,12 +239,14 @@ class HeadCrossEntropy(torch.autograd.Function):
     ROWS = 256  # rows per chunk: 256 x 8192 float32 logits are 8 MB
 
     @staticmethod
-    def forward(ctx, h, weight, targets, want_grad):
-        grad_h = torch.empty_like(h) if want_grad else None
+    def forward(ctx, h, weight, targets, grad_enabled):
+        # needs_input_grad ignores no_grad (validation): grad_enabled tells whether a backward can follow
+        want_grad_h, want_grad_weight = (grad_enabled and wanted for wanted in ctx.needs_input_grad[:2])
+        grad_h = torch.empty_like(h) if want_grad_h else None
         high = torch.promote_types(weight.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
         if torch.is_autocast_enabled(h.device.type):  # cast the weight once, not for every chunk's matmuls
             weight = weight.to(torch.get_autocast_dtype(h.device.type))
-        grad_weight = torch.zeros(weight.shape, dtype=high, device=weight.device) if want_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=high, device=weight.device) if want_grad_weight else None
         valid = (targets >= 0).to(high)
         total = torch.zeros((), dtype=high, device=h.device)
         for i in range(0, h.shape[0], HeadCrossEntropy.ROWS):
@@ -257,12 +259,14 @@ class HeadCrossEntropy(torch.autograd.Function):
             sums = exps.sum(dim=-1, keepdim=True)
             log_z = (sums.log() + max_logits).squeeze(1)
             total += ((log_z - target_logits) * valid_chunk).sum()
-            if want_grad:
+            if want_grad_h or want_grad_weight:
                 grad_logits = exps.div_(sums)  # the softmax
                 grad_logits.scatter_add_(1, target_chunk[:, None], -torch.ones_like(sums))
                 grad_logits = grad_logits.mul_(valid_chunk[:, None]).to(weight.dtype)
-                grad_h[rows] = grad_logits @ weight
-                grad_weight += grad_logits.t() @ h_chunk
+                if want_grad_h:
+                    grad_h[rows] = grad_logits @ weight
+                if want_grad_weight:  # not for a frozen base (LoRA)
+                    grad_weight += grad_logits.t() @ h_chunk
         count = valid.sum()
         ctx.save_for_backward(grad_h, grad_weight, count)
         return total / count
@@ -272,7 +276,8 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_h, grad_weight, count = ctx.saved_tensors
         scale = grad_loss / count
         # autograd casts each gradient to its input's dtype
-        return grad_h * scale, grad_weight * scale, None, None
+        return (None if grad_h is None else grad_h * scale,
+                None if grad_weight is None else grad_weight * scale, None, None)
 
 
 class OutputHead(nn.Linear):
@@ -282,9 +287,7 @@ class OutputHead(nn.Linear):
     def forward(self, h, targets=None):
         if targets is None:
             return super().forward(h).float()
-        # under no_grad (validation) there is no gradient to take along
-        want_grad = torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad)
-        return HeadCrossEntropy.apply(h, self.weight, targets, want_grad)
+        return HeadCrossEntropy.apply(h, self.weight, targets, torch.is_grad_enabled())
 
 
 class Transformer(nn.Module):

@@ -1,7 +1,8 @@
 """
 Training speed on CPU: tokens/s and MFU of config/nano-10m.json (6 layers, width 384, block 256) in
 float32 and with bfloat16 autocast (optionally torch.compile), next to the fp32 and bf16 matmul peaks
-measured in the same run. The variants train side by side from the same initial weights on the same
+measured in the same run. A third variant takes the loss from the full logits, as the model did before
+its chunked head loss (HeadCrossEntropy), to show what that saves. The variants train side by side from the same initial weights on the same
 batches, one step each in turn, so that a busy machine slows them alike and their loss curves can be
 compared step by step ("equal quality").
 
@@ -23,6 +24,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
@@ -31,8 +33,6 @@ from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer, BOS_ID, EOS_ID  # noqa: E402
 
 REFERENCE_TOKENS_PER_S = 1360  # a GPT-2-style model of this size, fp32, on this machine (the issue's figure)
-
-
 
 
 def peoples_daily_dataset(directory, vocab_size):
@@ -53,10 +53,11 @@ def peoples_daily_dataset(directory, vocab_size):
 
 
 class Variant:
-    """One way of training (dtype, compile) with its own model, optimizer and batch stream."""
+    """One way of training (dtype, compile, loss from the full logits) with its own model, optimizer and
+    batch stream."""
 
-    def __init__(self, name, dtype, compile_model, model_config, train_config, dataset):
-        self.name, self.dtype = name, dtype
+    def __init__(self, name, dtype, compile_model, model_config, train_config, dataset, full_logits=False):
+        self.name, self.dtype, self.full_logits = name, dtype, full_logits
         torch.manual_seed(0)  # the same initial weights for every variant
         self.model = Transformer(model_config)
         self.optimizer = train.make_optimizer(self.model, train_config, "cpu")
@@ -72,7 +73,11 @@ class Variant:
             group["lr"] = train.learning_rate_at(step, 0.0, self.config)
         x, y, _ = self.sampler.next_batch()
         with self.autocast:
-            _, loss = self.forward(x, y)
+            if self.full_logits:
+                logits, _ = self.forward(x)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            else:
+                _, loss = self.forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -101,7 +106,9 @@ def main():
             else peoples_daily_dataset(scratch, model_config.vocab_size)
         dataset = train.Dataset(dataset_dir)
         variants = [Variant("fp32", None, False, model_config, train_config, dataset),
-                    Variant("bf16 autocast", torch.bfloat16, False, model_config, train_config, dataset)]
+                    Variant("bf16 autocast", torch.bfloat16, False, model_config, train_config, dataset),
+                    Variant("bf16 autocast, full-logits loss", torch.bfloat16, False, model_config, train_config,
+                            dataset, full_logits=True)]
         if args.compile:
             variants += [Variant("fp32 + compile", None, True, model_config, train_config, dataset),
                          Variant("bf16 autocast + compile", torch.bfloat16, True, model_config, train_config, dataset)]

@@ -155,6 +155,10 @@ def test_chunked_head_cross_entropy_matches_full_logits(rows, monkeypatch):
     assert torch.autograd.gradcheck(chunked, (h, weight))
     with torch.no_grad():  # validation: the loss alone
         torch.testing.assert_close(HeadCrossEntropy.apply(h, weight, targets, False), expected)
+    frozen = weight.detach()  # a frozen head (LoRA): the gradient of h alone
+    (grad_h,) = torch.autograd.grad(HeadCrossEntropy.apply(h, frozen, targets, True), h)
+    (expected_grad_h,) = torch.autograd.grad(F.cross_entropy(h @ frozen.t(), targets, ignore_index=-1), h)
+    torch.testing.assert_close(grad_h, expected_grad_h)
 
 
 def test_training_loss_and_gradients_match_full_logits_under_bf16_autocast():
