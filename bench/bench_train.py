@@ -2,9 +2,9 @@
 Training speed on CPU: tokens/s and MFU of config/nano-10m.json (6 layers, width 384, block 256) in
 float32 and with bfloat16 autocast (optionally torch.compile), next to the fp32 and bf16 matmul peaks
 measured in the same run. A third variant takes the loss from the full logits, as the model did before
-its chunked head loss (HeadCrossEntropy), to show what that saves. The variants train side by side from the same initial weights on the same
-batches, one step each in turn, so that a busy machine slows them alike and their loss curves can be
-compared step by step ("equal quality").
+its chunked head loss (HeadCrossEntropy), to show what that saves. The variants train side by side from
+the same initial weights on the same batches, one step each in turn, so that a busy machine slows them
+alike and their loss curves can be compared step by step ("equal quality").
 
     python bench/bench_train.py [--steps 60] [--threads 2] [--compile] [--dataset dataset/news]
 
