@@ -813,6 +813,7 @@ def main():
             raw_model = Transformer(model_config)
             raw_model.load_state_dict(weights)
     if dist.is_initialized():
+        dist.barrier()  # no rank closes its connections while another still reads from them
         dist.destroy_process_group()
     if is_master:
         print(f"done: step {step}, best val loss {best_val_loss:.4f}, {train_seconds:.0f} s, checkpoints in {out_dir}")

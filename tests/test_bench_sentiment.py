@@ -1,0 +1,32 @@
+"""The sentiment baselines in bench/bench_sentiment.py learn what they should on a toy task."""
+
+import torch
+
+from bench.bench_sentiment import TfidfFeatures, char_ngrams, logistic_regression, naive_bayes
+
+TRAIN = [("很好很满意", "正面"), ("质量好", "正面"), ("满意，好用", "正面"), ("物流快，好", "正面"),
+         ("很差很失望", "负面"), ("质量差", "负面"), ("失望，难用", "负面"), ("物流慢，差", "负面")]
+HELD_OUT = [("好，满意", "正面"), ("差，失望", "负面")]
+
+
+def test_char_ngrams_lists_every_ngram_up_to_the_longest():
+    assert char_ngrams("abc", 2) == ["a", "b", "c", "ab", "bc"]
+
+
+def test_naive_bayes_classifies_unseen_texts_by_their_characters():
+    assert naive_bayes(TRAIN, [text for text, _ in HELD_OUT]) == [label for _, label in HELD_OUT]
+
+
+def test_tfidf_rows_are_unit_length_and_unseen_ngrams_dropped():
+    features = TfidfFeatures([text for text, _ in TRAIN], 3)
+    rows = features.transform(["很好", "没见过的字"]).to_dense()
+    assert torch.allclose(rows[0].norm(), torch.tensor(1.0))
+    assert rows[1].abs().sum() == 0
+
+
+def test_logistic_regression_separates_the_toy_task():
+    features = TfidfFeatures([text for text, _ in TRAIN], 2)
+    targets = torch.tensor([float(label == "正面") for _, label in TRAIN])
+    weights, bias = logistic_regression(features.transform([text for text, _ in TRAIN]), targets, 1e-3)
+    scores = torch.sparse.mm(features.transform([text for text, _ in HELD_OUT]), weights).squeeze(1) + bias
+    assert scores[0] > 0 > scores[1]
