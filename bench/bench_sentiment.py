@@ -52,11 +52,11 @@ def naive_bayes(train, texts):
 
     tables = {label: log_likelihoods(label) for label in counts}
 
-    def score(text, label):
+    def score(grams, label):
         table, unseen = tables[label]
-        return math.log(priors[label]) + sum(table.get(gram, unseen) for gram in char_ngrams(text, 2))
+        return math.log(priors[label]) + sum(table.get(gram, unseen) for gram in grams)
 
-    return [max(counts, key=lambda label: score(text, label)) for text in texts]
+    return [max(counts, key=lambda label: score(grams, label)) for grams in (char_ngrams(t, 2) for t in texts)]
 
 
 class TfidfFeatures:
@@ -88,7 +88,7 @@ def logistic_regression(features, targets, penalty):
     """(weights, bias) minimising the mean logistic loss + penalty / 2 * |weights|^2, by L-BFGS."""
     weights = torch.zeros(features.shape[1], 1, requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights, bias], max_iter=500, tolerance_grad=1e-6,
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=2000, tolerance_grad=1e-7,
                                   line_search_fn="strong_wolfe")
 
     def closure():
@@ -111,24 +111,30 @@ def main():
 
     start = time.perf_counter()
     train, val, test = data.split_reviews(data.read_reviews(), args.seed)
-    labels = sorted({label for _, label in train})
-    splits = {"val": val, "test": test}
-    majority = Counter(label for _, label in train).most_common(1)[0][0]
-    rows = [("majority (%s)" % majority, {name: accuracy([majority] * len(s), [y for _, y in s])
-                                          for name, s in splits.items()})]
-    rows.append(("naive Bayes, char 1-2-grams", {name: accuracy(naive_bayes(train, [t for t, _ in s]),
-                                                                [y for _, y in s]) for name, s in splits.items()}))
+    texts = {name: [text for text, _ in s] for name, s in (("train", train), ("val", val), ("test", test))}
+    truth = {name: [label for _, label in s] for name, s in (("train", train), ("val", val), ("test", test))}
 
-    tfidf = TfidfFeatures([text for text, _ in train], args.ngram)
-    features = {name: tfidf.transform([t for t, _ in s]) for name, s in [("train", train), *splits.items()]}
-    targets = torch.tensor([float(label == labels[1]) for _, label in train])
+    def accuracies(predict):
+        """Validation and test accuracy of predict(split name) -> labels."""
+        return {name: accuracy(predict(name), truth[name]) for name in ("val", "test")}
+
+    labels = sorted(set(truth["train"]))
+    majority = Counter(truth["train"]).most_common(1)[0][0]
+    rows = [(f"majority ({majority})", accuracies(lambda name: [majority] * len(truth[name]))),
+            ("naive Bayes, char 1-2-grams", accuracies(lambda name: naive_bayes(train, texts[name])))]
+
+    tfidf = TfidfFeatures(texts["train"], args.ngram)
+    features = {name: tfidf.transform(split_texts) for name, split_texts in texts.items()}
+    targets = torch.tensor([float(label == labels[1]) for label in truth["train"]])
     sweep = []
     for penalty in PENALTIES:
         weights, bias = logistic_regression(features["train"], targets, penalty)
-        scores = {}
-        for name, s in splits.items():
+
+        def predict(name):
             positive = (torch.sparse.mm(features[name], weights).squeeze(1) + bias) > 0
-            scores[name] = accuracy([labels[int(p)] for p in positive], [y for _, y in s])
+            return [labels[int(p)] for p in positive]
+
+        scores = accuracies(predict)
         sweep.append((penalty, scores))
         rows.append((f"logistic regression, char 1-{args.ngram}-gram TF-IDF, L2 {penalty:g}", scores))
     chosen_penalty, chosen = max(sweep, key=lambda item: item[1]["val"])
