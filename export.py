@@ -10,9 +10,11 @@ load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 """
 
 import argparse
+import math
 import os
 import pickle
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,19 +24,49 @@ from tokenizer import Tokenizer
 
 MAGIC = (0x42443453, 0x55524C4D)
 HEADER_BYTES = 256
-MODEL_VERSION = (2026, 1)
-LORA_VERSION = (2024, 10)
 OLD_VERSIONS = {(2024, 10), (2025, 8), (2025, 12)}
 MODEL_TYPE, LORA_TYPE = 0, 10
 QUANT_F32, QUANT_Q80, QUANT_Q4K = 0x00, 0x80, 0x42
+FLAG_NON_CAUSAL = 1 << 0   # the flags word: full attention (seq2seq)
+DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA = 1e-5, 10000.0   # what a 0 in the norm_eps and rope_theta words means
 LORA_TARGETS = ("wq", "wk", "wv", "wo")
 LINEAR_KINDS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3")
-NORM_EPS = 1e-5
+
+# Headers as (field, struct code) in word order: word i holds the i-th field, every later word up to 64 is 0.
+# "I" is a u32, "i" an int32, "f" a float32.
+PREAMBLE = (("magic0", "I"), ("magic1", "I"), ("major_version", "I"), ("minor_version", "I"),
+            ("model_type", "I"), ("config_length", "I"))
+MODEL_HEADER = PREAMBLE + (
+    ("block_size", "I"), ("vocab_size", "I"), ("n_layer", "I"), ("n_embd", "I"), ("n_head", "I"),
+    ("n_kv_head", "I"), ("n_hidden", "I"), ("is_shared_classifier", "I"), ("head_dim", "I"),
+    ("quant_type", "I"), ("group_size", "I"),
+    ("flags", "I"), ("norm_eps", "f"), ("rope_theta", "f"))   # extension words: 0 = the original's behaviour
+LORA_HEADER = PREAMBLE + (
+    ("lora_rank", "I"), ("lora_alpha", "i"), ("n_layer", "I"), ("n_embd", "I"), ("n_head", "I"),
+    ("n_kv_head", "I"), ("n_hidden", "I"))   # the eighth config word is 0
+DIM_FIELDS = ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")
+LORA_DIM_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")   # must equal the base model's
+
+
+class FileKind(NamedTuple):
+    description: str
+    model_type: int
+    version: tuple
+    config_length: int   # bytes of the config words after the config_length word
+    header: tuple        # (field, struct code) in word order
+
+    @property
+    def header_struct(self):
+        return struct.Struct("<" + "".join(code for _, code in self.header))
+
+
+MODEL_FILE = FileKind("a model", MODEL_TYPE, (2026, 1), 36, MODEL_HEADER)
+LORA_FILE = FileKind("a LoRA adapter", LORA_TYPE, (2024, 10), 32, LORA_HEADER)
 
 
 # ----------------------------------------------------------------------------- layout
 
-def tensor_layout(cfg, shared_classifier=True):
+def tensor_layout(cfg, is_shared_classifier=True):
     """The model file's parameters in order: (state_dict name, shape, quantized in Q80) per tensor."""
     L, E, V, F, hd = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_hidden, cfg.head_dim
     q_dim, kv_dim = cfg.n_head * hd, cfg.n_kv_head * hd
@@ -46,7 +78,7 @@ def tensor_layout(cfg, shared_classifier=True):
     for kind in LINEAR_KINDS:
         layout += [(f"layers.{i}.{kind}.weight", shapes[kind], True) for i in range(L)]
     layout += [("rope_cos", (cfg.block_size, hd // 2), False), ("rope_sin", (cfg.block_size, hd // 2), False)]
-    if not shared_classifier:
+    if not is_shared_classifier:
         layout.append(("output.weight", (V, E), True))
     return layout
 
@@ -71,9 +103,19 @@ def quantize_q80(tensor, group_size):
 
 # ----------------------------------------------------------------------------- writing
 
-def header_bytes(words):
-    words = list(words) + [0] * (64 - len(words))
-    return struct.pack("<64I", *[w & 0xFFFFFFFF for w in words])
+def header_bytes(kind, fields):
+    """The 256-byte header of a file kind from {field: value}: its preamble, then fields in word order."""
+    values = {"magic0": MAGIC[0], "magic1": MAGIC[1], "major_version": kind.version[0],
+              "minor_version": kind.version[1], "model_type": kind.model_type,
+              "config_length": kind.config_length, **fields}
+    words = kind.header_struct.pack(*(values[name] for name, _ in kind.header))
+    return words + bytes(HEADER_BYTES - len(words))
+
+
+def extension_words(cfg):
+    """flags, norm_eps and rope_theta of a model config; a default is written as 0, as the original does."""
+    norm_eps = 0.0 if np.float32(cfg.norm_eps) == np.float32(DEFAULT_NORM_EPS) else cfg.norm_eps
+    return {"flags": 0 if cfg.is_causal else FLAG_NON_CAUSAL, "norm_eps": norm_eps, "rope_theta": 0.0}
 
 
 def tokenizer_bytes(tokenizer):
@@ -94,8 +136,8 @@ def check_exportable(cfg):
         problems.append("use_rope=False (the format has no learned position embedding)")
     if cfg.bias:
         problems.append("bias=True (the format has no biases)")
-    if abs(cfg.norm_eps - NORM_EPS) > 1e-12:
-        problems.append(f"norm_eps={cfg.norm_eps} (engines use {NORM_EPS})")
+    if not np.finfo(np.float32).tiny <= cfg.norm_eps <= np.finfo(np.float32).max:
+        problems.append(f"norm_eps={cfg.norm_eps} (the format holds a positive float32)")
     if problems:
         raise ValueError("model cannot be exported to .bin: " + "; ".join(problems))
 
@@ -107,17 +149,18 @@ def write_model(path, model, tokenizer, quant=False, group_size=128, progress=Tr
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
-    shared = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    is_shared_classifier = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
     state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size)
     group = choose_group_size(cfg, group_size) if quant else 0
-    words = [*MAGIC, *MODEL_VERSION, MODEL_TYPE, 36, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_embd,
-             cfg.n_head, cfg.n_kv_head, cfg.n_hidden, int(shared), cfg.head_dim,
-             QUANT_Q80 if quant else QUANT_F32, group]
-    layout = tensor_layout(cfg, shared)
+    header = header_bytes(MODEL_FILE, {**{name: getattr(cfg, name) for name in DIM_FIELDS},
+                                       "is_shared_classifier": int(is_shared_classifier), "head_dim": cfg.head_dim,
+                                       "quant_type": QUANT_Q80 if quant else QUANT_F32, "group_size": group,
+                                       **extension_words(cfg)})
+    layout = tensor_layout(cfg, is_shared_classifier)
     bar = _progress(sum(int(np.prod(shape)) for _, shape, _ in layout), path, progress)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(header_bytes(words))
+        f.write(header)
         f.write(tokenizer_bytes(tokenizer))
         for name, shape, quantizable in layout:
             tensor = state[name]
@@ -150,11 +193,11 @@ def write_lora(path, lora_state, lora_config, model_config):
     hd = cfg.head_dim
     dims = {"wq": (cfg.n_embd, cfg.n_head * hd), "wk": (cfg.n_embd, cfg.n_kv_head * hd),
             "wv": (cfg.n_embd, cfg.n_kv_head * hd), "wo": (cfg.n_head * hd, cfg.n_embd)}
-    words = [*MAGIC, *LORA_VERSION, LORA_TYPE, 32, rank, int(alpha), cfg.n_layer, cfg.n_embd, cfg.n_head,
-             cfg.n_kv_head, cfg.n_hidden, 0]
+    header = header_bytes(LORA_FILE, {"lora_rank": rank, "lora_alpha": int(alpha),
+                                      **{name: getattr(cfg, name) for name in LORA_DIM_FIELDS}})
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(header_bytes(words))
+        f.write(header)
         for target in LORA_TARGETS:
             in_dim, out_dim = dims[target]
             for part, shape in (("lora_A", (rank, in_dim)), ("lora_B", (out_dim, rank))):
@@ -258,36 +301,40 @@ def _read_file(path):
         return f.read()
 
 
-def _read_header(cursor, want_type):
+def _read_header(cursor, kind):
+    """The header's fields as {name: value}, after checking what every file kind shares."""
     if len(cursor.data) < HEADER_BYTES:
         raise cursor.error("header", f"file has {len(cursor.data)} bytes, a Nano file starts with a 256-byte header")
-    words = [int(w) for w in np.frombuffer(cursor.data, dtype="<u4", count=64)]
-    if tuple(words[:2]) != MAGIC:
-        raise cursor.error("magic", f"{words[0]:08x} {words[1]:08x} is not a Nano file")
-    if words[4] != want_type:
-        kinds = {MODEL_TYPE: "a model", LORA_TYPE: "a LoRA adapter"}
-        found = kinds.get(words[4], f"model_type {words[4]}")
-        raise cursor.error("model_type", f"{found} is not supported here (expected {kinds[want_type]})")
-    want = MODEL_VERSION if want_type == MODEL_TYPE else LORA_VERSION
-    version = (words[2], words[3])
+    header = dict(zip((name for name, _ in kind.header), kind.header_struct.unpack_from(cursor.data)))
+    if (header["magic0"], header["magic1"]) != MAGIC:
+        raise cursor.error("magic", f"{header['magic0']:08x} {header['magic1']:08x} is not a Nano file")
+    if header["model_type"] != kind.model_type:
+        kinds = {k.model_type: k.description for k in (MODEL_FILE, LORA_FILE)}
+        found = kinds.get(header["model_type"], f"model_type {header['model_type']}")
+        raise cursor.error("model_type", f"{found} is not supported here (expected {kind.description})")
+    version, want = (header["major_version"], header["minor_version"]), kind.version
     if version != want:
         if version in OLD_VERSIONS:
             raise cursor.error("major_version/minor_version", f"version {version[0]}.{version[1]} not supported "
                                f"(this reader reads {want[0]}.{want[1]}); export the model again with export.py")
         raise cursor.error("major_version/minor_version", f"unknown version {version[0]}.{version[1]}")
+    if header["config_length"] != kind.config_length:
+        raise cursor.error("config_length", f"{header['config_length']}, expected {kind.config_length}")
+    words = np.frombuffer(cursor.data, dtype="<u4", count=HEADER_BYTES // 4)
+    for word in range(len(kind.header), len(words)):
+        if words[word]:
+            raise cursor.error(f"header word {word}", f"{words[word]}, expected 0")
     cursor.offset = HEADER_BYTES
-    return words
+    return header
 
 
-def _read_model_config(cursor, words, is_causal=True):
-    if words[5] != 36:
-        raise cursor.error("config_length", f"{words[5]}, expected 36")
-    names = ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")
-    dims = dict(zip(names, words[6:13]))
+def _read_model_config(cursor, header):
+    dims = {name: header[name] for name in DIM_FIELDS}
     for name, value in dims.items():
         if not 0 < value <= 1 << 24:
             raise cursor.error(name, f"{value} is out of range")
-    shared, head_dim, quant, group = words[13:17]
+    shared, head_dim = header["is_shared_classifier"], header["head_dim"]
+    quant, group = header["quant_type"], header["group_size"]
     if shared > 1:
         raise cursor.error("is_shared_classifier", f"{shared}, expected 0 or 1")
     if head_dim * dims["n_head"] != dims["n_embd"]:
@@ -296,8 +343,9 @@ def _read_model_config(cursor, words, is_causal=True):
         raise cursor.error("quant_type", "0x42 (Q4K) is not supported")
     if quant not in (QUANT_F32, QUANT_Q80):
         raise cursor.error("quant_type", f"unknown value {quant:#x}")
+    extensions = _read_extensions(cursor, header)
     try:
-        cfg = ModelConfig(**dims, norm_eps=NORM_EPS, is_causal=is_causal)
+        cfg = ModelConfig(**dims, **extensions)
     except ValueError as e:
         raise cursor.error("config", str(e)) from None
     if quant == QUANT_Q80:
@@ -305,6 +353,25 @@ def _read_model_config(cursor, words, is_causal=True):
         if group == 0 or any(w % group for w in widths):
             raise cursor.error("group_size", f"{group} does not divide the matmul widths {widths}")
     return cfg, bool(shared), quant, group
+
+
+def _read_extensions(cursor, header):
+    """is_causal and norm_eps from the extension words; 0 in any of them means the original's behaviour."""
+    flags, norm_eps, rope_theta = header["flags"], header["norm_eps"], header["rope_theta"]
+    if flags & ~FLAG_NON_CAUSAL:
+        raise cursor.error("flags", f"{flags:#x} has unknown bits {flags & ~FLAG_NON_CAUSAL:#x} "
+                                    "(this reader knows bit 0, full attention)")
+    if not math.isfinite(norm_eps) or norm_eps < 0:
+        raise cursor.error("norm_eps", f"{norm_eps:g} is not a positive number")
+    # model.py knows only the default RoPE base: another one is refused, not half supported
+    if rope_theta not in (0, DEFAULT_ROPE_THETA):
+        raise cursor.error("rope_theta", f"{rope_theta:g} is not supported (this reader uses {DEFAULT_ROPE_THETA:g})")
+    return {"is_causal": not flags & FLAG_NON_CAUSAL, "norm_eps": _shortest_decimal(norm_eps or DEFAULT_NORM_EPS)}
+
+
+def _shortest_decimal(value):
+    """The shortest decimal with value's float32 bits, so that a config's 1e-6 reads back as 1e-6."""
+    return float(np.format_float_scientific(np.float32(value), unique=True))
 
 
 def _read_tokenizer(cursor, vocab_size):
@@ -338,16 +405,15 @@ def _read_tokenizer(cursor, vocab_size):
         raise cursor.error("tokenizer", str(e)) from None
 
 
-def read_bin(path, is_causal=True):
+def read_bin(path):
     """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array} or, for Q80
-    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size. The file does
-    not say whether the model is causal: is_causal goes into the returned config."""
+    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size."""
     cursor = _Cursor(path, _read_file(path))
-    words = _read_header(cursor, MODEL_TYPE)
-    cfg, shared, quant, group = _read_model_config(cursor, words, is_causal)
+    header = _read_header(cursor, MODEL_FILE)
+    cfg, is_shared_classifier, quant, group = _read_model_config(cursor, header)
     tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
     tensors = {}
-    for name, shape, quantizable in tensor_layout(cfg, shared):
+    for name, shape, quantizable in tensor_layout(cfg, is_shared_classifier):
         count = int(np.prod(shape))
         if quant == QUANT_Q80 and quantizable:
             q = cursor.take(count, np.int8, name)
@@ -362,10 +428,10 @@ def dequantize_q80(q, scales, group_size):
     return (q.astype(np.float32).reshape(-1, group_size) * scales[:, None]).reshape(-1)
 
 
-def load_bin(path, is_causal=True):
-    """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized.
-    Pass is_causal=False for a seq2seq model (the file does not record it)."""
-    cfg, tokenizer, tensors, quant, group = read_bin(path, is_causal)
+def load_bin(path):
+    """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized. The model is
+    causal unless the file's flags say full attention (seq2seq)."""
+    cfg, tokenizer, tensors, quant, group = read_bin(path)
     model = Transformer(cfg)
     layout = {name: shape for name, shape, _ in tensor_layout(cfg, "output.weight" not in tensors)}
     state = {}
@@ -387,18 +453,15 @@ def load_lora_bin(path, model_config=None):
     """A LoRA .bin as (state dict for Transformer.load_lora_state_dict, lora config). With model_config,
     refuses an adapter made for another base model."""
     cursor = _Cursor(path, _read_file(path))
-    words = _read_header(cursor, LORA_TYPE)
-    if words[5] != 32:
-        raise cursor.error("config_length", f"{words[5]}, expected 32")
-    rank, alpha = words[6], struct.unpack("<i", struct.pack("<I", words[7]))[0]
-    n_layer, n_embd, n_head, n_kv_head, n_hidden = words[8:13]
+    header = _read_header(cursor, LORA_FILE)
+    rank, alpha = header["lora_rank"], header["lora_alpha"]
+    n_layer, n_embd, n_head, n_kv_head = (header[name] for name in ("n_layer", "n_embd", "n_head", "n_kv_head"))
     if not 0 < rank <= 65536:
         raise cursor.error("lora_rank", f"{rank} is out of range")
     if model_config is not None:
-        base = model_config
-        for field, value in zip(("n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"), words[8:13]):
-            if getattr(base, field) != value:
-                raise cursor.error(field, f"{value} but the model has {getattr(base, field)} "
+        for field in LORA_DIM_FIELDS:
+            if getattr(model_config, field) != header[field]:
+                raise cursor.error(field, f"{header[field]} but the model has {getattr(model_config, field)} "
                                           "(adapter made for another base model)")
     if n_head == 0 or n_embd % n_head or n_kv_head == 0:
         raise cursor.error("n_head", f"n_embd {n_embd}, n_head {n_head}, n_kv_head {n_kv_head} are inconsistent")

@@ -39,7 +39,7 @@ static void run_one_step(const NanoModel *model, const NanoLora *lora) {
         int n, *ids = nano_encode(&model->tokenizer, "<|bos|>hello, 世界 \xF0\x9F\x98\x80\xFF", &n);
         if (ids) {
             int steps = n < model->config.block_size ? n : model->config.block_size;
-            if (nano_forward(&state, ids, steps, 1) == 0) nano_logits(&state, steps - 1);
+            if (nano_forward(&state, ids, steps, model->config.is_causal) == 0) nano_logits(&state, steps - 1);
             char text[1025];
             for (int i = 0; i < steps; i++) nano_token_utf8(&model->tokenizer, ids[i], text, sizeof text);
             free(ids);

@@ -41,6 +41,10 @@ def words_of(path, count=64):
         return struct.unpack(f"<{count}I", f.read(4 * count))
 
 
+def float_bits(value):
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
@@ -58,7 +62,7 @@ def test_float32_layout_and_round_trip(tmp_path, model, tok):
     words = words_of(path)
     assert words[:17] == (0x42443453, 0x55524C4D, 2026, 1, 0, 36, cfg.block_size, cfg.vocab_size, cfg.n_layer,
                           cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_hidden, 1, cfg.head_dim, 0, 0)
-    assert not any(words[17:])
+    assert not any(words[17:])   # a causal model with the default eps: the original's header, byte for byte
     tokenizer_bytes = 8 + sum(8 + 4 * len(t) for t in tok.itos)
     with open(path, "rb") as f:
         data = f.read()
@@ -74,6 +78,7 @@ def test_float32_layout_and_round_trip(tmp_path, model, tok):
     assert np.array_equal(first_norm, model.layers[0].attn_norm.weight.detach().numpy())
 
     loaded, tok2 = export.load_bin(path)
+    assert loaded.config == model.config
     assert tok2.itos == tok.itos and tok2.special_tokens == tok.special_tokens
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -127,9 +132,39 @@ def test_untied_head_round_trip(tmp_path, tok):
 
 
 def test_refuses_what_the_format_cannot_hold(tmp_path, tok):
-    for overrides in ({"use_rope": False}, {"bias": True}, {"norm_eps": 1e-6}):
+    # norm_eps 0 would read back as the default, 1e-50 is 0 in float32
+    for overrides in ({"use_rope": False}, {"bias": True}, {"norm_eps": 0.0}, {"norm_eps": 1e-50},
+                      {"norm_eps": float("nan")}):
         with pytest.raises(ValueError, match="cannot be exported"):
             export.write_model(str(tmp_path / "x.bin"), tiny_model(tok, **overrides), tok)
+
+
+def logits_of(model, tok, text="hello world, 你好世界 😀"):
+    with torch.no_grad():
+        return model(torch.tensor([tok.encode(text)]))[0]
+
+
+def test_seq2seq_model_is_recorded_in_the_flags_word(tmp_path, tok):
+    model = tiny_model(tok, is_causal=False)
+    path = str(tmp_path / "s2s.bin")
+    export.write_model(path, model, tok)
+    words = words_of(path)
+    assert words[17] == export.FLAG_NON_CAUSAL and not any(words[18:])
+    loaded, _ = export.load_bin(path)
+    assert loaded.config.is_causal is False
+    assert torch.equal(logits_of(loaded, tok), logits_of(model, tok))
+
+
+def test_norm_eps_is_written_and_honoured(tmp_path, tok):
+    model = tiny_model(tok, norm_eps=1e-6)
+    path = str(tmp_path / "eps.bin")
+    export.write_model(path, model, tok)
+    words = words_of(path)
+    assert words[17] == 0 and words[18] == float_bits(1e-6) and not any(words[19:])
+    loaded, _ = export.load_bin(path)
+    assert loaded.config == model.config
+    assert torch.equal(logits_of(loaded, tok), logits_of(model, tok))
+    assert not torch.allclose(logits_of(tiny_model(tok), tok), logits_of(model, tok), atol=1e-3)   # eps matters
 
 
 def lora_model(tok, targets=("wq", "wk", "wv", "wo"), rank=4, alpha=8):
@@ -182,6 +217,8 @@ def test_lora_subset_targets_and_refusals(tmp_path, tok):
                         n_hidden=128)
     with pytest.raises(ValueError, match=r"lora.bin: n_embd: 48 but the model has 64 \(adapter made for another"):
         export.load_lora_bin(path, other)
+    with pytest.raises(ValueError, match=r"word13.bin: header word 13: 5, expected 0"):
+        export.load_lora_bin(corrupt(path, tmp_path / "word13.bin", offset=13, word=5))
     truncated = corrupt(path, tmp_path / "short_lora.bin", truncate=os.path.getsize(path) - 4)
     with pytest.raises(ValueError, match=r"short_lora.bin: layers.1.attn.wo.lora_B: needs .* \(truncated"):
         export.load_lora_bin(truncated)
@@ -216,7 +253,23 @@ BAD_MODEL_FILES = [
     ("dims too large", {"offset": 7, "word": 4000}, r"tokenizer vocab_size"),
     ("extra bytes", {"append": b"\0" * 8}, r"file length"),
     ("LoRA type", {"offset": 4, "word": 10}, r"model_type"),
+    ("unknown flags bit", {"offset": 17, "word": 0b10}, r"flags: 0x2 has unknown bits 0x2"),
+    ("negative norm_eps", {"offset": 18, "word": float_bits(-1e-5)}, r"norm_eps: -1e-05 is not a positive number"),
+    ("NaN norm_eps", {"offset": 18, "word": 0x7FC00000}, r"norm_eps: nan is not a positive number"),
+    ("rope_theta 1e6", {"offset": 19, "word": float_bits(1e6)}, r"rope_theta: 1e\+06 is not supported"),
+    ("word past the header fields", {"offset": 20, "word": 1}, r"header word 20: 1, expected 0"),
 ]
+
+
+def test_reader_accepts_explicit_defaults(tmp_path, model, tok):
+    """Another writer may store the defaults instead of 0."""
+    path = str(tmp_path / "m.bin")
+    export.write_model(path, model, tok)
+    explicit = corrupt(corrupt(path, tmp_path / "e.bin", offset=18, word=float_bits(1e-5)), tmp_path / "t.bin",
+                       offset=19, word=float_bits(10000.0))
+    loaded, _ = export.load_bin(explicit)
+    assert loaded.config == model.config
+    assert torch.equal(logits_of(loaded, tok), logits_of(model, tok))
 
 
 @pytest.mark.parametrize("description,how,message", BAD_MODEL_FILES, ids=[b[0] for b in BAD_MODEL_FILES])
