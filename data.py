@@ -606,6 +606,147 @@ def prepare_builtin(out_root="dataset", seed=1337, workers=None, block_size=256,
     print(f"{vocab_path}: {tokenizer.vocab_size} entries, {len(word_entries(tokenizer))} of them words")
 
 
+# ------------------------------------------------------------------ reading a prepared dataset
+# (train.py, eval.py and problem.py read what prepare() writes)
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def dataset_files(entry):
+    """(directory, train_bin, val_bin) of a dataset_path entry: a directory, or a [train_bin, val_bin] pair."""
+    if isinstance(entry, str):
+        return entry, os.path.join(entry, "train.bin"), os.path.join(entry, "val.bin")
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(p, str) for p in entry):
+        return os.path.dirname(entry[0]) or ".", entry[0], entry[1]
+    raise ValueError(f"dataset_path entries are a dataset directory or a [train_bin, val_bin] pair, got {entry!r}")
+
+
+def read_meta(directory):
+    """A prepared dataset's meta.json: kind, dtype, tokenizer, sizes."""
+    path = os.path.join(directory, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no prepared dataset in {directory} (no meta.json): run data.py first")
+    return read_json(path)
+
+
+class Split:
+    """One split of one prepared dataset: token ids (and the SFT loss mask, or the seq2seq targets) as
+    read-only memmaps."""
+
+    def __init__(self, ids_path, dtype, with_mask, record_length=0):
+        if not os.path.exists(ids_path):
+            raise FileNotFoundError(f"dataset file {ids_path} does not exist (run data.py first)")
+        self.ids = np.memmap(ids_path, dtype=dtype, mode="r")
+        self.mask = None
+        self.targets = None
+        self.record_length = record_length
+        if with_mask:
+            self.mask = self.aligned_file(ids_path, "_mask.bin", np.uint8)
+            # SFT windows start where a record starts, as the prompts at inference do
+            self.starts = np.flatnonzero(np.asarray(self.ids) == INSTRUCT_ID)
+        if record_length:
+            self.targets = self.aligned_file(ids_path, "_target.bin", dtype)
+            if len(self.ids) % record_length:
+                raise ValueError(f"{ids_path} holds {len(self.ids)} tokens, not whole records of {record_length}")
+
+    def aligned_file(self, ids_path, suffix, dtype):
+        """A file of one entry per token beside the ids (train_mask.bin, train_target.bin)."""
+        path = ids_path[:-len(".bin")] + suffix
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        entries = np.memmap(path, dtype=dtype, mode="r")
+        if len(entries) != len(self.ids):
+            raise ValueError(f"{path} holds {len(entries)} entries for {len(self.ids)} tokens")
+        return entries
+
+    def window_starts(self, block_size):
+        """Where a window may start: anywhere, (SFT) at a record start, or (seq2seq) at every record."""
+        if self.targets is not None:
+            if self.record_length > block_size:
+                raise ValueError(f"seq2seq records of {self.record_length} tokens exceed block_size {block_size}")
+            return range(0, len(self.ids), self.record_length)
+        last = len(self.ids) - block_size - 1
+        if self.mask is None:
+            return range(max(0, last + 1))
+        return self.starts[self.starts <= last]
+
+    def window(self, start, block_size):
+        """(x, y, mask or None) at start as numpy arrays: block_size next-token pairs, or (seq2seq) one
+        record's inputs and its position-aligned targets."""
+        if self.targets is not None:
+            end = start + self.record_length
+            return self.ids[start:end], self.targets[start:end], None
+        tokens = self.ids[start:start + block_size + 1]
+        # mask[j] says whether predicting ids[j] counts: align it with the targets
+        mask = self.mask[start + 1:start + block_size + 1] if self.mask is not None else None
+        return tokens[:-1], tokens[1:], mask
+
+
+class Dataset:
+    """A prepared dataset: meta.json and its train and val splits. entry is its directory or a
+    [train_bin, val_bin] pair."""
+
+    def __init__(self, entry):
+        self.dir, train_path, val_path = dataset_files(entry)
+        self.meta = read_meta(self.dir)
+        self.is_sft = self.meta.get("kind") == "sft"
+        # seq2seq: fixed-length records of inputs with position-aligned targets (non-causal models)
+        record_length = self.meta["record_length"] if self.meta.get("kind") == "seq2seq" else 0
+        self.splits = {split: Split(path, self.meta["dtype"], self.is_sft, record_length)
+                       for split, path in (("train", train_path), ("val", val_path))}
+
+    def tokenizer_path(self):
+        return os.path.join(self.dir, self.meta["tokenizer"])
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens (seq2seq: whole records), drawn from the datasets in
+    proportion to their size or to the given weights, as int64 tensors. The generator is the whole data
+    position: saving its state lets a resumed run draw the same batches. torch is imported here, not at
+    the top: preparing a corpus does not pay for it in every worker."""
+
+    def __init__(self, datasets, split, block_size, batch_size, seed, weights=()):
+        import torch
+        self.splits = [d.splits[split] for d in datasets]
+        self.block_size, self.batch_size = block_size, batch_size
+        if len({s.record_length for s in self.splits}) > 1:
+            raise ValueError("dataset_path mixes seq2seq records of different lengths, or seq2seq and other datasets")
+        self.starts = [s.window_starts(block_size) for s in self.splits]
+        sizes = [len(s) for s in self.starts]
+        if min(sizes) <= 0:
+            raise ValueError(f"a {split} split is too small for block_size {block_size}")
+        if weights and (len(weights) != len(datasets) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)):
+            raise ValueError(f"dataset_weights must be one positive number per dataset_path entry "
+                             f"({len(datasets)}), got {weights!r}; [] draws in proportion to their sizes")
+        self.weights = torch.tensor(weights or sizes, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        import torch
+        which = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        windows = []
+        for d in which.tolist():
+            starts = self.starts[d]
+            start = int(starts[int(torch.randint(len(starts), (1,), generator=self.generator))])
+            windows.append(self.splits[d].window(start, self.block_size))
+        x, y, mask = zip(*windows)
+        return int64_rows(x), int64_rows(y), int64_rows(mask) if mask[0] is not None else None
+
+
+def int64_rows(rows):
+    """Equally long numpy rows as one int64 tensor [len(rows), row length]."""
+    import torch
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
 # ------------------------------------------------------------------ command line
 
 def parse_args(argv=None):

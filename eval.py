@@ -39,11 +39,12 @@ import math
 import os
 from collections import Counter
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import infer
+from data import Dataset, dataset_files, read_meta
 from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID, UNK_ID
 from model import KVCache
 
@@ -212,19 +213,14 @@ def training_mode(model_path, lora_path):
         return "lora"
     if not model_path.endswith(".pt"):
         return None
-    checkpoint = infer.read_checkpoint(model_path)
-    if "lora" in checkpoint:
+    saved = checkpoint.load(model_path)
+    train_config = saved.get("train_config") or {}
+    if "lora" in saved or train_config.get("use_lora"):
         return "lora"
-    train_config = checkpoint.get("train_config") or {}
-    if train_config.get("use_lora"):
-        return "lora"
-    for pair in train_config.get("dataset_path") or []:
-        for path in pair if isinstance(pair, (list, tuple)) else [pair]:
-            folder = path if os.path.isdir(path) else os.path.dirname(path)
-            meta = os.path.join(folder, "meta.json")
-            if os.path.exists(meta):
-                with open(meta, encoding="utf-8") as f:
-                    return json.load(f).get("kind")
+    for entry in train_config.get("dataset_path") or []:
+        directory = dataset_files(entry)[0]
+        if os.path.exists(os.path.join(directory, "meta.json")):
+            return read_meta(directory).get("kind")
     return None
 
 
@@ -233,12 +229,10 @@ def few_shot_examples(tokenizer, dataset_dir, count, min_chars=4, max_chars=24):
     (dataset_dir/train.bin), labels alternating, in file order: never the test reviews."""
     if count == 0:
         return []
-    with open(os.path.join(dataset_dir, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    ids = np.memmap(os.path.join(dataset_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+    train = Dataset(dataset_dir).splits["train"]
+    ids = train.ids
     by_label = {label: [] for label in SENTIMENT_LABELS}
-    starts = np.flatnonzero(ids == INSTRUCT_ID)
-    for start in starts:
+    for start in train.starts:
         record = ids[start:start + 4 * max_chars].tolist()
         if RESPONSE_ID not in record or EOS_ID not in record:
             continue
@@ -339,9 +333,9 @@ def print_table(results):
 
 def evaluate(args):
     """The results of every task asked for, by task name."""
-    model, tokenizer = infer.load_model(args.model, args.device)
+    model, tokenizer = checkpoint.load_model(args.model, args.device)
     if args.lora:
-        infer.load_lora(model, args.lora)
+        checkpoint.attach_lora(model, args.lora)
     results = {}
     if args.text:
         results["text"] = evaluate_text(model, tokenizer, args.text)

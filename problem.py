@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from array import array
@@ -37,7 +36,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-import infer
+import checkpoint
+import train as nano_train
+from data import Dataset, dataset_files
 from tokenizer import Tokenizer, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -183,21 +184,22 @@ def seq2seq_arrays(task, tokenizer, questions):
 
 def training_questions(directory):
     """The questions of a dataset's train split, read back from train.bin."""
-    tokenizer = Tokenizer.load(os.path.join(directory, "vocab.json"))
-    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    ids = np.fromfile(os.path.join(directory, "train.bin"), dtype=meta["dtype"])
-    if meta["kind"] == "seq2seq":
-        spans = [(start + 1, start + meta["record_length"]) for start in range(0, len(ids), meta["record_length"])]
+    dataset = Dataset(directory)
+    tokenizer = Tokenizer.load(dataset.tokenizer_path())
+    train_split = dataset.splits["train"]
+    ids = np.asarray(train_split.ids)
+    if train_split.record_length:
+        length = train_split.record_length
+        spans = [(start + 1, start + length) for start in range(0, len(ids), length)]
     else:
-        spans = zip(np.flatnonzero(ids == INSTRUCT_ID) + 1, np.flatnonzero(ids == RESPONSE_ID))
+        spans = zip(train_split.starts + 1, np.flatnonzero(ids == RESPONSE_ID))
     return {tokenizer.decode(ids[start:end].tolist()) for start, end in spans}
 
 
 # ----------------------------------------------------------------------------- training
 
 def train(task, settings, dataset_dir, out_dir, seed, max_iters=None, max_time=None):
-    """Run train.py on the dataset with the task's settings; returns the final checkpoint's path."""
+    """Train on the dataset with the task's settings, in this process; returns the final checkpoint's path."""
     tokenizer = task.tokenizer()
     # the vocabulary is exactly the task's (export.py wants them equal); causality follows the task
     model_config = {**settings["model"], "block_size": task.block_size(), "vocab_size": tokenizer.vocab_size,
@@ -209,14 +211,8 @@ def train(task, settings, dataset_dir, out_dir, seed, max_iters=None, max_time=N
         train_config["lr_decay_iters"] = max_iters
     if max_time is not None:
         train_config["max_time"] = max_time
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"model": os.path.join(out_dir, "model.json"), "train": os.path.join(out_dir, "train.json")}
-    for name, config in (("model", model_config), ("train", train_config)):
-        with open(paths[name], "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "-m", paths["model"], "-t", paths["train"]],
-                   check=True)
-    return os.path.join(out_dir, "latest.pt")
+    run_dir = nano_train.train(train_config, model_config)
+    return os.path.join(run_dir, "latest.pt")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -284,10 +280,10 @@ def greedy_decode(model, prompts, max_new_tokens):
 
 def evaluate_checkpoint(task, checkpoint_path, eval_size, seed):
     """Exact match of a checkpoint on eval_size fresh inputs that its training data did not contain."""
-    model, tokenizer = infer.load_model(checkpoint_path)
+    model, tokenizer = checkpoint.load_model(checkpoint_path)
     if tokenizer.to_dict() != task.tokenizer().to_dict():
         raise ValueError(f"{checkpoint_path} was not trained on task {task.name} (another vocabulary)")
-    dataset_dir = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["train_config"]["dataset_path"][0]
+    dataset_dir = dataset_files(checkpoint.train_config_of(checkpoint_path)["dataset_path"][0])[0]
     examples, skipped = fresh_examples(task, eval_size, seed, training_questions(dataset_dir))
     score, wrong = accuracy(model_predictor(model, tokenizer, task), examples)
     print(f"{task.name}: exact match {score:.2%} ({len(examples) - len(wrong)}/{len(examples)}) on fresh inputs; "
@@ -333,5 +329,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"problem.py: error: {e}")

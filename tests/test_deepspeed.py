@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import deepspeed_backend
 import train
 from model import ModelConfig, Transformer
 from test_multinode import launch
@@ -82,8 +84,8 @@ def assert_runs_agree(deepspeed_dir, plain_dir):
         assert sorted(ours) == sorted(plain) and len(ours) >= 6
         for step in plain:
             assert ours[step] == pytest.approx(plain[step], abs=TOLERANCE), (kind, step)
-    weights = train.read_checkpoint(os.path.join(deepspeed_dir, "latest.pt"))["model"]
-    plain_weights = train.read_checkpoint(os.path.join(plain_dir, "latest.pt"))["model"]
+    weights = checkpoint.load(os.path.join(deepspeed_dir, "latest.pt"))["model"]
+    plain_weights = checkpoint.load(os.path.join(plain_dir, "latest.pt"))["model"]
     assert weights.keys() == plain_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], plain_weights[name], atol=TOLERANCE, rtol=0, msg=name)
@@ -113,29 +115,28 @@ def test_resume_continues_the_same_losses(zero2_run, data, tmp_path):  # noqa: F
 
 def test_consolidated_checkpoint_holds_the_live_weights(zero3_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    import infer
 
-    checkpoint = train.read_checkpoint(os.path.join(zero3_run, "latest.pt"))
-    assert checkpoint["step"] == 6 and checkpoint["deepspeed_tag"] == "step6"
+    saved = checkpoint.load(os.path.join(zero3_run, "latest.pt"))
+    assert saved["step"] == 6 and saved["deepspeed_tag"] == "step6"
     # the live parameters at the end of the run, gathered from ZeRO-3's shards on each rank
     (live,) = read_log(zero3_run, "ddp")
-    model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    model = Transformer(ModelConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["model"])
     assert live["parameter_checksums"] == [train.parameter_checksum(model)] * 2
     # DeepSpeed's own offline consolidation of its checkpoint agrees to the bit
     offline = get_fp32_state_dict_from_zero_checkpoint(os.path.join(zero3_run, "deepspeed"), tag="step6")
-    assert offline.keys() == checkpoint["model"].keys()
+    assert offline.keys() == saved["model"].keys()
     for name, tensor in offline.items():
-        assert torch.equal(tensor, checkpoint["model"][name]), name
+        assert torch.equal(tensor, saved["model"][name]), name
     # best.pt holds weights only, and infer.py loads both
-    assert train.read_checkpoint(os.path.join(zero3_run, "best.pt"))["deepspeed_tag"] in (None, "step6")
-    loaded, _ = infer.load_model(os.path.join(zero3_run, "latest.pt"))
+    assert checkpoint.load(os.path.join(zero3_run, "best.pt"))["deepspeed_tag"] in (None, "step6")
+    loaded, _ = checkpoint.load_model(os.path.join(zero3_run, "latest.pt"))
     assert train.parameter_checksum(loaded) == live["parameter_checksums"][0]
 
 
 def test_deepspeed_config_is_completed_from_the_training_config(tmp_path):
     config = train.TrainConfig(batch_size=4, gradient_accumulation_steps=3, grad_clip=0.5, learning_rate=2e-3)
-    ds = train.deepspeed_config("config/ds_zero2.json", config, world_size=2, dtype=torch.bfloat16)
+    ds = deepspeed_backend.deepspeed_config("config/ds_zero2.json", config, world_size=2, dtype=torch.bfloat16)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
@@ -144,7 +145,7 @@ def test_deepspeed_config_is_completed_from_the_training_config(tmp_path):
     conflicting = tmp_path / "clip.json"
     conflicting.write_text('{"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match="gradient_clipping is 1.0 but the training config gives 0.5"):
-        train.deepspeed_config(str(conflicting), config, world_size=2, dtype=None)
+        deepspeed_backend.deepspeed_config(str(conflicting), config, world_size=2, dtype=None)
 
 
 def test_resume_refuses_the_other_backend(zero2_run, monkeypatch):

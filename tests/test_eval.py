@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import eval as nano_eval
-import infer
+import checkpoint
 from test_infer import CYCLE, ONE_THREAD, cyclic_checkpoint, save, sentiment_checkpoint, sentiment_records
 from tokenizer import Tokenizer, EOS_ID, INSTRUCT_ID, RESPONSE_ID
 
@@ -24,12 +24,12 @@ def write_jsonl(path, records):
 
 @pytest.fixture
 def cyclic(tmp_path):
-    return infer.load_model(save(cyclic_checkpoint(), tmp_path / "cyclic.pt"))
+    return checkpoint.load_model(save(cyclic_checkpoint(), tmp_path / "cyclic.pt"))
 
 
 @pytest.fixture
 def sentiment(tmp_path):
-    return infer.load_model(save(sentiment_checkpoint(), tmp_path / "sft.pt"))
+    return checkpoint.load_model(save(sentiment_checkpoint(), tmp_path / "sft.pt"))
 
 
 def test_text_windows_score_every_target_once():

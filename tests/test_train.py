@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import data as data_module
 import train
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
@@ -132,7 +134,7 @@ def killed_and_resumed_run(data, tmp_path_factory):
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = train.read_checkpoint(os.path.join(out, "latest.pt"))
+    saved = checkpoint.load(os.path.join(out, "latest.pt"))
     run_train("-c", os.path.join(out, "latest.pt"))
     return out, saved["step"]
 
@@ -148,17 +150,17 @@ def test_resume_after_kill_repeats_the_straight_losses(straight_run, killed_and_
     assert sorted(straight) == sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
-    assert train.read_checkpoint(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
+    assert checkpoint.load(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
 
 
 def test_checkpoint_contents_load_with_weights_only(straight_run):
-    checkpoint = train.read_checkpoint(os.path.join(straight_run, "latest.pt"))
+    saved = checkpoint.load(os.path.join(straight_run, "latest.pt"))
     for key in ("model", "model_config", "tokenizer", "train_config", "optimizer", "rng", "step", "best_val_loss"):
-        assert key in checkpoint, key
-    assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
-    assert set(checkpoint["rng"]) >= {"torch", "numpy", "python", "sampler"}
+        assert key in saved, key
+    assert not any(k.startswith("_orig_mod.") for k in saved["model"])
+    assert set(saved["rng"]) >= {"torch", "numpy", "python", "sampler"}
     assert read_log(straight_run, "val")[-1]["val_loss"] < read_log(straight_run, "val")[0]["val_loss"]
-    best = train.read_checkpoint(os.path.join(straight_run, "best.pt"))
+    best = checkpoint.load(os.path.join(straight_run, "best.pt"))
     assert best["best_val_loss"] == min(r["val_loss"] for r in read_log(straight_run, "val"))
     line = read_log(straight_run, "train")[-1]
     assert {"time", "step", "epoch", "loss", "lr", "tokens_per_s", "mfu"} <= set(line)
@@ -177,13 +179,13 @@ def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
     assert first == second
     assert read_log(out, "start")[0]["world_size"] == 2
     # each rank draws its own stream: both rank's data positions are in the checkpoint, and differ
-    rank0, rank1 = train.read_checkpoint(os.path.join(out, "latest.pt"))["rng"]["sampler"]
+    rank0, rank1 = checkpoint.load(os.path.join(out, "latest.pt"))["rng"]["sampler"]
     assert not torch.equal(rank0, rank1)
 
 
 def test_sft_batches_count_only_answer_tokens(data):
-    datasets = [train.Dataset(str(data / "sft"))]
-    sampler = train.BatchSampler(datasets, "train", block_size=64, batch_size=8, seed=0)
+    datasets = [data_module.Dataset(str(data / "sft"))]
+    sampler = data_module.BatchSampler(datasets, "train", block_size=64, batch_size=8, seed=0)
     x, y, mask = sampler.next_batch()
     tokenizer = Tokenizer.load(str(data / "vocab.json"))
     answer_ids = set(tokenizer.encode("yes") + tokenizer.encode("no")) | {EOS_ID}
@@ -219,7 +221,7 @@ def test_lora_run_saves_only_adapters_and_leaves_the_base_unchanged(data, straig
     result = run_train("-t", config)
     assert "sample:" in result.stdout
     assert read_log(out, "start")[0]["mode"] == "lora"
-    adapter = train.read_checkpoint(os.path.join(out, "latest.pt"))
+    adapter = checkpoint.load(os.path.join(out, "latest.pt"))
     assert "model" not in adapter
     assert adapter["lora"] and all("lora_" in name for name in adapter["lora"])
     assert adapter["lora_config"]["rank"] == 4 and adapter["base_checkpoint"] == base_path
@@ -227,7 +229,7 @@ def test_lora_run_saves_only_adapters_and_leaves_the_base_unchanged(data, straig
     assert open(base_path, "rb").read() == base_bytes
 
     # the base weights are frozen: plugging the adapters into the base changes only the adapter tensors
-    base = train.read_checkpoint(base_path)
+    base = checkpoint.load(base_path)
     model = Transformer(ModelConfig.from_dict(base["model_config"]))
     model.load_state_dict(base["model"])
     model.load_lora_state_dict(adapter["lora"], adapter["lora_config"])
@@ -242,7 +244,7 @@ def test_sft_run_trains_on_the_masked_loss(data, straight_run, tmp_path):
                                 from_checkpoint=os.path.join(straight_run, "latest.pt"), max_iters=8)
     run_train("-t", config)
     assert read_log(out, "start")[0]["mode"] == "sft"
-    assert "model" in train.read_checkpoint(os.path.join(out, "latest.pt"))
+    assert "model" in checkpoint.load(os.path.join(out, "latest.pt"))
 
 
 def run_main(monkeypatch, *args):
@@ -294,10 +296,10 @@ def test_dataset_weights_set_the_mix(data, tmp_path, monkeypatch):
     vocab_path = str(data / "vocab.json")
     constant = [7] * 2000  # every window of this dataset is all 7s
     write_dataset(tmp_path / "sevens", vocab_path, "pretrain", {"train": (constant, None), "val": (constant, None)})
-    datasets = [train.Dataset(str(data / "pretrain")), train.Dataset(str(tmp_path / "sevens"))]
+    datasets = [data_module.Dataset(str(data / "pretrain")), data_module.Dataset(str(tmp_path / "sevens"))]
 
     def share_of_sevens(weights):
-        sampler = train.BatchSampler(datasets, "train", 32, 8, seed=0, weights=weights)
+        sampler = data_module.BatchSampler(datasets, "train", 32, 8, seed=0, weights=weights)
         batches = [sampler.next_batch()[0] for _ in range(100)]
         return float(torch.cat(batches).eq(7).all(dim=1).double().mean())
 

@@ -1,0 +1,139 @@
+"""
+DeepSpeed ZeRO as a backend of train.py (--deepspeed config/ds_zero*.json): the same interface as
+train.PlainBackend (load, forward_backward, step, checkpoint_entries, saved_latest, whole_parameters,
+finish), with ZeRO partitioning AdamW's state (stage 1), the gradients (2) and the parameters (3) across the
+ranks. Imported only when asked for: deepspeed is a large optional dependency.
+"""
+
+import os
+import shutil
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from data import read_json
+from model import Transformer
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO: its engine is the module and its optimizer partitions AdamW's state (and gradients,
+    parameters) across the ranks. Every rank takes part in evaluation and saving: a ZeRO-3 forward gathers
+    each layer from all ranks, and every rank writes its shard of DeepSpeed's checkpoint."""
+
+    collective_checkpoints = True
+
+    def __init__(self, model, config, device, dtype, world_size, ds_path, parameter_groups):
+        if config.use_lora or config.compile:
+            raise ValueError("--deepspeed trains full models without torch.compile: set use_lora and compile to false")
+        if not device.startswith("cuda"):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for a GPU first
+        import deepspeed
+        ds_config = deepspeed_config(ds_path, config, world_size, dtype)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups,
+                                               config=ds_config)
+        self.autocast = nullcontext()  # DeepSpeed casts the model to bf16/fp16 and scales fp16 losses itself
+        self.config, self.is_master = config, dist.get_rank() == 0
+
+    def load(self, saved, path):
+        if "deepspeed_tag" not in saved:
+            raise ValueError(f"checkpoint {path} was written without DeepSpeed: resume it without --deepspeed")
+        if saved["deepspeed_tag"] is None:
+            raise ValueError(f"checkpoint {path} holds a DeepSpeed run's weights only: resume from its latest.pt")
+        self.engine.load_checkpoint(deepspeed_dir(os.path.dirname(path)), tag=saved["deepspeed_tag"])
+
+    def forward_backward(self, x, y, mask, last_micro_step):
+        # ZeRO reduces the gradients (ZeRO-1) and steps only at the accumulation boundary
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        _, loss = self.engine(x, y, mask)
+        self.engine.backward(loss / self.config.gradient_accumulation_steps, scale_wrt_gas=False)
+        return loss
+
+    def step(self, lr):
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # clips at gradient_clipping (our grad_clip) across the shards, steps, zeroes the grads
+
+    def checkpoint_entries(self, model, run_dir, step, resumable):
+        """Collective. The fp32 weights gathered from ZeRO's shards (rank 0 keeps them), and for latest.pt
+        the tag of DeepSpeed's own checkpoint, which holds every rank's optimizer shard."""
+        tag = None
+        if resumable:  # a new tag per save: latest.pt points at a complete one until it is replaced
+            tag = f"step{step}"
+            self.engine.save_checkpoint(deepspeed_dir(run_dir), tag=tag, save_latest=False)
+        return {"deepspeed_tag": tag, "model": full_weights(model, keep=self.is_master)}
+
+    def saved_latest(self, run_dir, entries):
+        """Once latest.pt points at its tag, the earlier DeepSpeed checkpoints are no longer needed."""
+        for name in os.listdir(deepspeed_dir(run_dir)):
+            if name != entries["deepspeed_tag"] and name.startswith("step"):
+                shutil.rmtree(os.path.join(deepspeed_dir(run_dir), name))
+
+    def whole_parameters(self, model):
+        """A context in which ZeRO-3's partitioned parameters are whole on every rank (a no-op for 0-2)."""
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+    def finish(self, model, is_master):
+        """A plain copy of the weights for rank 0's sample, which a ZeRO-3 module cannot generate."""
+        weights = full_weights(model, keep=is_master)
+        self.engine.destroy()  # its pending communication handles must go before the process group does
+        if not is_master:
+            return None
+        plain = Transformer(model.config)
+        plain.load_state_dict(weights)
+        return plain
+
+
+def deepspeed_config(path, config, world_size, dtype):
+    """The DeepSpeed JSON completed from the training config, so that the two cannot disagree: batch sizes,
+    accumulation, clipping (DeepSpeed clips at 1.0 when gradient_clipping is missing), precision and AdamW.
+    A key left out or set to "auto" takes the training config's value; any other value must equal it."""
+    ds = read_json(path)
+    if "scheduler" in ds:
+        raise ValueError(f"{path}: remove \"scheduler\": the learning-rate schedule comes from the training config")
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.batch_size * config.gradient_accumulation_steps * world_size,
+        "gradient_clipping": config.grad_clip,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+        "optimizer.type": "AdamW",
+        "optimizer.params.lr": config.learning_rate,
+        "optimizer.params.betas": [config.beta1, config.beta2],
+        "optimizer.params.weight_decay": config.weight_decay,
+    }
+    for dotted, value in wanted.items():
+        *parents, key = dotted.split(".")
+        section = ds
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        given = section.get(key, "auto")
+        if given == "auto":
+            section[key] = value
+        elif given != value:
+            raise ValueError(f"{path}: {dotted} is {given!r} but the training config gives {value!r} "
+                             f"(set it to \"auto\" or leave it out)")
+    return ds
+
+
+def full_weights(model, keep):
+    """The fp32 state dict of the whole model, gathered from ZeRO's partitions of the master weights (under
+    bf16 the module holds only a bf16 copy; under ZeRO-3 each rank only a shard). A collective: every rank
+    calls it, the one with keep gets the state dict (tied parameters stay one tensor), the others None."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    gathered, state = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.nn.Parameter):
+            if id(tensor) not in gathered:
+                master = safe_get_full_fp32_param(tensor)  # None for a parameter ZeRO does not manage
+                full = master if master is not None else tensor
+                gathered[id(tensor)] = full.detach().float().cpu().clone() if keep else None
+            tensor = gathered[id(tensor)]
+        state[name] = tensor
+    return state if keep else None
+
+
+def deepspeed_dir(run_dir):
+    return os.path.join(run_dir, "deepspeed")
