@@ -39,12 +39,13 @@ import math
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoint
 import infer
-from data import Dataset, dataset_files, read_meta
+from data import Split, dataset_files, read_meta
 from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID, UNK_ID
 from model import KVCache
 
@@ -229,10 +230,9 @@ def few_shot_examples(tokenizer, dataset_dir, count, min_chars=4, max_chars=24):
     (dataset_dir/train.bin), labels alternating, in file order: never the test reviews."""
     if count == 0:
         return []
-    train = Dataset(dataset_dir).splits["train"]
-    ids = train.ids
+    ids = Split(os.path.join(dataset_dir, "train.bin"), read_meta(dataset_dir)["dtype"], with_mask=False).ids
     by_label = {label: [] for label in SENTIMENT_LABELS}
-    for start in train.starts:
+    for start in np.flatnonzero(ids == INSTRUCT_ID):
         record = ids[start:start + 4 * max_chars].tolist()
         if RESPONSE_ID not in record or EOS_ID not in record:
             continue

@@ -10,73 +10,31 @@ Checkpoints are the .pt files of train.py (full model, or a LoRA run that names 
 .bin files of export.py. Generation streams tokens as they come, uses the model's KV cache, and in
 interactive mode Ctrl-C stops the current answer, not the program. Non-causal models (is_causal
 false) run as seq2seq: every position in one pass, the argmax at each position printed.
+
+The C CLI (infer_c/infer) and the browser page (infer/index.html) follow the same rules: the sampling
+defaults below, a continuation prompt after <|bos|>, an instruction as <|instruct_mark|>q<|response_mark|>,
+and the same trimming of a conversation (tests/test_frontends.py runs all three on one model).
 """
 
 import argparse
-import os
 import signal
 import sys
 import time
 
 import torch
 
-from export import read_checkpoint
-from model import ModelConfig, Transformer
-from tokenizer import Tokenizer, PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
+import checkpoint
+from tokenizer import PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
 
 STOP_IDS = (PAD_ID, EOS_ID)
+
+# Every Nano front end samples with these unless told otherwise (the C engine's are in
+# infer_c/nano.h). Answers run until the context is full: -s defaults to the model's context.
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.1}
 
 
 def warn(message):
     print(f"[warning] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- loading
-
-def base_checkpoint_path(lora_path, base_path):
-    """A LoRA run names its base as it was given to train.py: relative to the working directory
-    then, or to the LoRA file when the run has moved."""
-    for candidate in (base_path, os.path.join(os.path.dirname(lora_path), base_path)):
-        if os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"{lora_path}: its base checkpoint {base_path!r} does not exist")
-
-
-def load_model(path, device="cpu"):
-    """(model, tokenizer) from a train.py checkpoint (full, or LoRA on its base) or an exported .bin."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model file {path!r} does not exist")
-    if path.endswith(".bin"):
-        import export  # only needed for exported files
-        model, tokenizer = export.load_bin(path)
-    else:
-        checkpoint = read_checkpoint(path)
-        if "lora" in checkpoint:
-            model, tokenizer = load_model(base_checkpoint_path(path, checkpoint["base_checkpoint"]), device)
-            model.load_lora_state_dict(checkpoint["lora"], checkpoint["lora_config"])
-        else:
-            missing = [k for k in ("model", "model_config", "tokenizer") if k not in checkpoint]
-            if missing:
-                raise ValueError(f"{path}: not a Nano checkpoint, missing key(s) {', '.join(missing)}")
-            model = Transformer(ModelConfig.from_dict(checkpoint["model_config"], source=f"{path} model_config"))
-            model.load_state_dict(checkpoint["model"])
-            tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"], source=f"{path} tokenizer")
-    return model.to(device).eval(), tokenizer
-
-
-def load_lora(model, path):
-    """Attach the adapter of a LoRA .pt run or an exported LoRA .bin to model (replacing any)."""
-    if path.endswith(".bin"):
-        import export
-        state, lora_config = export.load_lora_bin(path, model.config)
-    else:
-        checkpoint = read_checkpoint(path)
-        if "lora" not in checkpoint:
-            raise ValueError(f"{path}: not a LoRA checkpoint (no 'lora' key)")
-        state, lora_config = checkpoint["lora"], checkpoint["lora_config"]
-    device = model.tok_embeddings.weight.device
-    model.load_lora_state_dict({name: t.to(device) for name, t in state.items()}, lora_config)
-    return model
 
 
 # ---------------------------------------------------------------- sampling
@@ -112,7 +70,9 @@ def top_p_filter(logits, p):
     return torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
 
 
-def make_sampler(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
+def make_sampler(temperature=SAMPLING_DEFAULTS["temperature"], top_k=SAMPLING_DEFAULTS["top_k"],
+                 top_p=SAMPLING_DEFAULTS["top_p"], repetition_penalty=SAMPLING_DEFAULTS["repetition_penalty"],
+                 seed=None):
     """The `sample(logits, history) -> id` callable that model.generate takes.
     Order: repetition penalty, then greedy if temperature is 0, else temperature, top-k, top-p, draw."""
     if temperature < 0:
@@ -160,17 +120,24 @@ def keep_last_tokens(ids, limit, what="prompt"):
 
 
 def continuation_prompt(tokenizer, text):
+    """Text to continue starts with <|bos|>, as every pretraining document does."""
     return [BOS_ID] + encode_text(tokenizer, text)
 
 
 def instruct_prompt(tokenizer, text):
+    """A question in the SFT template (data.py): the answer follows <|response_mark|>."""
     return [INSTRUCT_ID] + encode_text(tokenizer, text) + [RESPONSE_ID]
+
+
+def answer_room(context_length):
+    """Tokens of the context that a conversation keeps free for the next answer: a quarter."""
+    return max(1, context_length // 4)
 
 
 class Conversation:
     """A multi-turn instruct chat as token ids: <|instruct_mark|>q<|response_mark|>a<|eos|> per turn.
     The oldest turns are dropped when the next prompt would leave less than answer_room tokens of
-    the context for the answer."""
+    the context for the answer (the C CLI and the browser page trim the same way)."""
 
     def __init__(self, tokenizer, context_length, answer_room):
         self.tokenizer = tokenizer
@@ -265,7 +232,7 @@ def interactive(model, tokenizer, args, sample):
     """Read a line, answer it, repeat. /reset clears the conversation, /quit or EOF leaves."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignored Ctrl-C
     block = model.config.block_size
-    conversation = Conversation(tokenizer, block, answer_room=max(1, block // 4))
+    conversation = Conversation(tokenizer, block, answer_room(block))
     print("Nano: Ctrl-C stops an answer, /reset starts a new conversation, /quit or Ctrl-D leaves.", flush=True)
     while True:
         try:
@@ -305,16 +272,18 @@ def build_parser():
     parser.add_argument("-i", "--instruct", action="store_true",
                         help="wrap input as <|instruct_mark|>…<|response_mark|> (multi-turn when interactive)")
     parser.add_argument("-s", "--max_seq_length", type=int, default=None,
-                        help="maximum length of prompt + answer in tokens (default: the model's context; "
-                             "longer answers slide the context window)")
-    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 means greedy (argmax)")
-    parser.add_argument("-k", "--top_k", type=int, default=5, help="sample among the k most likely (0: all)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    parser.add_argument("-r", "--repetition_penalty", type=float, default=1.2, help="see below (1.0: off)")
+                        help="maximum length of prompt + answer in tokens (default: the model's context, so "
+                             "the answer runs until the context is full; longer answers slide the window)")
+    parser.add_argument("-t", "--temperature", type=float, help="0 means greedy (argmax); default %(default)s")
+    parser.add_argument("-k", "--top_k", type=int, help="sample among the k most likely (0: all); default %(default)s")
+    parser.add_argument("--top_p", type=float, help="nucleus sampling mass (1.0: off); default %(default)s")
+    parser.add_argument("-r", "--repetition_penalty", type=float, help="see below (1.0: off); default %(default)s")
+    parser.set_defaults(**SAMPLING_DEFAULTS)
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     parser.add_argument("-p", "--profile", action="store_true",
                         help="print time to first token, prefill and decode tokens/s to stderr")
-    parser.add_argument("--prompt", help="answer this and exit (default: interactive session)")
+    parser.add_argument("--prompt", help="continue this text (after <|bos|>), or with -i answer it, and exit "
+                                         "(default: interactive session)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -322,9 +291,9 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     try:
-        model, tokenizer = load_model(args.model, args.device)
+        model, tokenizer = checkpoint.load_model(args.model, args.device)
         if args.lora:
-            load_lora(model, args.lora)
+            checkpoint.attach_lora(model, args.lora)
     except (OSError, ValueError, KeyError) as error:  # a missing or foreign file: say which, no traceback
         sys.exit(f"infer.py: {error}")
     args.max_seq_length = args.max_seq_length or model.config.block_size

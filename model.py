@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import EOS_ID, PAD_ID
+
 
 @dataclass
 class ModelConfig:
@@ -364,7 +366,7 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, sample=None, stop_ids=(0, 3)):
+    def generate(self, prompt_ids, max_new_tokens, sample=None, stop_ids=(PAD_ID, EOS_ID)):
         """Yield new token ids one at a time for one prompt (a list of ids).
 
         The prompt is prefilled in one forward pass and each new token costs one cached step. When the

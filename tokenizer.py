@@ -17,6 +17,8 @@ from collections import Counter
 
 SPECIAL_TOKENS = ["<|padding|>", "<|unknown|>", "<|bos|>", "<|eos|>",
                   "<|instruct_mark|>", "<|response_mark|>", "<|BD4SUR|>"]
+# Python's only spelling of the fixed special ids; C's is the enum in infer_c/nano.h, which the browser
+# page reads from the engine
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID = range(6)
 
 # runs of CJK ideographs: where frequent n-grams are mined as words

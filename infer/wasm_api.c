@@ -25,6 +25,7 @@ static struct {
     char error[512];
     char text[4 * 256 + 1];           /* one token (at most 255 code points) as UTF-8 */
     char info[1024];
+    char constants[256];              /* JSON of wasm_sampling_defaults or wasm_special_ids */
 } engine;
 
 /* Receives every sampled token; returns nonzero when the page asked to stop. */
@@ -114,12 +115,32 @@ EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
     const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : "float32";
     snprintf(engine.info, sizeof engine.info,
              "{\"block_size\":%d,\"vocab_size\":%d,\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,"
-             "\"n_hidden\":%d,\"head_dim\":%d,\"tied_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,"
+             "\"n_hidden\":%d,\"head_dim\":%d,\"is_shared_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,"
              "\"state_bytes\":%zu}",
              c->block_size, c->vocab_size, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->n_hidden, c->head_dim,
-             c->shared_classifier ? "true" : "false", quant, c->group_size, nano_state_bytes(&engine.model));
+             c->is_shared_classifier ? "true" : "false", quant, c->group_size, nano_state_bytes(&engine.model));
     return engine.info;
 }
+
+/* The sampling defaults of every Nano front end (nano.h) as JSON: the page's settings start there. */
+EMSCRIPTEN_KEEPALIVE const char *wasm_sampling_defaults(void) {
+    snprintf(engine.constants, sizeof engine.constants,
+             "{\"temperature\":%g,\"top_k\":%d,\"top_p\":%g,\"repetition_penalty\":%g,\"max_new_tokens\":%d}",
+             (double)NANO_DEFAULT_TEMPERATURE, NANO_DEFAULT_TOP_K, (double)NANO_DEFAULT_TOP_P,
+             (double)NANO_DEFAULT_REPETITION_PENALTY, NANO_DEFAULT_MAX_NEW);
+    return engine.constants;
+}
+
+/* The special token ids (nano.h) as JSON: the worker builds prompts with them. */
+EMSCRIPTEN_KEEPALIVE const char *wasm_special_ids(void) {
+    snprintf(engine.constants, sizeof engine.constants,
+             "{\"pad\":%d,\"unknown\":%d,\"bos\":%d,\"eos\":%d,\"instruct\":%d,\"response\":%d}",
+             NANO_PAD, NANO_UNKNOWN, NANO_BOS, NANO_EOS, NANO_INSTRUCT, NANO_RESPONSE);
+    return engine.constants;
+}
+
+/* Positions of the loaded model's context that a conversation keeps free for the answer. */
+EMSCRIPTEN_KEEPALIVE int wasm_answer_room(void) { return nano_answer_room(engine.model.config.block_size); }
 
 EMSCRIPTEN_KEEPALIVE int wasm_lora_rank(void) { return engine.lora_loaded ? engine.lora.rank : 0; }
 EMSCRIPTEN_KEEPALIVE int wasm_lora_alpha(void) { return engine.lora_loaded ? engine.lora.alpha : 0; }
@@ -139,7 +160,8 @@ EMSCRIPTEN_KEEPALIVE const char *wasm_token_text(int id) {
     return engine.text;
 }
 
-/* Generates from prompt ids, reporting each token through Module.onToken. Returns 0, or -1 with wasm_error(). */
+/* Generates from prompt ids, reporting each token through Module.onToken; max_new 0 fills the context.
+ * Returns 0, or -1 with wasm_error(). */
 EMSCRIPTEN_KEEPALIVE int wasm_generate(const int *prompt, int n_prompt, float temperature, int top_k, float top_p,
                                        float repetition_penalty, int max_new, unsigned seed) {
     int block = engine.model.config.block_size;
@@ -154,7 +176,8 @@ EMSCRIPTEN_KEEPALIVE int wasm_generate(const int *prompt, int n_prompt, float te
         snprintf(engine.error, sizeof engine.error, "out of memory for the sampler");
         return -1;
     }
-    int status = nano_generate(&engine.state, &sampler, prompt, n_prompt, max_new, on_token, NULL, &engine.stats);
+    int status = nano_generate(&engine.state, &sampler, prompt, n_prompt, nano_max_new_tokens(max_new, n_prompt, block),
+                               on_token, NULL, &engine.stats);
     nano_sampler_free(&sampler);
     if (status) snprintf(engine.error, sizeof engine.error, "generation failed (out of memory)");
     return status;

@@ -20,23 +20,25 @@ static void usage(void) {
         "usage: ./infer model.bin [options]\n"
         "  -l FILE      LoRA adapter (.bin) to attach\n"
         "  -i TEXT      instruct prompt: <|instruct_mark|>TEXT<|response_mark|>\n"
-        "  -g TEXT      raw prompt to continue (special tokens may be typed inside the text)\n"
+        "  -g TEXT      raw prompt to continue, after <|bos|> (special tokens may be typed inside the text)\n"
         "  -f FILE      raw prompt read from a file\n"
         "               with neither -i, -g nor -f: interactive, prompts end with an empty line\n"
-        "  -t FLOAT     temperature, 0 = greedy (default 1.0)\n"
-        "  -k INT       top-k, 0 = off (default 0)\n"
-        "  -p FLOAT     top-p, 1 = off (default 0.9)\n"
-        "  -r FLOAT     repetition penalty, 1 = off (default 1.0)\n"
-        "  -n INT       max new tokens (default 256)\n"
+        "  -t FLOAT     temperature, 0 = greedy (default %g)\n"
+        "  -k INT       top-k, 0 = off (default %d)\n"
+        "  -p FLOAT     top-p, 1 = off (default %g)\n"
+        "  -r FLOAT     repetition penalty, 1 = off (default %g)\n"
+        "  -n INT       max new tokens, 0 = until the context is full (default %d)\n"
         "  -s INT       random seed (default: time)\n"
-        "  --raw        interactive mode continues raw text instead of the instruct template\n"
-        "  --seq2seq    non-causal model: one pass over the -g input, print the argmax at each position\n"
+        "  --raw        interactive mode continues raw text instead of holding an instruct conversation\n"
+        "  --seq2seq    non-causal model: one pass over the -g input as typed, print the argmax at each position\n"
         "  --profile    print time to first token, prefill and decode tokens/s to stderr\n"
         "  --print-ids  print token ids instead of text\n"
         "  --encode     print the prompt's token ids and exit\n"
         "  --logits F   append the float32 logits of every step to file F\n"
         "  --dump-scales F  write every Q80 weight scale (file order) as float32 to F and exit\n"
-        "threads: OMP_NUM_THREADS (on a busy shared machine, OMP_WAIT_POLICY=passive avoids stalls)\n");
+        "threads: OMP_NUM_THREADS (on a busy shared machine, OMP_WAIT_POLICY=passive avoids stalls)\n",
+        (double)NANO_DEFAULT_TEMPERATURE, NANO_DEFAULT_TOP_K, (double)NANO_DEFAULT_TOP_P,
+        (double)NANO_DEFAULT_REPETITION_PENALTY, NANO_DEFAULT_MAX_NEW);
 }
 
 /* ---------------------------------------------------------------------------- files */
@@ -78,11 +80,33 @@ static void unmap_file(MappedFile *f) {
 
 /* ---------------------------------------------------------------------------- output */
 
+/* A growable array of ints: token ids, or the lengths of a conversation's turns. */
+typedef struct {
+    int *items;
+    int n, cap;
+} IntList;
+
+static int list_append(IntList *list, const int *items, int n) {
+    if (n == 0) return 0;   /* an empty list may have no array yet */
+    if (list->n + n > list->cap) {
+        int cap = list->cap ? list->cap : 256;
+        while (cap < list->n + n) cap *= 2;
+        int *grown = realloc(list->items, sizeof(int) * cap);
+        if (!grown) { fprintf(stderr, "error: out of memory\n"); return -1; }
+        list->items = grown;
+        list->cap = cap;
+    }
+    memcpy(list->items + list->n, items, sizeof(int) * n);
+    list->n += n;
+    return 0;
+}
+
 typedef struct {
     const NanoModel *model;
     FILE *logits_file;
     int print_ids;
     int printed;
+    IntList *answer;   /* when set, receives every printed token (a conversation keeps its answers) */
 } Output;
 
 static void print_token(Output *o, int token) {
@@ -107,8 +131,9 @@ static int dump_logits(Output *o, const float *logits, int vocab_size) {
 static int on_token(void *user, int token, const float *logits, int vocab_size) {
     Output *o = user;
     if (dump_logits(o, logits, vocab_size)) return 1;
-    if (token != NANO_EOS && token != NANO_PAD) print_token(o, token);
-    return 0;
+    if (token == NANO_EOS || token == NANO_PAD) return 0;
+    print_token(o, token);
+    return o->answer && list_append(o->answer, &token, 1);   /* out of memory ends the answer */
 }
 
 /* Every Q80 scale in file order, so a test can compare them with the writer's. */
@@ -129,7 +154,7 @@ static int dump_scales(const NanoModel *m, const char *path) {
             const NanoMatrix *w = (const NanoMatrix *)((const char *)&m->layers[l] + kinds[k]);
             ok &= fwrite(w->scale, 4, (size_t)w->rows * w->cols / group, f) == (size_t)w->rows * w->cols / group;
         }
-    if (!m->config.shared_classifier) {
+    if (!m->config.is_shared_classifier) {
         const NanoMatrix *c = &m->classifier;
         ok &= fwrite(c->scale, 4, (size_t)c->rows * c->cols / group, f) == (size_t)c->rows * c->cols / group;
     }
@@ -140,17 +165,23 @@ static int dump_scales(const NanoModel *m, const char *path) {
 
 /* ---------------------------------------------------------------------------- prompts */
 
-/* Token ids of a prompt, wrapped in the instruct template when asked; NULL (with a message) on failure. */
-static int *prompt_tokens(const NanoModel *m, const char *text, int instruct, int *n) {
+/* How a text becomes a prompt, the same in every Nano front end: a continuation starts with <|bos|>, as
+ * pretraining documents do; an instruction is <|instruct_mark|>text<|response_mark|>, as in SFT. A seq2seq
+ * input is taken as typed. */
+typedef enum { PROMPT_AS_TYPED, PROMPT_CONTINUATION, PROMPT_INSTRUCT } PromptKind;
+
+/* Token ids of a prompt of that kind; NULL (with a message) on failure. */
+static int *prompt_tokens(const NanoModel *m, const char *text, PromptKind kind, int *n) {
     int n_text;
     int *text_ids = nano_encode(&m->tokenizer, text, &n_text);
     int *ids = text_ids ? malloc(sizeof(int) * (n_text + 2)) : NULL;
     if (!ids) { free(text_ids); fprintf(stderr, "error: out of memory\n"); return NULL; }
     *n = 0;
-    if (instruct) ids[(*n)++] = NANO_INSTRUCT;
+    if (kind == PROMPT_CONTINUATION) ids[(*n)++] = NANO_BOS;
+    if (kind == PROMPT_INSTRUCT) ids[(*n)++] = NANO_INSTRUCT;
     memcpy(ids + *n, text_ids, sizeof(int) * n_text);
     *n += n_text;
-    if (instruct) ids[(*n)++] = NANO_RESPONSE;
+    if (kind == PROMPT_INSTRUCT) ids[(*n)++] = NANO_RESPONSE;
     free(text_ids);
     return ids;
 }
@@ -196,6 +227,7 @@ static int generate(NanoState *state, NanoSampler *sampler, Output *out, const i
     NanoStats stats;
     memset(sampler->seen, 0, sampler->vocab_size);
     out->printed = 0;
+    max_new = nano_max_new_tokens(max_new, n, state->model->config.block_size);
     if (nano_generate(state, sampler, ids, n, max_new, on_token, out, &stats)) {
         fprintf(stderr, "error: generation failed (out of memory)\n");
         return -1;
@@ -245,29 +277,122 @@ static char *read_prompt(void) {
     return text;
 }
 
-static int interactive(NanoState *state, NanoSampler *sampler, Output *out, const NanoLora *lora, int raw,
-                       int max_new, int profile) {
-    fprintf(stderr, "Nano interactive: type a prompt, end it with an empty line; /lora on|off toggles the adapter; "
-            "Ctrl-D quits.\n");
-    for (;;) {
+/* ---------------------------------------------------------------------------- conversation */
+
+/* A multi-turn instruct chat: whole turns <|instruct_mark|>q<|response_mark|>a<|eos|>, oldest first, then
+ * the question being answered. Trimmed by the rule of every Nano front end (infer.py's Conversation, the
+ * page's worker.js): the oldest turns go when the prompt would leave less than nano_answer_room(). */
+typedef struct {
+    IntList ids;            /* the kept turns, then the question */
+    IntList turn_lengths;   /* of each kept turn */
+    int question_length;
+} Conversation;
+
+/* Fits a question into limit tokens by keeping its first (<|instruct_mark|>) and most recent ones, and says
+ * so: a silently cut question reads as garbage. */
+static void keep_last_tokens(int *ids, int *n, int limit) {
+    if (*n <= limit) return;
+    int kept = limit > 1 ? limit - 1 : 0;
+    fprintf(stderr, "[warning] question is %d tokens, longer than the context of %d: keeping its last %d\n",
+            *n, limit, kept);
+    memmove(ids + 1, ids + *n - kept, sizeof(int) * kept);
+    *n = 1 + kept;
+}
+
+/* Appends the question to the turns that still fit before it; the prompt is then c->ids. */
+static int conversation_ask(Conversation *c, int *question, int n_question, int block_size) {
+    int limit = block_size - nano_answer_room(block_size);
+    keep_last_tokens(question, &n_question, limit);
+    int kept_length = c->ids.n, dropped = 0;
+    while (dropped < c->turn_lengths.n && kept_length > limit - n_question)
+        kept_length -= c->turn_lengths.items[dropped++];
+    if (dropped) {
+        memmove(c->ids.items, c->ids.items + c->ids.n - kept_length, sizeof(int) * kept_length);
+        c->ids.n = kept_length;
+        memmove(c->turn_lengths.items, c->turn_lengths.items + dropped, sizeof(int) * (c->turn_lengths.n - dropped));
+        c->turn_lengths.n -= dropped;
+    }
+    c->question_length = n_question;
+    return list_append(&c->ids, question, n_question);
+}
+
+/* Closes the asked turn with <|eos|> after the answer, also when the answer was cut short (as in training). */
+static int conversation_add_answer(Conversation *c, const IntList *answer) {
+    int eos = NANO_EOS, length = c->question_length + answer->n + 1;
+    c->question_length = 0;
+    if (list_append(&c->ids, answer->items, answer->n) || list_append(&c->ids, &eos, 1)) return -1;
+    return list_append(&c->turn_lengths, &length, 1);
+}
+
+static void conversation_reset(Conversation *c) {
+    c->ids.n = c->turn_lengths.n = c->question_length = 0;
+}
+
+/* ---------------------------------------------------------------------------- interactive */
+
+typedef struct {
+    NanoState *state;
+    NanoSampler *sampler;
+    Output *out;
+    const NanoLora *lora;
+    int max_new, profile;
+    Conversation conversation;
+    IntList answer;
+} Session;
+
+static void toggle_lora(Session *s, int on) {
+    if (on && !s->lora) { fprintf(stderr, "no adapter given (-l)\n"); return; }
+    nano_state_attach_lora(s->state, on ? s->lora : NULL);
+    fprintf(stderr, "adapter %s\n", on ? "attached" : "detached");
+}
+
+/* A raw prompt continued on its own; one too long for the context is refused, the session goes on. */
+static int continue_text(Session *s, const char *text) {
+    int n, *ids = prompt_tokens(s->state->model, text, PROMPT_CONTINUATION, &n);
+    if (!ids) return -1;
+    int status = check_prompt_length(s->state->model, n) ? 0 : generate(s->state, s->sampler, s->out, ids, n,
+                                                                       s->max_new, s->profile);
+    free(ids);
+    return status;
+}
+
+/* The next turn of the conversation: the question after the turns that fit, the answer kept for the next. */
+static int answer_question(Session *s, const char *text) {
+    int n, *question = prompt_tokens(s->state->model, text, PROMPT_INSTRUCT, &n);
+    if (!question) return -1;
+    int status = conversation_ask(&s->conversation, question, n, s->state->model->config.block_size);
+    free(question);
+    if (status) return -1;
+    s->answer.n = 0;
+    s->out->answer = &s->answer;
+    status = generate(s->state, s->sampler, s->out, s->conversation.ids.items, s->conversation.ids.n, s->max_new,
+                      s->profile);
+    s->out->answer = NULL;
+    return status ? -1 : conversation_add_answer(&s->conversation, &s->answer);
+}
+
+static int interactive(Session *s, int raw) {
+    fprintf(stderr, "Nano interactive: type a prompt, end it with an empty line; /reset starts a new conversation, "
+            "/lora on|off toggles the adapter; Ctrl-D quits.\n");
+    int status = 0;
+    while (status == 0) {
         fprintf(stderr, "> ");
         char *text = read_prompt();
-        if (!text) return 0;
-        if (strcmp(text, "/lora off") == 0 || strcmp(text, "/lora on") == 0) {
-            int on = text[6] == 'n';
-            if (on && !lora) fprintf(stderr, "no adapter given (-l)\n");
-            else { nano_state_attach_lora(state, on ? lora : NULL); fprintf(stderr, "adapter %s\n", on ? "attached" : "detached"); }
-            free(text);
-            continue;
+        if (!text) break;
+        if (strcmp(text, "/reset") == 0) {
+            conversation_reset(&s->conversation);
+            fprintf(stderr, "[conversation reset]\n");
+        } else if (strcmp(text, "/lora off") == 0 || strcmp(text, "/lora on") == 0) {
+            toggle_lora(s, text[6] == 'n');
+        } else {
+            status = raw ? continue_text(s, text) : answer_question(s, text);
         }
-        int n, *ids = prompt_tokens(state->model, text, !raw, &n);
         free(text);
-        if (!ids) return -1;
-        if (check_prompt_length(state->model, n)) { free(ids); continue; }
-        int status = generate(state, sampler, out, ids, n, max_new, profile);
-        free(ids);
-        if (status) return -1;
     }
+    free(s->conversation.ids.items);
+    free(s->conversation.turn_lengths.items);
+    free(s->answer.items);
+    return status;
 }
 
 /* ---------------------------------------------------------------------------- main */
@@ -281,7 +406,8 @@ typedef struct {
 
 static int parse_options(Options *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
-    o->temperature = 1.0f; o->top_p = 0.9f; o->penalty = 1.0f; o->max_new = 256;
+    o->temperature = NANO_DEFAULT_TEMPERATURE; o->top_k = NANO_DEFAULT_TOP_K; o->top_p = NANO_DEFAULT_TOP_P;
+    o->penalty = NANO_DEFAULT_REPETITION_PENALTY; o->max_new = NANO_DEFAULT_MAX_NEW;
     o->seed = (unsigned long long)time(NULL);
     if (argc < 2 || argv[1][0] == '-') return -1;
     o->model_path = argv[1];
@@ -334,7 +460,7 @@ int main(int argc, char **argv) {
     NanoSampler sampler;
     char err[512];
     int status = 1, *ids = NULL, n = 0;
-    Output out = {&model, NULL, opt.print_ids, 0};
+    Output out = {&model, NULL, opt.print_ids, 0, NULL};
 
     if (map_file(&model_file, opt.model_path)) return 1;
     if (nano_model_load(&model, model_file.data, model_file.size, opt.model_path, err, sizeof err)) {
@@ -350,13 +476,15 @@ int main(int argc, char **argv) {
         }
     }
     if (opt.scales_path) { status = dump_scales(&model, opt.scales_path) ? 1 : 0; goto done_model; }
+    int seq2seq = opt.seq2seq || !model.config.is_causal;
+    PromptKind kind = seq2seq ? PROMPT_AS_TYPED : opt.instruct ? PROMPT_INSTRUCT : PROMPT_CONTINUATION;
     if (opt.prompt_file) {
         char *text = read_text_file(opt.prompt_file);
         if (!text) goto done_model;
-        ids = prompt_tokens(&model, text, 0, &n);
+        ids = prompt_tokens(&model, text, kind, &n);
         free(text);
         if (!ids) goto done_model;
-    } else if (opt.prompt && !(ids = prompt_tokens(&model, opt.prompt, opt.instruct, &n))) {
+    } else if (opt.prompt && !(ids = prompt_tokens(&model, opt.prompt, kind, &n))) {
         goto done_model;
     }
     if (opt.encode_only) {
@@ -380,9 +508,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: %s: cannot open for writing\n", opt.logits_path);
         goto done_sampler;
     }
-    if (opt.seq2seq) status = run_seq2seq(&state, &out, ids, n) ? 1 : 0;
+    Session session = {.state = &state, .sampler = &sampler, .out = &out, .lora = opt.lora_path ? &lora : NULL,
+                       .max_new = opt.max_new, .profile = opt.profile};
+    if (ids && seq2seq) status = run_seq2seq(&state, &out, ids, n) ? 1 : 0;
     else if (ids) status = generate(&state, &sampler, &out, ids, n, opt.max_new, opt.profile) ? 1 : 0;
-    else status = interactive(&state, &sampler, &out, opt.lora_path ? &lora : NULL, opt.raw, opt.max_new, opt.profile) ? 1 : 0;
+    else status = interactive(&session, opt.raw) ? 1 : 0;
     if (out.logits_file && fclose(out.logits_file) != 0) { fprintf(stderr, "error: %s: write failed\n", opt.logits_path); status = 1; }
 done_sampler:
     nano_sampler_free(&sampler);

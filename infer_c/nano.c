@@ -32,6 +32,22 @@
 
 /* ============================================================================ model file */
 
+/* Header word indices (FORMAT.md). Words after a file kind's last field are 0. */
+enum {
+    WORD_MAGIC0, WORD_MAGIC1, WORD_MAJOR_VERSION, WORD_MINOR_VERSION, WORD_MODEL_TYPE, WORD_CONFIG_LENGTH,
+    /* model file */
+    WORD_BLOCK_SIZE = WORD_CONFIG_LENGTH + 1, WORD_VOCAB_SIZE, WORD_N_LAYER, WORD_N_EMBD, WORD_N_HEAD,
+    WORD_N_KV_HEAD, WORD_N_HIDDEN, WORD_IS_SHARED_CLASSIFIER, WORD_HEAD_DIM, WORD_QUANT_TYPE, WORD_GROUP_SIZE,
+    WORD_FLAGS, WORD_NORM_EPS, WORD_ROPE_THETA,   /* extension words: 0 = the original's behaviour */
+    MODEL_HEADER_WORDS,
+    /* LoRA adapter file */
+    WORD_LORA_RANK = WORD_CONFIG_LENGTH + 1, WORD_LORA_ALPHA, WORD_LORA_N_LAYER, WORD_LORA_N_EMBD,
+    WORD_LORA_N_HEAD, WORD_LORA_N_KV_HEAD, WORD_LORA_N_HIDDEN,
+    LORA_HEADER_WORDS   /* the eighth config word is 0 */
+};
+#define MODEL_CONFIG_BYTES 36   /* config_length: the nine config words */
+#define LORA_CONFIG_BYTES 32    /* config_length: the eight config words */
+
 typedef struct {
     const uint8_t *base;
     size_t size, offset;
@@ -52,6 +68,15 @@ static int fail(FileCursor *c, const char *fmt, ...) {
 
 static uint32_t read_u32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint32_t header_word(const FileCursor *c, int word) { return read_u32(c->base + 4 * (size_t)word); }
+
+static float header_float(const FileCursor *c, int word) {
+    uint32_t bits = header_word(c, word);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
 }
 
 /* Claim count elements of elem_size bytes at the cursor; NULL (with a message) if the file ends first. */
@@ -82,22 +107,30 @@ static int check_version(FileCursor *c, uint32_t major, uint32_t minor, uint32_t
                 major, minor, want_major, want_minor);
 }
 
+/* What every file kind shares: magic, model_type, version, config_length, and zeros after its fields. */
 static int check_header(FileCursor *c, uint32_t want_type) {
     if (c->size < NANO_HEADER_BYTES)
         return fail(c, "header: file has %zu bytes, a Nano file starts with a %d-byte header",
                     c->size, NANO_HEADER_BYTES);
-    const uint8_t *h = c->base;
-    if (read_u32(h) != NANO_MAGIC0 || read_u32(h + 4) != NANO_MAGIC1)
+    if (header_word(c, WORD_MAGIC0) != NANO_MAGIC0 || header_word(c, WORD_MAGIC1) != NANO_MAGIC1)
         return fail(c, "magic: %08x %08x is not a Nano file (expected %08x %08x)",
-                    read_u32(h), read_u32(h + 4), NANO_MAGIC0, NANO_MAGIC1);
-    uint32_t type = read_u32(h + 16);
+                    header_word(c, WORD_MAGIC0), header_word(c, WORD_MAGIC1), NANO_MAGIC0, NANO_MAGIC1);
+    uint32_t type = header_word(c, WORD_MODEL_TYPE);
     if (type != want_type) {
         if (type == NANO_TYPE_LORA) return fail(c, "model_type: 10 is a LoRA adapter, not a model (pass it with -l)");
         if (type == NANO_TYPE_MODEL) return fail(c, "model_type: 0 is a model, not a LoRA adapter");
         return fail(c, "model_type: %u is not supported (expected %u)", type, want_type);
     }
-    if (type == NANO_TYPE_MODEL) return check_version(c, read_u32(h + 8), read_u32(h + 12), NANO_MODEL_MAJOR, NANO_MODEL_MINOR);
-    return check_version(c, read_u32(h + 8), read_u32(h + 12), NANO_LORA_MAJOR, NANO_LORA_MINOR);
+    int is_model = type == NANO_TYPE_MODEL;
+    if (check_version(c, header_word(c, WORD_MAJOR_VERSION), header_word(c, WORD_MINOR_VERSION),
+                      is_model ? NANO_MODEL_MAJOR : NANO_LORA_MAJOR, is_model ? NANO_MODEL_MINOR : NANO_LORA_MINOR))
+        return -1;
+    uint32_t config_length = header_word(c, WORD_CONFIG_LENGTH);
+    uint32_t want_length = is_model ? MODEL_CONFIG_BYTES : LORA_CONFIG_BYTES;
+    if (config_length != want_length) return fail(c, "config_length: %u, expected %u", config_length, want_length);
+    for (int w = is_model ? MODEL_HEADER_WORDS : LORA_HEADER_WORDS; w < NANO_HEADER_BYTES / 4; w++)
+        if (header_word(c, w)) return fail(c, "header word %d: %u, expected 0", w, header_word(c, w));
+    return 0;
 }
 
 static int check_dim(FileCursor *c, const char *field, uint32_t value) {
@@ -105,25 +138,42 @@ static int check_dim(FileCursor *c, const char *field, uint32_t value) {
     return 0;
 }
 
+/* flags, norm_eps and rope_theta; 0 in any of them means the original's behaviour. */
+static int read_extensions(FileCursor *c, NanoConfig *cfg) {
+    uint32_t flags = header_word(c, WORD_FLAGS);
+    if (flags & ~NANO_FLAG_NON_CAUSAL)
+        return fail(c, "flags: 0x%x has unknown bits 0x%x (this engine knows bit 0, full attention)",
+                    flags, flags & ~NANO_FLAG_NON_CAUSAL);
+    cfg->is_causal = !(flags & NANO_FLAG_NON_CAUSAL);
+    float eps = header_float(c, WORD_NORM_EPS), theta = header_float(c, WORD_ROPE_THETA);
+    if (!isfinite(eps) || eps < 0.0f) return fail(c, "norm_eps: %g is not a positive number", eps);
+    cfg->norm_eps = eps != 0.0f ? eps : NANO_DEFAULT_NORM_EPS;
+    /* model.py, and so export.py, knows only the default RoPE base: another one is refused, not half supported */
+    if (theta != 0.0f && theta != NANO_DEFAULT_ROPE_THETA)
+        return fail(c, "rope_theta: %g is not supported (this engine uses %g)", theta, NANO_DEFAULT_ROPE_THETA);
+    return 0;
+}
+
 static int read_config(FileCursor *c, NanoConfig *cfg) {
-    const uint8_t *h = c->base;
-    if (read_u32(h + 20) != 36) return fail(c, "config_length: %u, expected 36", read_u32(h + 20));
-    static const char *names[] = {"block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"};
-    int *dims[] = {&cfg->block_size, &cfg->vocab_size, &cfg->n_layer, &cfg->n_embd, &cfg->n_head, &cfg->n_kv_head, &cfg->n_hidden};
-    for (int i = 0; i < 7; i++) {
-        uint32_t v = read_u32(h + 24 + 4 * i);
-        if (check_dim(c, names[i], v)) return -1;
-        *dims[i] = (int)v;
+    struct { int word; const char *name; int *value; } dims[] = {
+        {WORD_BLOCK_SIZE, "block_size", &cfg->block_size}, {WORD_VOCAB_SIZE, "vocab_size", &cfg->vocab_size},
+        {WORD_N_LAYER, "n_layer", &cfg->n_layer}, {WORD_N_EMBD, "n_embd", &cfg->n_embd},
+        {WORD_N_HEAD, "n_head", &cfg->n_head}, {WORD_N_KV_HEAD, "n_kv_head", &cfg->n_kv_head},
+        {WORD_N_HIDDEN, "n_hidden", &cfg->n_hidden}};
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++) {
+        uint32_t v = header_word(c, dims[i].word);
+        if (check_dim(c, dims[i].name, v)) return -1;
+        *dims[i].value = (int)v;
     }
-    uint32_t shared = read_u32(h + 52), head_dim = read_u32(h + 56);
-    uint32_t quant = read_u32(h + 60), group = read_u32(h + 64);
+    uint32_t shared = header_word(c, WORD_IS_SHARED_CLASSIFIER), head_dim = header_word(c, WORD_HEAD_DIM);
+    uint32_t quant = header_word(c, WORD_QUANT_TYPE), group = header_word(c, WORD_GROUP_SIZE);
     if (shared > 1) return fail(c, "is_shared_classifier: %u, expected 0 or 1", shared);
     if (check_dim(c, "head_dim", head_dim)) return -1;
     if (head_dim % 2) return fail(c, "head_dim: %u must be even for RoPE", head_dim);
     if (cfg->n_head % cfg->n_kv_head) return fail(c, "n_kv_head: %d does not divide n_head %d", cfg->n_kv_head, cfg->n_head);
     if ((uint64_t)cfg->n_head * head_dim > MAX_DIM) return fail(c, "head_dim: n_head * head_dim is too large");
     if (cfg->vocab_size <= NANO_RESPONSE) return fail(c, "vocab_size: %d cannot hold the special tokens", cfg->vocab_size);
-    cfg->shared_classifier = (int)shared;
+    cfg->is_shared_classifier = (int)shared;
     cfg->head_dim = (int)head_dim;
     cfg->quant_type = (int)quant;
     cfg->group_size = 0;
@@ -136,9 +186,7 @@ static int read_config(FileCursor *c, NanoConfig *cfg) {
             if (widths[i] % group) return fail(c, "group_size: %u does not divide the matmul width %u", group, widths[i]);
         cfg->group_size = (int)group;
     }
-    for (int w = 17; w < 64; w++)
-        if (read_u32(h + 4 * w)) return fail(c, "header word %d: %u, expected 0", w, read_u32(h + 4 * w));
-    return 0;
+    return read_extensions(c, cfg);
 }
 
 /* ---------------------------------------------------------------------------- tokenizer tables */
@@ -190,14 +238,13 @@ static int read_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
     t->vocab_size = vocab_size;
     t->chars = malloc(sizeof *t->chars * vocab_size);
     t->length = malloc(vocab_size);
-    t->is_special = malloc(vocab_size);
     uint32_t entry_cap = table_capacity(vocab_size);
     t->entry_table = calloc(entry_cap, sizeof *t->entry_table);
     t->entry_mask = entry_cap - 1;
     t->first_char = calloc(entry_cap, sizeof *t->first_char);
     t->first_longest = calloc(entry_cap, 1);
     t->first_mask = entry_cap - 1;
-    if (!t->chars || !t->length || !t->is_special || !t->entry_table || !t->first_char || !t->first_longest)
+    if (!t->chars || !t->length || !t->entry_table || !t->first_char || !t->first_longest)
         return fail(c, "tokenizer: out of memory for %d tokens", vocab_size);
     for (int id = 0; id < vocab_size; id++) {
         if (end - c->offset < 8) return fail(c, "tokenizer token %d: record runs past the section end", id);
@@ -213,7 +260,6 @@ static int read_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
             if (chars[i] > 0x10FFFF) return fail(c, "tokenizer token %d: code point 0x%x is not Unicode", id, chars[i]);
         t->chars[id] = chars;
         t->length[id] = (uint8_t)length;
-        t->is_special[id] = rec[1] != 0;
         c->offset += 8 + 4 * (size_t)length;
         int previous = tokenizer_lookup(t, chars, length);
         if (previous >= 0) return fail(c, "tokenizer token %d: duplicates token %d", id, previous);
@@ -228,7 +274,7 @@ static int read_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
 }
 
 static void tokenizer_free(NanoTokenizer *t) {
-    free(t->chars); free(t->length); free(t->is_special);
+    free(t->chars); free(t->length);
     free(t->entry_table); free(t->first_char); free(t->first_longest);
     memset(t, 0, sizeof *t);
 }
@@ -290,7 +336,7 @@ int nano_model_load(NanoModel *m, const void *data, size_t size, const char *nam
     if (!(m->rope_cos = take(&c, rope_count, 4, "RoPE cos table")) ||
         !(m->rope_sin = take(&c, rope_count, 4, "RoPE sin table")))
         goto failed;
-    if (cfg->shared_classifier) m->classifier = m->embedding;
+    if (cfg->is_shared_classifier) m->classifier = m->embedding;
     else if (take_matrix(&c, &m->classifier, cfg->vocab_size, E, cfg, "output head")) goto failed;
     if (c.offset != size) {
         fail(&c, "file length: %zu bytes but the header's dims account for %zu (extra data or wrong dims)", size, c.offset);
@@ -314,22 +360,20 @@ int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t 
     FileCursor c = {data, size, 0, name, err, err_cap};
     if ((uintptr_t)data % 4) return fail(&c, "buffer is not 4-byte aligned");
     if (check_header(&c, NANO_TYPE_LORA)) return -1;
-    const uint8_t *h = c.base;
-    if (read_u32(h + 20) != 32) return fail(&c, "config_length: %u, expected 32", read_u32(h + 20));
-    uint32_t rank = read_u32(h + 24);
+    uint32_t rank = header_word(&c, WORD_LORA_RANK);
     if (rank == 0 || rank > 65536) return fail(&c, "lora_rank: %u is out of range (1..65536)", rank);
     const NanoConfig *cfg = &m->config;
-    static const char *names[] = {"n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden"};
-    int base[] = {cfg->n_layer, cfg->n_embd, cfg->n_head, cfg->n_kv_head, cfg->n_hidden};
-    for (int i = 0; i < 5; i++) {
-        uint32_t v = read_u32(h + 32 + 4 * i);
-        if (v != (uint32_t)base[i])
-            return fail(&c, "%s: %u but the model has %d (adapter made for another base model)", names[i], v, base[i]);
+    struct { int word; const char *name; int base; } dims[] = {
+        {WORD_LORA_N_LAYER, "n_layer", cfg->n_layer}, {WORD_LORA_N_EMBD, "n_embd", cfg->n_embd},
+        {WORD_LORA_N_HEAD, "n_head", cfg->n_head}, {WORD_LORA_N_KV_HEAD, "n_kv_head", cfg->n_kv_head},
+        {WORD_LORA_N_HIDDEN, "n_hidden", cfg->n_hidden}};
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++) {
+        uint32_t v = header_word(&c, dims[i].word);
+        if (v != (uint32_t)dims[i].base)
+            return fail(&c, "%s: %u but the model has %d (adapter made for another base model)", dims[i].name, v, dims[i].base);
     }
-    for (int w = 13; w < 64; w++)
-        if (read_u32(h + 4 * w)) return fail(&c, "header word %d: %u, expected 0", w, read_u32(h + 4 * w));
     lora->rank = (int)rank;
-    lora->alpha = (int32_t)read_u32(h + 28);
+    lora->alpha = (int32_t)header_word(&c, WORD_LORA_ALPHA);
     lora->scaling = (float)lora->alpha / (float)rank;
     int in[] = {cfg->n_embd, cfg->n_embd, cfg->n_embd, m->q_dim};
     int out[] = {m->q_dim, m->kv_dim, m->kv_dim, cfg->n_embd};
@@ -576,10 +620,10 @@ static void matmul(NanoState *s, float *out, const float *x, int n, const NanoMa
 
 /* ============================================================================ forward pass */
 
-static void rmsnorm(float *out, const float *x, const float *weight, int n) {
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     float sum_squares = 0.0f;
     for (int i = 0; i < n; i++) sum_squares += x[i] * x[i];
-    float inverse = 1.0f / sqrtf(sum_squares / n + 1e-5f);
+    float inverse = 1.0f / sqrtf(sum_squares / n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * inverse * weight[i];
 }
 
@@ -653,13 +697,19 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int E = c->n_embd, F = c->n_hidden, kv_dim = m->kv_dim, start = s->pos;
+    float eps = c->norm_eps;
     if (n < 1 || n > c->block_size - start) return -1;
+    /* copy the token embeddings into x */
     for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
     for (int l = 0; l < c->n_layer; l++) {
         const NanoLayer *layer = &m->layers[l];
+        /* keys and values are written straight into the KV cache at positions start..start+n-1 */
         float *keys = s->key_cache + ((size_t)l * c->block_size + start) * kv_dim;
         float *values = s->value_cache + ((size_t)l * c->block_size + start) * kv_dim;
-        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->attn_norm, E);
+
+        /* attention rmsnorm */
+        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->attn_norm, E, eps);
+        /* qkv matmuls, plus the adapter's side branches */
         MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, keys}, {&layer->wv, values}};
         matmuls(s, s->xb, n, qkv, 3);
         if (s->lora) {
@@ -667,27 +717,37 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
             lora_branch(s, LORA_WK, l, s->xb, keys, n);
             lora_branch(s, LORA_WV, l, s->xb, values, n);
         }
+        /* RoPE: rotate each head's interleaved pairs of q and k by the angles of their position */
         for (int t = 0; t < n; t++) {
             size_t rope_row = (size_t)(start + t) * (c->head_dim / 2);
             rope(s->q + (size_t)t * m->q_dim, c->n_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
             rope(keys + (size_t)t * kv_dim, c->n_kv_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
         }
+        /* multihead attention over the cached positions, into xb2 */
         attention(s, l, n, causal);
+        /* output projection of the attention */
         matmul(s, s->xb, s->xb2, n, &layer->wo);
         if (s->lora) lora_branch(s, LORA_WO, l, s->xb2, s->xb, n);
+        /* residual connection back into x */
         for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
 
-        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->ffn_norm, E);
+        /* ffn rmsnorm */
+        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->ffn_norm, E, eps);
+        /* the ffn is w2(silu(w1 x) * w3 x): gate and up matmuls first */
         MatmulJob gate_up[] = {{&layer->w1, s->hb}, {&layer->w3, s->hb2}};
         matmuls(s, s->xb, n, gate_up, 2);
+        /* SwiGLU non-linearity */
         for (size_t i = 0; i < (size_t)n * F; i++) {
             float gate = s->hb[i];
             s->hb[i] = gate / (1.0f + expf(-gate)) * s->hb2[i];
         }
+        /* down matmul */
         matmul(s, s->xb, s->hb, n, &layer->w2);
+        /* residual connection */
         for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
     }
-    for (int t = 0; t < n; t++) rmsnorm(s->x + (size_t)t * E, s->x + (size_t)t * E, m->final_norm, E);
+    /* final rmsnorm; the classifier runs in nano_logits, only for the positions asked for */
+    for (int t = 0; t < n; t++) rmsnorm(s->x + (size_t)t * E, s->x + (size_t)t * E, m->final_norm, E, eps);
     s->pos = start + n;
     return 0;
 }
@@ -840,7 +900,7 @@ double nano_seconds(void) {
 
 int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_prompt, int max_new,
                   NanoTokenCallback callback, void *user, NanoStats *stats) {
-    int block = s->model->config.block_size, V = s->model->config.vocab_size;
+    int block = s->model->config.block_size, V = s->model->config.vocab_size, causal = s->model->config.is_causal;
     memset(stats, 0, sizeof *stats);
     if (n_prompt < 1 || n_prompt > block) return -1;
     int *history = malloc(sizeof(int) * ((size_t)n_prompt + (max_new > 0 ? max_new : 0)));
@@ -851,7 +911,7 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
 
     double start = nano_seconds();
     s->pos = 0;
-    nano_forward(s, prompt, n_prompt, 1);
+    nano_forward(s, prompt, n_prompt, causal);
     const float *logits = nano_logits(s, n_prompt - 1);
     stats->prefill_seconds = nano_seconds() - start;
     int length = n_prompt;
@@ -864,13 +924,14 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
         history[length++] = token;
         nano_sampler_see(sampler, token);
         double step_start = nano_seconds();
-        if (s->pos < block) {
+        if (causal && s->pos < block) {
             nano_forward(s, &token, 1, 1);
             logits = nano_logits(s, 0);
-        } else {   /* window full: keep the last half and start again at position 0, like model.generate */
-            int keep = block / 2 > 0 ? block / 2 : 1;
+        } else {   /* from position 0 again, like model.generate: a causal model whose window is full keeps its
+                    * last half, a non-causal one runs its last block_size tokens */
+            int keep = causal ? (block / 2 > 0 ? block / 2 : 1) : (length < block ? length : block);
             s->pos = 0;
-            nano_forward(s, history + length - keep, keep, 1);
+            nano_forward(s, history + length - keep, keep, causal);
             logits = nano_logits(s, keep - 1);
         }
         stats->decode_seconds += nano_seconds() - step_start;

@@ -23,12 +23,17 @@
 #define NANO_QUANT_F32 0x00
 #define NANO_QUANT_Q80 0x80
 #define NANO_QUANT_Q4K 0x42
+#define NANO_FLAG_NON_CAUSAL 0x1u        /* header flags word: full attention (seq2seq) */
+#define NANO_DEFAULT_NORM_EPS 1e-5f      /* what 0 in the norm_eps word means */
+#define NANO_DEFAULT_ROPE_THETA 10000.0f /* what 0 in the rope_theta word means */
 
 enum { NANO_PAD = 0, NANO_UNKNOWN = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5 };
 
 typedef struct {
     int block_size, vocab_size, n_layer, n_embd, n_head, n_kv_head, n_hidden;
-    int shared_classifier, head_dim, quant_type, group_size;
+    int is_shared_classifier, head_dim, quant_type, group_size;
+    int is_causal;            /* 0 when the flags word asks for full attention */
+    float norm_eps;           /* RMSNorm eps, the file's or the default */
 } NanoConfig;
 
 /* A weight matrix [rows, cols]: float32 data, or Q80 int8 values with one scale per group. */
@@ -48,7 +53,6 @@ typedef struct {
     int vocab_size;
     const uint32_t **chars;   /* code points of each token (pointers into the model buffer) */
     uint8_t *length;          /* code points per token */
-    uint8_t *is_special;
     int32_t *entry_table;     /* open-addressing hash: token id + 1, 0 = empty */
     uint32_t entry_mask;
     uint32_t *first_char;     /* hash of first code point -> longest entry starting with it */
@@ -124,6 +128,7 @@ int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detach
 
 /* Run tokens at positions s->pos .. s->pos+n-1, each seeing the positions before it (causal) or all
  * of them (non-causal, from pos 0); afterwards nano_logits(s, t) gives the logits of the t-th token.
+ * Pass s->model->config.is_causal unless the caller knows better (old files do not record it).
  * Returns -1 (and does nothing) when the tokens do not fit in block_size. */
 int nano_forward(NanoState *s, const int *tokens, int n, int causal);
 float *nano_logits(NanoState *s, int t);
@@ -138,10 +143,31 @@ void nano_sampler_see(NanoSampler *s, int token);
 int nano_sample(NanoSampler *s, const float *logits);   /* logits are left unchanged */
 
 /* Prefill the prompt, then sample up to max_new tokens, stopping at <|eos|> or <|padding|>. When the
- * cache is full, the last block_size/2 tokens are prefilled again from position 0. */
+ * cache is full, the last block_size/2 tokens are prefilled again from position 0. A non-causal model
+ * has no usable cache (every position sees the new token): each step runs its last block_size tokens. */
 int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_prompt, int max_new,
                   NanoTokenCallback callback, void *user, NanoStats *stats);
 
 double nano_seconds(void);
+
+/* What every Nano front end does when not told otherwise: the CLI (main.c), the browser page (wasm_api.c
+ * hands these to it) and infer.py (SAMPLING_DEFAULTS and answer_room there). tests/test_frontends.py
+ * checks that all three generate the same text with them. */
+#define NANO_DEFAULT_TEMPERATURE 0.8f          /* 0 = greedy */
+#define NANO_DEFAULT_TOP_K 20                  /* 0 = off */
+#define NANO_DEFAULT_TOP_P 0.95f               /* 1 = off */
+#define NANO_DEFAULT_REPETITION_PENALTY 1.1f   /* 1 = off */
+#define NANO_DEFAULT_MAX_NEW 0                 /* 0 = until the context is full */
+
+/* New tokens to generate after a prompt of n_prompt: the number asked for, or (asked 0) as many as the
+ * context has room for, like infer.py, whose -s (prompt + answer) defaults to the context. */
+static inline int nano_max_new_tokens(int asked, int n_prompt, int block_size) {
+    return asked > 0 ? asked : block_size - n_prompt;
+}
+
+/* Positions of the context a conversation keeps free for the next answer: a quarter. */
+static inline int nano_answer_room(int block_size) {
+    return block_size / 4 > 0 ? block_size / 4 : 1;
+}
 
 #endif

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import infer
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
@@ -156,7 +157,7 @@ def lora_run(tmp_path):
     """A base checkpoint and a LoRA run on it with non-zero adapters, the adapted model's logits on
     a few tokens, and those tokens."""
     base_path = save(cyclic_checkpoint(), tmp_path / "base.pt")
-    model, tokenizer = infer.load_model(base_path)
+    model, tokenizer = checkpoint.load_model(base_path)
     torch.manual_seed(1)
     model.attach_lora(rank=2, alpha=4.0)
     for name, p in model.named_parameters():
@@ -171,13 +172,13 @@ def lora_run(tmp_path):
 
 def test_load_full_and_lora_checkpoints(tmp_path):
     base_path, lora_path, tokens, expected = lora_run(tmp_path)
-    model, tokenizer = infer.load_model(base_path)
+    model, tokenizer = checkpoint.load_model(base_path)
     assert tokenizer.itos[7:] == list(CYCLE)
     greedy = infer.make_sampler(temperature=0, repetition_penalty=1.0)
     assert tokenizer.decode(model.generate([BOS_ID] + tokenizer.encode("ab"), 6, greedy)) == "cdefgh"
-    lora_model, _ = infer.load_model(lora_path)  # loads its base, then attaches
+    lora_model, _ = checkpoint.load_model(lora_path)  # loads its base, then attaches
     torch.testing.assert_close(lora_model(tokens)[0], expected)
-    torch.testing.assert_close(infer.load_lora(model, lora_path)(tokens)[0], expected)
+    torch.testing.assert_close(checkpoint.attach_lora(model, lora_path)(tokens)[0], expected)
 
 
 def test_load_exported_bin(tmp_path):
@@ -186,10 +187,10 @@ def test_load_exported_bin(tmp_path):
     for source, output in (("--checkpoint", base_path), ("--lora", lora_path)):
         subprocess.run([sys.executable, "export.py", output.replace(".pt", ".bin"), source, output],
                        check=True, capture_output=True, env=ONE_THREAD)
-    from_pt, _ = infer.load_model(base_path)
-    from_bin, _ = infer.load_model(base_path.replace(".pt", ".bin"))
+    from_pt, _ = checkpoint.load_model(base_path)
+    from_bin, _ = checkpoint.load_model(base_path.replace(".pt", ".bin"))
     torch.testing.assert_close(from_bin(tokens)[0], from_pt(tokens)[0], atol=1e-5, rtol=1e-5)
-    infer.load_lora(from_bin, lora_path.replace(".pt", ".bin"))
+    checkpoint.attach_lora(from_bin, lora_path.replace(".pt", ".bin"))
     torch.testing.assert_close(from_bin(tokens)[0], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -212,6 +213,16 @@ def test_conversation_drops_oldest_turns_and_resets():
     assert third == [INSTRUCT_ID, 9, 10, RESPONSE_ID, 11, EOS_ID, INSTRUCT_ID, 11, 12, 13, RESPONSE_ID]
     conversation.reset()
     assert conversation.ask("ab") == first
+
+
+def test_conversation_cuts_a_question_longer_than_the_answer_room_leaves(capsys):
+    tokenizer = Tokenizer.build([CYCLE])
+    conversation = infer.Conversation(tokenizer, context_length=16, answer_room=4)
+    conversation.ask("ab")
+    conversation.add_answer([9])
+    question = tokenizer.encode(CYCLE * 2)   # 16 tokens, 18 with the marks: more than 16 - 4
+    assert conversation.ask(CYCLE * 2) == [INSTRUCT_ID] + question[-10:] + [RESPONSE_ID]   # the earlier turn is gone
+    assert "question is 18 tokens, longer than the context of 12: keeping its last 11" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- command line

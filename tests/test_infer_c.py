@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_export import ROOT, corrupt, lora_model, tiny_model, tiny_tokenizer, write_checkpoint  # noqa: E402,F401
+from test_export import ROOT, corrupt, float_bits, lora_model, tiny_model, tiny_tokenizer, write_checkpoint  # noqa: E402,F401
 
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, PAD_ID, RESPONSE_ID, UNK_ID, Tokenizer  # noqa: E402
 
 ENGINE_DIR = os.path.join(ROOT, "infer_c")
 F32_LOGITS_TOL = 1e-4
@@ -37,12 +37,13 @@ def run_c(binary, model_path, *args, stdin=None, threads=1):
 
 
 def c_greedy(binary, model_path, prompt, n, tmp_path, extra=()):
-    """Greedy ids and per-step logits from the engine for a raw prompt."""
+    """Greedy ids and per-step logits from the engine for a raw prompt (which it starts with <|bos|>),
+    without the repetition penalty, as torch_greedy."""
     logits_path = str(tmp_path / "logits.f32")
     if os.path.exists(logits_path):
         os.remove(logits_path)
-    r = run_c(binary, model_path, "-g", prompt, "-t", "0", "-n", str(n), "--print-ids", "--logits", logits_path,
-              *extra)
+    r = run_c(binary, model_path, "-g", prompt, "-t", "0", "-r", "1", "-n", str(n), "--print-ids", "--logits",
+              logits_path, *extra)
     assert r.returncode == 0, r.stderr
     ids = [int(x) for x in r.stdout.split()]
     return ids, np.fromfile(logits_path, dtype=np.float32)
@@ -51,7 +52,7 @@ def c_greedy(binary, model_path, prompt, n, tmp_path, extra=()):
 def torch_greedy(model, prompt_ids, n):
     with torch.no_grad():
         ids = list(model.generate(prompt_ids, n))
-    return [i for i in ids if i not in (0, 3)]
+    return [i for i in ids if i not in (PAD_ID, EOS_ID)]
 
 
 def torch_step_logits(model, prompt_ids, generated, steps):
@@ -117,7 +118,7 @@ def test_random_model_float32_logits_and_greedy(infer, tmp_path, tok):
     path = str(tmp_path / "m.bin")
     export.write_model(path, model, tok)
     for prompt in ["hello world", "你好，世界！", "<|bos|>the quick 😀 fox"]:
-        prompt_ids = tok.encode(prompt)
+        prompt_ids = [BOS_ID] + tok.encode(prompt)
         ids, logits = c_greedy(infer, path, prompt, 8, tmp_path)
         expected = torch_greedy(model, prompt_ids, 8)
         assert ids == expected
@@ -131,7 +132,7 @@ def test_trained_model_float32_and_q80(infer, tmp_path, trained):
     prompts = prompts_of(TRAIN_TEXT, 20)
     q80_agree, q80_max_diff, f32_max_diff = 0, 0.0, 0.0
     for prompt in prompts:
-        prompt_ids = tok.encode(prompt)
+        prompt_ids = [BOS_ID] + tok.encode(prompt)
         ids, logits = c_greedy(infer, f32, prompt, 16, tmp_path)
         assert ids == torch_greedy(model, prompt_ids, 16), prompt
         reference = torch_step_logits(model, prompt_ids, ids, 16)
@@ -153,7 +154,7 @@ def test_generation_past_the_context_slides_like_pytorch(infer, tmp_path, traine
     model, tok, f32, _ = trained
     prompt = TRAIN_TEXT[:20]
     ids, _ = c_greedy(infer, f32, prompt, 120, tmp_path)   # 20 + 120 positions > block_size 40
-    assert ids == torch_greedy(model, tok.encode(prompt), 120)
+    assert ids == torch_greedy(model, [BOS_ID] + tok.encode(prompt), 120)
 
 
 def test_lora_attached_and_detached(infer, tmp_path, tok):
@@ -162,7 +163,7 @@ def test_lora_attached_and_detached(infer, tmp_path, tok):
     export.write_model(base_path, adapted, tok)   # LoRA weights are not part of the model file
     export.write_lora(lora_path, adapted.lora_state_dict(), adapted.lora_config, adapted.config)
     prompt = "hello 世界 fox"
-    prompt_ids = tok.encode(prompt)
+    prompt_ids = [BOS_ID] + tok.encode(prompt)
     with_lora, logits = c_greedy(infer, base_path, prompt, 6, tmp_path, extra=("-l", lora_path))
     assert with_lora == torch_greedy(adapted, prompt_ids, 6)
     reference = torch_step_logits(adapted, prompt_ids, with_lora, len(logits) // tok.vocab_size)
@@ -178,22 +179,61 @@ def test_lora_attached_and_detached(infer, tmp_path, tok):
                                                              extra=("-l", lora_path))[1], atol=1e-3)
 
 
+def c_seq2seq(binary, model_path, prompt, tmp_path, extra=()):
+    """Argmax ids and logits of every position from the engine's one pass over a raw prompt."""
+    logits_path = str(tmp_path / "s2s.f32")
+    r = run_c(binary, model_path, "-g", prompt, "--print-ids", "--logits", logits_path, *extra)
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.split()], np.fromfile(logits_path, dtype=np.float32)
+
+
 def test_seq2seq_non_causal_matches_pytorch(infer, tmp_path, tok):
+    """The flags word makes the engine run full attention; --seq2seq does the same for files without it."""
     model = tiny_model(tok, is_causal=False)
     path = str(tmp_path / "s2s.bin")
     export.write_model(path, model, tok)
     prompt = "the quick brown fox 你好"
-    prompt_ids = tok.encode(prompt)
-    logits_path = str(tmp_path / "s2s.f32")
-    r = run_c(infer, path, "-g", prompt, "--seq2seq", "--print-ids", "--logits", logits_path)
-    assert r.returncode == 0, r.stderr
-    loaded, _ = export.load_bin(path, is_causal=False)
     with torch.no_grad():
-        reference = model(torch.tensor([prompt_ids]))[0][0].numpy()
-        assert np.array_equal(loaded(torch.tensor([prompt_ids]))[0][0].numpy(), reference)
-    logits = np.fromfile(logits_path, dtype=np.float32).reshape(reference.shape)
-    assert np.abs(logits - reference).max() < F32_LOGITS_TOL
-    assert [int(x) for x in r.stdout.split()] == reference.argmax(-1).tolist()
+        reference = model(torch.tensor([tok.encode(prompt)]))[0][0].numpy()
+    ids, logits = c_seq2seq(infer, path, prompt, tmp_path)
+    assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+    assert ids == reference.argmax(-1).tolist()
+
+    unflagged = corrupt(path, tmp_path / "old.bin", offset=17, word=0)   # as the original writes it
+    assert c_seq2seq(infer, unflagged, prompt, tmp_path, extra=("--seq2seq",))[0] == ids
+
+
+def test_non_causal_generation_reruns_the_window_like_pytorch(infer, tmp_path, tok):
+    """nano_generate (the browser page's path, and the CLI's interactive mode) on a non-causal model."""
+    block = 12
+    model = tiny_model(tok, is_causal=False, block_size=block)
+    path, logits_path = str(tmp_path / "s2s.bin"), str(tmp_path / "steps.f32")
+    export.write_model(path, model, tok)
+    prompt = "hello 世界"
+    r = run_c(infer, path, "--raw", "-n", "16", "-t", "0", "-r", "1", "--print-ids", "--logits", logits_path,
+              stdin=prompt + "\n\n")
+    assert r.returncode == 0, r.stderr
+    ids, prompt_ids = [int(x) for x in r.stdout.split()], [BOS_ID] + tok.encode(prompt)
+    assert ids == torch_greedy(model, prompt_ids, 16)
+    history = prompt_ids + ids   # step k sees the last block_size tokens before it, every one of them all others
+    with torch.no_grad():
+        reference = np.stack([model(torch.tensor([history[:end][-block:]]))[0][0, -1].numpy()
+                              for end in range(len(prompt_ids), len(history))])
+    assert np.abs(np.fromfile(logits_path, dtype=np.float32).reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+
+
+def test_norm_eps_from_the_file(infer, tmp_path, tok):
+    model = tiny_model(tok, norm_eps=1e-6)
+    path = str(tmp_path / "eps.bin")
+    export.write_model(path, model, tok)
+    prompt = "hello world"
+    prompt_ids = [BOS_ID] + tok.encode(prompt)
+    ids, logits = c_greedy(infer, path, prompt, 6, tmp_path)
+    assert ids == torch_greedy(model, prompt_ids, 6)
+    reference = torch_step_logits(model, prompt_ids, ids, len(logits) // tok.vocab_size)
+    assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+    default_eps = corrupt(path, tmp_path / "default.bin", offset=18, word=0)
+    assert np.abs(c_greedy(infer, default_eps, prompt, 1, tmp_path)[1] - logits[:tok.vocab_size]).max() > 1e-3
 
 
 def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):
@@ -226,7 +266,7 @@ def test_webassembly_build_matches_native(infer, tmp_path, tok):
         native_ids, native_logits = c_greedy(infer, path, "hello 世界", 6, tmp_path, extra=("-l", lora_path))
         wasm_logits_path = str(tmp_path / "wasm.f32")
         r = subprocess.run(["node", os.path.join(ENGINE_DIR, "infer-node.js"), path,
-                            "-g", "hello 世界", "-t", "0", "-n", "6", "--print-ids", "-l", lora_path,
+                            "-g", "hello 世界", "-t", "0", "-r", "1", "-n", "6", "--print-ids", "-l", lora_path,
                             "--logits", wasm_logits_path], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert [int(x) for x in r.stdout.split()] == native_ids
@@ -257,11 +297,11 @@ def test_tokenizer_parity_on_corpus_sample(infer, tmp_path):
     r = run_c(infer, path, "-f", str(text_path), "--encode")
     assert r.returncode == 0, r.stderr
     c_ids = [int(x) for x in r.stdout.split()]
-    assert c_ids == tok.encode(text)
-    assert tok.stoi["<|eos|>好"] in c_ids and tok.stoi["𠀀𠀁"] in c_ids and 1 in c_ids
+    assert c_ids == [BOS_ID] + tok.encode(text)
+    assert tok.stoi["<|eos|>好"] in c_ids and tok.stoi["𠀀𠀁"] in c_ids and UNK_ID in c_ids
 
     r = run_c(infer, path, "-i", "很好<|eos|>", "--encode")
-    assert [int(x) for x in r.stdout.split()] == [4] + tok.encode("很好<|eos|>") + [5]
+    assert [int(x) for x in r.stdout.split()] == [INSTRUCT_ID] + tok.encode("很好<|eos|>") + [RESPONSE_ID]
 
 
 # ----------------------------------------------------------------------------- sampler and CLI
@@ -278,7 +318,7 @@ def test_sampler_options(infer, trained):
     assert sample("-t", "1", "-p", "0.01", "-s", "3").stdout == greedy
     penalized = [int(x) for x in run_c(infer, f32, "-g", prompt, "-n", "8", "-t", "0", "-r", "1000",
                                        "--print-ids").stdout.split()]
-    context = tok.encode(prompt) + penalized
+    context = [BOS_ID] + tok.encode(prompt) + penalized
     assert len(set(context)) == len(context), "repetition penalty must avoid tokens already in the context"
 
 
@@ -315,6 +355,11 @@ def bad_inputs(tmp_path_factory, tok):
         "dims": (corrupt(good, out / "dims.bin", offset=12, word=model.config.n_hidden * 2), "wrong dims"),
         "extra bytes": (corrupt(good, out / "extra.bin", append=b"\1" * 4), "file length"),
         "huge dims": (corrupt(good, out / "huge.bin", offset=8, word=0xFFFFFFFF), "n_layer"),
+        "unknown flags bit": (corrupt(good, out / "flags.bin", offset=17, word=0b100), "flags: 0x4 has unknown bits"),
+        "negative norm_eps": (corrupt(good, out / "eps.bin", offset=18, word=float_bits(-1.0)), "norm_eps: -1"),
+        "infinite norm_eps": (corrupt(good, out / "inf.bin", offset=18, word=0x7F800000), "norm_eps: inf"),
+        "rope_theta": (corrupt(good, out / "theta.bin", offset=19, word=float_bits(1e6)), "rope_theta: 1e+06"),
+        "reserved word": (corrupt(good, out / "word20.bin", offset=20, word=9), "header word 20: 9, expected 0"),
     }
     adapted = lora_model(tok)
     other = lora_model(tok)

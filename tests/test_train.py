@@ -4,6 +4,7 @@ SFT masking, LoRA adapter-only checkpoints, clear errors, the loss plot."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -151,6 +152,97 @@ def test_resume_after_kill_repeats_the_straight_losses(straight_run, killed_and_
     for step in range(1, 21):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
     assert checkpoint.load(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
+
+
+def kill_when_logged(command, out, step, extra_delay):
+    """Start command and SIGKILL it extra_delay seconds after its log reaches step; True if it was killed
+    (False: it finished first)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while process.poll() is None:
+        assert time.time() < deadline, "the run neither reached the step nor ended"
+        if os.path.exists(out) and any(s >= step for s in logged_steps(out)):
+            time.sleep(extra_delay)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.02)
+    assert process.returncode == 0
+    return False
+
+
+def logged_steps(run_dir):
+    path = os.path.join(run_dir, f"train_{os.path.basename(run_dir)}.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:  # a line torn by the kill is not a step
+        return [r["step"] for r in map(json.loads, filter(lambda line: line.endswith("\n"), f)) if r["kind"] == "train"]
+
+
+def test_resume_after_kills_at_random_moments_repeats_the_straight_losses(data, tmp_path):
+    """Killed at random moments (the default dtype: bf16 where the CPU has it), resumed from latest.pt after
+    each kill, sometimes killed again: the losses are those of the uninterrupted run, step for step."""
+    def config(name):
+        return write_train_config(tmp_path / f"{name}.json", dataset_path=[str(data / "pretrain")], dtype="auto",
+                                  save_checkpoint_to=str(tmp_path / name), max_iters=30, lr_decay_iters=30,
+                                  save_interval=3, eval_interval=5)
+    run_train("-m", MODEL, "-t", config("straight"))
+    out = str(tmp_path / "killed")
+    rng = random.Random(14)
+    resumed_from = []
+    command = train_command("-m", MODEL, "-t", config("killed"))
+    for kill_step in sorted(rng.sample(range(2, 29), 4)):
+        if not kill_when_logged(command, out, kill_step, rng.uniform(0, 0.3)):
+            break
+        resumed_from.append(checkpoint.load(os.path.join(out, "latest.pt"))["step"])
+        command = train_command("-c", os.path.join(out, "latest.pt"))
+    run_train(*command[2:])
+    assert len(resumed_from) >= 3 and resumed_from[0] > 0, resumed_from
+    straight, resumed = train_losses(str(tmp_path / "straight")), train_losses(out)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 31))
+    assert resumed == straight  # bit for bit
+
+
+def test_time_budget_becomes_a_step_count_that_resume_keeps(data, tmp_path):
+    """max_time is turned into a step count once; a run killed after that and resumed logs, for every step
+    both processes ran, the same loss, and ends at the same step the killed run had planned."""
+    out = str(tmp_path / "timed")
+    config = write_train_config(tmp_path / "timed.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out,
+                                max_iters=100_000, lr_decay_iters=100_000, max_time=6.0, save_interval=2,
+                                eval_interval=1000, log_interval=1)
+    killed = kill_when_logged(train_command("-m", MODEL, "-t", config), out, 10, 1.5)
+    assert killed
+    planned = checkpoint.load(os.path.join(out, "latest.pt"))["time_planned_iters"]
+    assert planned > 10
+    run_train("-c", os.path.join(out, "latest.pt"))
+    lines = read_log(out, "train")
+    by_step = {}
+    for line in lines:
+        by_step.setdefault(line["step"], set()).add((line["loss"], line["lr"]))
+    assert all(len(values) == 1 for values in by_step.values()), "a repeated step logged another loss or lr"
+    assert len(lines) > len(by_step)  # some steps were run by both processes
+    assert max(by_step) == planned == checkpoint.load(os.path.join(out, "latest.pt"))["step"]
+    assert lines[-1]["lr"] < 1.1 * 3e-4  # annealed to min_lr (3e-4) by the planned end
+
+
+def test_learning_rate_anneals_by_the_planned_end():
+    config = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=1000, max_time=60.0)
+    progress = train.Progress(step=50, train_seconds=6.0)
+    train.plan_time_budget(progress, config)  # 6 s for 50 steps: 60 s allow 500
+    assert progress.time_planned_iters == 500 and train.last_step(progress, config) == 500
+    assert train.learning_rate_at(500, config, train.decay_end(progress, config)) == pytest.approx(1e-4)
+    progress.train_seconds = 30.0
+    train.plan_time_budget(progress, config)  # planned once, never again
+    assert progress.time_planned_iters == 500
+
+
+def test_a_new_dataset_path_drops_the_old_dataset_weights():
+    shipped = {"dataset_path": ["dataset/news", "dataset/reviews"], "dataset_weights": [0.4, 0.6]}
+    assert train.with_overrides(shipped, [("dataset_path", ["mine"])])["dataset_weights"] == []
+    assert train.with_overrides(shipped, [("dataset_weights", None)])["dataset_weights"] == []
+    both = train.with_overrides(shipped, [("dataset_path", ["a", "b"]), ("dataset_weights", [1, 3])])
+    assert both["dataset_weights"] == [1, 3]
+    assert train.with_overrides(shipped, [])["dataset_weights"] == [0.4, 0.6]
 
 
 def test_checkpoint_contents_load_with_weights_only(straight_run):

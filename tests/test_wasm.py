@@ -27,6 +27,7 @@ from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "infer", "index.html")
+C_CLI = os.path.join(ROOT, "infer_c", "infer")
 CHROMIUM = os.environ.get("NANO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -72,10 +73,9 @@ def test_rebuild_is_byte_identical(tmp_path):
 
 # ----------------------------------------------------------------------------- model files
 
-def save_model(path, tokenizer, seed, **config_overrides):
+def random_model(tokenizer, seed, **config_overrides):
     """A random model whose weights are large enough that greedy choices are clear-cut (no near ties
-    that float rounding in different SIMD widths could flip). Emoji rows of the tied embedding are
-    scaled up so that the model writes emoji often: the output then tests their decoding."""
+    that float rounding in different SIMD widths could flip)."""
     config = dict(block_size=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                   n_hidden=176, dropout=0.0, bias=False, use_rope=True, norm_eps=1e-5, is_causal=True)
     config.update(config_overrides)
@@ -86,9 +86,22 @@ def save_model(path, tokenizer, seed, **config_overrides):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.5 if "tok_embeddings" in name else 0.15)
+    return model, cfg
+
+
+def save_checkpoint(path, model, tokenizer):
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(),
+                "tokenizer": tokenizer.to_dict()}, path)
+
+
+def save_model(path, tokenizer, seed, **config_overrides):
+    """A random model whose emoji rows of the tied embedding are scaled up so that it writes emoji
+    often: the output then tests their decoding."""
+    model, cfg = random_model(tokenizer, seed, **config_overrides)
+    with torch.no_grad():
         emoji_ids = [i for i, token in enumerate(tokenizer.itos) if ord(token[0]) > 0xFFFF]
         model.tok_embeddings.weight[emoji_ids] *= 3.0
-    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "tokenizer": tokenizer.to_dict()}, path)
+    save_checkpoint(path, model, tokenizer)
     return model, cfg
 
 
@@ -127,15 +140,28 @@ def files(tmp_path_factory):
     return paths
 
 
+def run_c(model_path, *args, stdin=""):
+    """stdout and stderr of the C CLI."""
+    result = subprocess.run([C_CLI, str(model_path), *args], input=stdin.encode(), capture_output=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+
+
 def c_engine(files, prompt_flag, prompt, lora=False):
-    command = [os.path.join(ROOT, "infer_c", "infer"), str(files["model"]), prompt_flag, prompt,
-               "-t", "0", "-n", str(NEW_TOKENS)]
-    if lora:
-        command += ["-l", str(files["lora"])]
-    result = subprocess.run(command, capture_output=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    text = result.stdout.decode("utf-8")
+    extra = ["-l", str(files["lora"])] if lora else []
+    text, _ = run_c(files["model"], prompt_flag, prompt, "-t", "0", "-n", str(NEW_TOKENS), *extra)
     assert text.endswith("\n")
     return text[:-1]   # the CLI ends its output with one newline of its own
+
+
+def c_chat(model_path, questions, *args):
+    """The C CLI's interactive conversation: its output (each answer and a newline) and stderr, where
+    each answer's profile gives the length of its prompt (c_prompt_lengths)."""
+    return run_c(model_path, "--profile", *args, stdin="".join(q + "\n\n" for q in questions))
+
+
+def c_prompt_lengths(log):
+    return [int(n) for n in re.findall(r"\[profile\] prompt (\d+) tokens", log)]
 
 
 # ----------------------------------------------------------------------------- browser
@@ -191,6 +217,11 @@ def generate(page, prompt, mode):
     return page.evaluate("[...document.querySelectorAll('.generated')].pop().textContent")
 
 
+def prompt_tokens(page):
+    """The length of the last prompt, as the page reports it."""
+    return int(re.search(r"(\d+) prompt", page.inner_text("#speed")).group(1))
+
+
 def test_load_model_shows_config(browser_page, files):
     page = browser_page
     pick_file(page, "#model-file", files["model"])
@@ -224,14 +255,18 @@ def test_emoji_survive_the_round_trip(browser_page, files):
 
 
 def test_multi_turn_matches_c_engine(browser_page, files):
+    # short answers, so that the first turn still fits before the second question
     page = browser_page
     page.click("#new-conversation")
     wait_idle(page)
+    page.fill("#max-new", "20")
     first = generate(page, "good day", "instruct")
     second = generate(page, "and then?", "instruct")
-    # the C engine reads the same conversation typed as text (special tokens are matched in the text)
-    history = f"<|instruct_mark|>good day<|response_mark|>{first}<|eos|><|instruct_mark|>and then?<|response_mark|>"
-    assert second == c_engine(files, "-g", history)
+    text, log = c_chat(files["model"], ["good day", "and then?"], "-t", "0", "-n", "20")
+    assert text == f"{first}\n{second}\n"
+    prompts = c_prompt_lengths(log)
+    assert prompts[1] == prompt_tokens(page) > prompts[0] + len("and then?") + 2, "the first turn was dropped"
+    set_greedy(page)
 
 
 def test_lora_load_and_unload(browser_page, files):

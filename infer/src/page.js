@@ -13,10 +13,11 @@ const ui = {
     repetitionPenalty: $("repetition-penalty"), maxNew: $("max-new"),
     conversation: $("conversation"), form: $("prompt-form"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), newConversation: $("new-conversation"),
-    status: $("status"), speed: $("speed"), error: $("error"),
+    status: $("status"), speed: $("speed"), warning: $("warning"), error: $("error"),
 };
 
 let worker = null;
+let defaults = null;             // the engine's sampling defaults, the same as the C CLI's and infer.py's
 let engineStarted = false;       // the engine has come up once: a later crash restarts it
 let modelLoaded = false, loraLoaded = false;
 let currentReply = null;         // the element receiving streamed tokens
@@ -46,6 +47,23 @@ function clearError() {
     ui.error.hidden = true;
 }
 
+function showWarning(text) {
+    ui.warning.textContent = text;
+    ui.warning.hidden = false;
+}
+
+function clearWarning() {
+    ui.warning.textContent = "";
+    ui.warning.hidden = true;
+}
+
+// Settings the user has not filled in start at the engine's defaults; a restart keeps what the user typed.
+function showDefaults() {
+    const inputs = [[ui.temperature, defaults.temperature], [ui.topK, defaults.top_k], [ui.topP, defaults.top_p],
+                    [ui.repetitionPenalty, defaults.repetition_penalty], [ui.maxNew, defaults.max_new_tokens]];
+    for (const [input, value] of inputs) if (input.value === "") input.value = value;
+}
+
 function addMessage(kind, text) {
     const element = document.createElement("div");
     element.className = "message " + kind;
@@ -70,8 +88,10 @@ function showModelConfig(info) {
 // ------------------------------------------------------------------ worker
 
 const workerHandlers = {
-    "ready": () => {
+    "ready": message => {
         engineStarted = true;
+        defaults = message.defaults;
+        showDefaults();
         setState("no-model", "Engine ready. Choose a model file (.bin).");
     },
     "model-loaded": message => {
@@ -125,6 +145,7 @@ const workerHandlers = {
         ui.conversation.replaceChildren();
         setState(idleState(), "New conversation.");
     },
+    "warning": message => showWarning(message.message),
     "error": message => {
         showError(`${message.context}: ${message.message}`);
         if (currentReply) {
@@ -171,11 +192,11 @@ function readNumber(input, fallback) {
 
 function settings() {
     return {
-        temperature: Math.max(0, readNumber(ui.temperature, 0.7)),
-        topK: Math.max(0, Math.round(readNumber(ui.topK, 0))),
-        topP: Math.min(1, Math.max(0.01, readNumber(ui.topP, 0.9))),
-        repetitionPenalty: Math.max(0.01, readNumber(ui.repetitionPenalty, 1)),
-        maxNew: Math.max(1, Math.round(readNumber(ui.maxNew, 256))),
+        temperature: Math.max(0, readNumber(ui.temperature, defaults.temperature)),
+        topK: Math.max(0, Math.round(readNumber(ui.topK, defaults.top_k))),
+        topP: Math.min(1, Math.max(0.01, readNumber(ui.topP, defaults.top_p))),
+        repetitionPenalty: Math.max(0.01, readNumber(ui.repetitionPenalty, defaults.repetition_penalty)),
+        maxNew: Math.max(0, Math.round(readNumber(ui.maxNew, defaults.max_new_tokens))),   // 0: fill the context
         seed: crypto.getRandomValues(new Uint32Array(1))[0],
     };
 }
@@ -221,6 +242,7 @@ ui.form.addEventListener("submit", event => {
     const text = ui.prompt.value, mode = ui.mode.value;
     if (!text) return;
     clearError();
+    clearWarning();
     ui.prompt.value = "";
     if (mode === "instruct") {
         addMessage("user", text);

@@ -3,12 +3,13 @@
 // build_page.py prepends the Emscripten module (NanoEngine) to this file.
 "use strict";
 
-const PAD = 0, EOS = 3, INSTRUCT = 4, RESPONSE = 5;   // Nano's fixed special token ids (FORMAT.md)
 const TOKEN_BATCH_MS = 30;
 
 let engine = null;          // the instantiated module, once NanoEngine() resolves
+let special = null;         // the special token ids, from the engine (nano.h): {pad, bos, eos, instruct, response, …}
 let modelInfo = null;       // config of the loaded model, null when none
-let conversation = [];      // instruct mode: token ids of the turns so far, <|eos|> after each answer
+let turns = [];             // instruct mode: token ids of each kept turn, <|eos|> after each answer
+let question = [];          // instruct mode: the prompt ids of the question being answered
 let stopRequested = false;
 let onToken = null;         // set during a generation: receives each sampled token id
 
@@ -40,7 +41,8 @@ const engineReady = NanoEngine({
     printErr: text => console.warn(text),
 }).then(module => {
     engine = module;
-    post({type: "ready"});
+    special = JSON.parse(engine.UTF8ToString(engine._wasm_special_ids()));
+    post({type: "ready", defaults: JSON.parse(engine.UTF8ToString(engine._wasm_sampling_defaults()))});
 }, error => post({type: "fatal", message: "the engine could not start: " + error}));
 
 // ------------------------------------------------------------------ heap helpers
@@ -90,7 +92,7 @@ function loadModel({name, buffer}) {
         if (modelInfo && !engine._wasm_model_loaded()) unloadModel();   // out of memory after the old one was freed
         throw new Error(message);
     }
-    conversation = [];
+    turns = [];
     modelInfo = JSON.parse(engine.UTF8ToString(engine._wasm_model_info()));
     post({type: "model-loaded", name, bytes: buffer.byteLength, info: modelInfo});
 }
@@ -98,7 +100,7 @@ function loadModel({name, buffer}) {
 function unloadModel() {
     engine._wasm_unload_model();
     modelInfo = null;
-    conversation = [];
+    turns = [];
     post({type: "model-unloaded"});
 }
 
@@ -115,23 +117,45 @@ function unloadLora() {
     post({type: "lora-unloaded"});
 }
 
-// Instruct prompts carry the conversation; when it outgrows the context, the oldest turns go first.
+// ------------------------------------------------------------------ prompts
+
+// The prompt rule of every Nano front end: a continuation starts with <|bos|>, as pretraining documents do;
+// an instruction is <|instruct_mark|>text<|response_mark|> after the turns of the conversation that fit.
 function promptIds(mode, text) {
-    if (mode === "continue") return encode(text);
-    let ids = conversation.concat([INSTRUCT], encode(text), [RESPONSE]);
-    while (ids.length > modelInfo.block_size) {
-        const nextTurn = ids.indexOf(INSTRUCT, 1);
-        if (nextTurn < 0) break;
-        ids = ids.slice(nextTurn);
-    }
-    return ids;
+    return mode === "continue" ? [special.bos].concat(encode(text)) : conversationPrompt(text);
 }
+
+// Trimmed like infer.py's Conversation and main.c's conversation_ask: the oldest whole turns go when the
+// prompt would leave less than the answer room (a quarter of the context) for the answer.
+function conversationPrompt(text) {
+    const limit = modelInfo.block_size - engine._wasm_answer_room();
+    question = keepLastTokens([special.instruct].concat(encode(text), [special.response]), limit);
+    const turnsLength = () => turns.reduce((sum, turn) => sum + turn.length, 0);
+    while (turns.length && turnsLength() > limit - question.length) turns.shift();
+    return turns.flat().concat(question);
+}
+
+// A question too long on its own keeps its first token (<|instruct_mark|>) and its most recent ones, and the
+// page says so: a silently cut question reads as garbage.
+function keepLastTokens(ids, limit) {
+    if (ids.length <= limit) return ids;
+    const kept = Math.max(limit - 1, 0);
+    post({type: "warning", message: `question is ${ids.length} tokens, longer than the context of ${limit}: ` +
+                                    `keeping its last ${kept}`});
+    return ids.slice(0, 1).concat(ids.slice(ids.length - kept));
+}
+
+// Closes the asked turn with <|eos|> after the answer, also when it was cut short, as in the training template.
+function addAnswer(answer) {
+    turns.push(question.concat(answer, [special.eos]));
+}
+
+// ------------------------------------------------------------------ generation
 
 async function generate({mode, text, settings}) {
     requireModel();
     if (!text) throw new Error("type a prompt first");
     const prompt = promptIds(mode, text);
-    if (prompt.length === 0) throw new Error("the prompt is empty");
     const generated = [];
     stopRequested = false;
     // tokens go to the page in batches, at most every TOKEN_BATCH_MS: a fast model would flood it
@@ -144,7 +168,7 @@ async function generate({mode, text, settings}) {
     };
     onToken = token => {
         generated.push(token);
-        if (token === EOS || token === PAD) return;
+        if (token === special.eos || token === special.pad) return;
         pendingText += tokenText(token);
         pendingCount++;
         if (performance.now() - lastSent >= TOKEN_BATCH_MS) sendPending();
@@ -164,9 +188,7 @@ async function generate({mode, text, settings}) {
         sendPending();
     }
     if (status !== 0) throw new Error(lastError());
-    if (mode === "instruct") {   // the answer closes with <|eos|> even when cut short, as in the training template
-        conversation = prompt.concat(generated.filter(id => id !== EOS && id !== PAD), [EOS]);
-    }
+    if (mode === "instruct") addAnswer(generated.filter(id => id !== special.eos && id !== special.pad));
     const decodeSeconds = engine._wasm_decode_seconds(), decodeSteps = engine._wasm_decode_steps();
     post({
         type: "done",
@@ -181,7 +203,7 @@ async function generate({mode, text, settings}) {
 }
 
 function resetConversation() {
-    conversation = [];
+    turns = [];
     post({type: "conversation-reset"});
 }
 
