@@ -125,6 +125,12 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def load_full_model(path):
+    """(model in eval mode, tokenizer) of a full model's .pt, refusing a LoRA run's (which holds no weights)."""
+    checkpoint = load(path)
+    return build_model(checkpoint, path).eval(), tokenizer_of(checkpoint, path)
+
+
 def lora_of(checkpoint, path):
     """(adapter state dict, lora config) of a LoRA run's checkpoint."""
     if "lora" not in checkpoint:

@@ -12,13 +12,13 @@ load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 import argparse
 import math
 import os
-import pickle
 import struct
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+import checkpoint
 from model import ModelConfig, Transformer, rope_tables
 from tokenizer import Tokenizer
 
@@ -221,54 +221,6 @@ def _progress(total, path, enabled):
     except ImportError:
         return None
     return tqdm(total=total, unit="param", unit_scale=True, desc=f"writing {path}")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def read_checkpoint(path):
-    """A .pt checkpoint, tensors and plain values only; a missing or unreadable file says which."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
-
-
-def load_checkpoint(path):
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a Nano checkpoint (no model_config)")
-    return ckpt
-
-
-def strip_compile_prefix(state):
-    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def model_from_checkpoint(path):
-    ckpt = load_checkpoint(path)
-    for key in ("model", "tokenizer"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: checkpoint has no {key!r} entry")
-    cfg = ModelConfig.from_dict(ckpt["model_config"], source=f"{path} model_config")
-    model = Transformer(cfg)
-    state = {k: v for k, v in strip_compile_prefix(ckpt["model"]).items() if "lora_" not in k}
-    model.load_state_dict(state, strict=False)
-    missing = [k for k in model.state_dict() if k not in state and k != "output.weight"]
-    if missing:
-        raise ValueError(f"{path}: checkpoint model misses {missing[:4]}")
-    model.eval()
-    return model, Tokenizer.from_dict(ckpt["tokenizer"], source=f"{path} tokenizer")
-
-
-def lora_from_checkpoint(path):
-    ckpt = load_checkpoint(path)
-    for key in ("lora", "lora_config"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: not a LoRA checkpoint (no {key!r} entry)")
-    cfg = ModelConfig.from_dict(ckpt["model_config"], source=f"{path} model_config")
-    return strip_compile_prefix(ckpt["lora"]), ckpt["lora_config"], cfg
 
 
 # ----------------------------------------------------------------------------- reading
@@ -499,14 +451,15 @@ def main():
     args = parser.parse_args()
     try:
         if args.lora:
-            state, lora_config, cfg = lora_from_checkpoint(args.lora)
-            write_lora(args.output, state, lora_config, cfg)
+            saved = checkpoint.load(args.lora)
+            state, lora_config = checkpoint.lora_of(saved, args.lora)
+            write_lora(args.output, state, lora_config, checkpoint.model_config_of(saved, args.lora))
             print(f"wrote {args.output}: LoRA rank {lora_config['rank']}, alpha {lora_config['alpha']}, "
                   f"targets {lora_config['targets']}")
             return
         if args.group_size <= 0:
             raise ValueError(f"--group-size must be positive, got {args.group_size}")
-        model, tokenizer = model_from_checkpoint(args.quant or args.checkpoint)
+        model, tokenizer = checkpoint.load_full_model(args.quant or args.checkpoint)
         group = write_model(args.output, model, tokenizer, quant=bool(args.quant), group_size=args.group_size)
         kind = f"Q80, group size {group}" if args.quant else "float32"
         print(f"wrote {args.output}: {kind}, {os.path.getsize(args.output)} bytes")

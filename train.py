@@ -32,10 +32,10 @@ from dataclasses import dataclass, asdict, field, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
+from backends import DeepSpeedBackend, PlainBackend
 from data import BatchSampler, Dataset, read_json
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, BOS_ID, INSTRUCT_ID, RESPONSE_ID
@@ -127,7 +127,7 @@ class Progress:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     best_val_loss: float = float("inf")
-    time_planned_iters: int = 0         # the steps that max_time allows, fixed once after warmup (0: not yet)
+    time_planned_iters: int = 0         # the steps that max_time allows, fixed once (0: not yet)
 
     @classmethod
     def from_checkpoint(cls, saved):
@@ -224,18 +224,6 @@ def model_config_for(wanted, config, base, base_path, tokenizer):
     return model_config
 
 
-def parameter_groups(model, config):
-    """Weight decay on the matrices only: norms and biases are not pulled towards zero."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def make_optimizer(model, config, device):
-    return torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate,
-                             betas=(config.beta1, config.beta2), fused=device.startswith("cuda"))
-
-
 def measure_matmul_peak(device, dtype, size=1024, seconds=0.3):
     """FLOP/s of a square matmul on this device in this dtype: the ceiling that MFU is measured against."""
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG alone
@@ -283,68 +271,6 @@ def learning_rate_at(step, config, decay_iters):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-# ----------------------------------------------------------------------------- backends
-
-class PlainBackend:
-    """One process, or DDP under torchrun: AdamW over the module, autocast, a GradScaler for fp16."""
-
-    collective_checkpoints = False  # rank 0 alone evaluates and saves
-
-    def __init__(self, model, config, device, dtype, world_size):
-        self.config, self.world_size = config, world_size
-        self.optimizer = make_optimizer(model, config, device)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        device_type = "cuda" if device.startswith("cuda") else "cpu"
-        self.autocast = torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
-        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-        self.module = torch.compile(model) if config.compile else model
-        if world_size > 1:
-            self.module = DistributedDataParallel(self.module, device_ids=[device] if device_type == "cuda" else None)
-
-    def load(self, saved, path):
-        if "deepspeed_tag" in saved:
-            raise ValueError(f"checkpoint {path} was written by a DeepSpeed run: resume it with --deepspeed")
-        self.optimizer.load_state_dict(saved["optimizer"])
-
-    def forward_backward(self, x, y, mask, last_micro_step):
-        """The loss of one micro-batch, its gradient accumulated; DDP synchronises after the last one only."""
-        if self.world_size > 1:
-            self.module.require_backward_grad_sync = last_micro_step
-        with self.autocast:
-            _, loss = self.module(x, y, mask)
-        self.scaler.scale(loss / self.config.gradient_accumulation_steps).backward()
-        return loss
-
-    def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def checkpoint_entries(self, model, run_dir, step, resumable):
-        """The weights (a LoRA run: its adapters and the path of its base) and the optimizer state."""
-        entries = {"optimizer": self.optimizer.state_dict()}
-        if self.config.use_lora:
-            entries.update(lora=model.lora_state_dict(), lora_config=model.lora_config,
-                           base_checkpoint=self.config.from_checkpoint)
-        else:
-            entries["model"] = model.state_dict()
-        return entries
-
-    def saved_latest(self, run_dir, entries):
-        pass  # the .pt holds everything
-
-    def whole_parameters(self, model):
-        return nullcontext()  # every rank holds all of them
-
-    def finish(self, model, is_master):
-        return model
-
-
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -353,7 +279,7 @@ class Run:
     config: TrainConfig
     model_config: ModelConfig
     model: Transformer          # the plain module: evaluation, checkpoints and samples use it
-    backend: object             # PlainBackend or deepspeed_backend.DeepSpeedBackend
+    backend: object             # PlainBackend or DeepSpeedBackend
     datasets: list
     sampler: BatchSampler
     tokenizer: Tokenizer
@@ -405,9 +331,7 @@ def start_run(config, model_config=None, resume_path=None, deepspeed_path=None):
     flops_per_token = model.flops_per_token(model_config.block_size, head=not datasets[0].is_sft)
     dtype = autocast_dtype(config, device)
     if deepspeed_path:
-        from deepspeed_backend import DeepSpeedBackend
-        backend = DeepSpeedBackend(model, config, device, dtype, world_size, deepspeed_path,
-                                   parameter_groups(model, config))
+        backend = DeepSpeedBackend(model, config, device, dtype, world_size, deepspeed_path)
     else:
         backend = PlainBackend(model, config, device, dtype, world_size)
     sampler = BatchSampler(datasets, "train", model_config.block_size, config.batch_size, config.random_seed + rank,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import backends  # noqa: E402
 import train  # noqa: E402
 from bench.common import cpu_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -60,7 +61,7 @@ class Variant:
         self.name, self.dtype, self.full_logits = name, dtype, full_logits
         torch.manual_seed(0)  # the same initial weights for every variant
         self.model = Transformer(model_config)
-        self.optimizer = train.make_optimizer(self.model, train_config, "cpu")
+        self.optimizer = backends.make_optimizer(self.model, train_config, "cpu")
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.sampler = train.BatchSampler([dataset], "train", model_config.block_size, train_config.batch_size, seed=0)
         self.autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
@@ -70,7 +71,7 @@ class Variant:
     def step(self, step):
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
-            group["lr"] = train.learning_rate_at(step, 0.0, self.config)
+            group["lr"] = train.learning_rate_at(step, self.config, self.config.lr_decay_iters)
         x, y, _ = self.sampler.next_batch()
         with self.autocast:
             if self.full_logits:

@@ -19,12 +19,9 @@
 #include <wasm_simd128.h>
 #endif
 
-/* Loops are split over threads only when the work (multiply-adds) repays a fork/join. */
-#define PARALLEL_MIN_WORK (1 << 15)
 #ifdef _OPENMP
-#define PARALLEL_FOR_IF(work) _Pragma("omp parallel for schedule(static) if((work) >= PARALLEL_MIN_WORK)")
-#else
-#define PARALLEL_FOR_IF(work) (void)(work);
+#include <omp.h>
+#include <sched.h>
 #endif
 
 /* Dimension fields above this are refused, so that every size product fits in 64 bits. */
@@ -571,16 +568,67 @@ static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const fl
     return dot_q80_scalar(w, ws, x, xs, n, group);
 }
 
-/* Quantize rows of activations with the weights' groups: scale = max|x| / 127. */
-static void quantize_rows(int8_t *q, float *scale, const float *x, size_t count, int group) {
-    for (size_t g = 0; g < count / group; g++) {
-        const float *xg = x + g * group;
-        float max_abs = 0.0f;
-        for (int j = 0; j < group; j++) max_abs = fmaxf(max_abs, fabsf(xg[j]));
-        scale[g] = max_abs / 127.0f;
-        float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
-        for (int j = 0; j < group; j++) q[g * group + j] = (int8_t)lrintf(xg[j] * inverse);
+/* Quantize one group of activations like the weights: scale = max|x| / 127. */
+static void quantize_group(int8_t *q, float *scale, const float *x, int group) {
+    float max_abs = 0.0f;
+    for (int j = 0; j < group; j++) max_abs = fmaxf(max_abs, fabsf(x[j]));
+    *scale = max_abs / 127.0f;
+    float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
+    for (int j = 0; j < group; j++) q[j] = (int8_t)lrintf(x[j] * inverse);
+}
+
+/* ============================================================================ threads */
+
+/* A forward pass is one OpenMP parallel region: its threads share the rows of every step and meet at a
+ * barrier between steps, some ten times a layer. OpenMP's own barrier sleeps at once under
+ * OMP_WAIT_POLICY=passive (tens of microseconds to wake), and under the default policy spins so long on
+ * a busy machine that a descheduled partner costs milliseconds; this one spins briefly, then yields the
+ * core, so a pass runs alike under either policy. Without OpenMP there is one thread and nothing to wait for. */
+typedef struct { unsigned arrived, generation; } Barrier;
+
+#define BARRIER_SPINS 1000   /* reads of the generation, about a microsecond, before a waiter yields */
+
+static void barrier_wait(Barrier *b) {
+#ifdef _OPENMP
+    unsigned threads = (unsigned)omp_get_num_threads(), generation, arrived;
+    if (threads == 1) return;
+#pragma omp atomic read seq_cst
+    generation = b->generation;
+#pragma omp atomic capture seq_cst
+    arrived = ++b->arrived;
+    if (arrived == threads) {   /* the last one in resets the count for the next barrier, then lets all go */
+#pragma omp atomic write seq_cst
+        b->arrived = 0;
+#pragma omp atomic write seq_cst
+        b->generation = generation + 1;
+        return;
     }
+    for (int spins = 0;; spins++) {
+        unsigned now;
+#pragma omp atomic read seq_cst
+        now = b->generation;
+        if (now != generation) return;
+        if (spins >= BARRIER_SPINS) sched_yield();
+    }
+#else
+    (void)b;
+#endif
+}
+
+/* A parallel region repays its barriers only when a layer's matmuls, or the classifier, have at least this
+ * many multiply-adds; a smaller model runs on one thread. */
+#define PARALLEL_MIN_WORK (1 << 18)
+
+/* From here on, the steps of a pass run on every thread of its region: each `omp for` shares out its rows
+ * (a static schedule, so each row is done by one thread with the same code whatever the thread count) and
+ * has no barrier of its own; the caller waits at one before a step that reads what another thread wrote. */
+
+/* act_q, act_scale = count values of x quantized, a group per iteration (Q80 weights only). */
+static void quantize_input(NanoState *s, const float *x, size_t count) {
+    int group = s->model->config.group_size;
+#pragma omp for schedule(static) nowait
+    for (size_t g = 0; g < count / group; g++)
+        quantize_group(s->act_q + g * group, s->act_scale + g, x + g * group, group);
 }
 
 typedef struct {
@@ -588,15 +636,13 @@ typedef struct {
     float *out;   /* [n, w->rows] */
 } MatmulJob;
 
-/* out = W x for n input rows of width cols, for several matrices sharing the same input, in one
- * parallel loop over all output rows (one fork/join instead of one per matrix). */
+/* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
+ * all their output rows. Q80 weights read x as quantized beforehand into act_q, act_scale. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
     int cols = jobs[0].w->cols, total_rows = 0, group = s->model->config.group_size;
     int quantized = jobs[0].w->q != NULL;
-    if (quantized) quantize_rows(s->act_q, s->act_scale, x, (size_t)n * cols, group);
     for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
-    size_t work = (size_t)total_rows * cols * n;
-    PARALLEL_FOR_IF(work)
+#pragma omp for schedule(static) nowait
     for (int r = 0; r < total_rows; r++) {
         int j = 0, row = r;
         while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
@@ -634,30 +680,60 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-static void rope(float *v, int n_heads, int head_dim, const float *cos_row, const float *sin_row) {
-    for (int h = 0; h < n_heads; h++)
-        for (int i = 0; i < head_dim / 2; i++) {
-            float *pair = v + h * head_dim + 2 * i, even = pair[0], odd = pair[1];
-            pair[0] = even * cos_row[i] - odd * sin_row[i];
-            pair[1] = even * sin_row[i] + odd * cos_row[i];
-        }
+/* Rows of x, a row per iteration: x += xb (the previous branch) when asked, then out = rmsnorm(x); out = xb
+ * is the next matmuls' input, and is quantized for Q80 weights too (each row is read before it is written). */
+static void residual_norm(NanoState *s, int n, int add_branch, const float *weight, float *out) {
+    const NanoConfig *c = &s->model->config;
+    int E = c->n_embd, group = c->group_size;
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < n; t++) {
+        float *x = s->x + (size_t)t * E, *row = out + (size_t)t * E;
+        if (add_branch)
+            for (int i = 0; i < E; i++) x[i] += s->xb[(size_t)t * E + i];
+        rmsnorm(row, x, weight, E, c->norm_eps);
+        if (group && out == s->xb)
+            for (int g = 0; g < E / group; g++)
+                quantize_group(s->act_q + (size_t)t * E + g * group, s->act_scale + ((size_t)t * E + g * group) / group,
+                               row + g * group, group);
+    }
 }
 
-/* out[t] += scaling * B (A x[t]) for one adapter target of one layer. */
-static void lora_branch(NanoState *s, int target, int layer, const float *x, float *out, int n) {
+/* RoPE: rotate the interleaved pairs of each head of q and k by the angles of its position, a head per iteration. */
+static void rope(NanoState *s, float *keys, int n) {
+    const NanoModel *m = s->model;
+    const NanoConfig *c = &m->config;
+    int heads = c->n_head + c->n_kv_head, hd = c->head_dim;
+#pragma omp for schedule(static) nowait
+    for (int i = 0; i < n * heads; i++) {
+        int t = i / heads, h = i % heads;
+        float *v = h < c->n_head ? s->q + (size_t)t * m->q_dim + (size_t)h * hd
+                                 : keys + (size_t)t * m->kv_dim + (size_t)(h - c->n_head) * hd;
+        const float *cos_row = m->rope_cos + (size_t)(s->pos + t) * (hd / 2), *sin_row = m->rope_sin + (size_t)(s->pos + t) * (hd / 2);
+        for (int j = 0; j < hd / 2; j++) {
+            float even = v[2 * j], odd = v[2 * j + 1];
+            v[2 * j] = even * cos_row[j] - odd * sin_row[j];
+            v[2 * j + 1] = even * sin_row[j] + odd * cos_row[j];
+        }
+    }
+}
+
+/* out[t] += scaling * B (A x[t]) for one adapter target of one layer: the rank-wide hidden rows, then the
+ * output rows. Ends at a barrier, since the next target reuses lora_hidden. */
+static void lora_branch(NanoState *s, Barrier *barrier, int target, int layer, const float *x, float *out, int n) {
     const NanoLora *lora = s->lora;
     int r = lora->rank, in = lora->in_dim[target], out_dim = lora->out_dim[target];
     const float *a = lora->a[target] + (size_t)layer * r * in, *b = lora->b[target] + (size_t)layer * out_dim * r;
-    for (int t = 0; t < n; t++) {
-        float *hidden = s->lora_hidden + (size_t)t * r;
-        for (int k = 0; k < r; k++) hidden[k] = lora->scaling * dot_f32(a + (size_t)k * in, x + (size_t)t * in, in);
-    }
-    size_t work = (size_t)out_dim * r * n;
-    PARALLEL_FOR_IF(work)
+#pragma omp for schedule(static) nowait
+    for (int i = 0; i < n * r; i++)
+        s->lora_hidden[i] = lora->scaling * dot_f32(a + (size_t)(i % r) * in, x + (size_t)(i / r) * in, in);
+    barrier_wait(barrier);
+#pragma omp for schedule(static) nowait
     for (int i = 0; i < out_dim; i++)
         for (int t = 0; t < n; t++) out[(size_t)t * out_dim + i] += dot_f32(b + (size_t)i * r, s->lora_hidden + (size_t)t * r, r);
+    barrier_wait(barrier);
 }
 
+/* Multihead attention over the cached positions into xb2, a head per iteration. */
 static void attention(NanoState *s, int layer, int n, int causal) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
@@ -665,8 +741,7 @@ static void attention(NanoState *s, int layer, int n, int causal) {
     const float *keys = s->key_cache + (size_t)layer * c->block_size * kv_dim;
     const float *values = s->value_cache + (size_t)layer * c->block_size * kv_dim;
     float scale = 1.0f / sqrtf((float)hd);
-    size_t work = (size_t)c->n_head * n * (start + n) * hd * 2;
-    PARALLEL_FOR_IF(work)
+#pragma omp for schedule(static) nowait
     for (int h = 0; h < c->n_head; h++) {
         float *scores = s->att + (size_t)h * c->block_size;
         size_t kv_offset = (size_t)(h / group) * hd;
@@ -685,6 +760,17 @@ static void attention(NanoState *s, int layer, int n, int causal) {
     }
 }
 
+/* SwiGLU, hb = silu(hb) * hb2, a group per iteration (a row for float32), quantized as it is made for Q80. */
+static void swiglu(NanoState *s, int n) {
+    int F = s->model->config.n_hidden, group = s->model->config.group_size, chunk = group ? group : F;
+#pragma omp for schedule(static) nowait
+    for (size_t k = 0; k < (size_t)n * F / chunk; k++) {
+        float *gate = s->hb + k * chunk, *up = s->hb2 + k * chunk;
+        for (int i = 0; i < chunk; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        if (group) quantize_group(s->act_q + k * chunk, s->act_scale + k, gate, group);
+    }
+}
+
 static void embed(const NanoModel *m, float *out, int token) {
     const NanoMatrix *e = &m->embedding;
     int E = m->config.n_embd, group = m->config.group_size;
@@ -696,64 +782,79 @@ static void embed(const NanoModel *m, float *out, int token) {
 int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int E = c->n_embd, F = c->n_hidden, kv_dim = m->kv_dim, start = s->pos;
-    float eps = c->norm_eps;
+    int E = c->n_embd, kv_dim = m->kv_dim, start = s->pos, quantized = c->quant_type == NANO_QUANT_Q80;
     if (n < 1 || n > c->block_size - start) return -1;
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
-    for (int l = 0; l < c->n_layer; l++) {
-        const NanoLayer *layer = &m->layers[l];
-        /* keys and values are written straight into the KV cache at positions start..start+n-1 */
-        float *keys = s->key_cache + ((size_t)l * c->block_size + start) * kv_dim;
-        float *values = s->value_cache + ((size_t)l * c->block_size + start) * kv_dim;
+    size_t layer_work = (size_t)n * E * (2 * m->q_dim + 2 * kv_dim + 3 * c->n_hidden);
+    Barrier barrier = {0, 0};
+    /* one team for the whole pass, not one per step: waking a team costs more than a step of a small model */
+#pragma omp parallel if(layer_work >= PARALLEL_MIN_WORK)
+    {
+        for (int l = 0; l < c->n_layer; l++) {
+            const NanoLayer *layer = &m->layers[l];
+            /* keys and values are written straight into the KV cache at positions start..start+n-1 */
+            float *keys = s->key_cache + ((size_t)l * c->block_size + start) * kv_dim;
+            float *values = s->value_cache + ((size_t)l * c->block_size + start) * kv_dim;
 
-        /* attention rmsnorm */
-        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->attn_norm, E, eps);
-        /* qkv matmuls, plus the adapter's side branches */
-        MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, keys}, {&layer->wv, values}};
-        matmuls(s, s->xb, n, qkv, 3);
-        if (s->lora) {
-            lora_branch(s, LORA_WQ, l, s->xb, s->q, n);
-            lora_branch(s, LORA_WK, l, s->xb, keys, n);
-            lora_branch(s, LORA_WV, l, s->xb, values, n);
-        }
-        /* RoPE: rotate each head's interleaved pairs of q and k by the angles of their position */
-        for (int t = 0; t < n; t++) {
-            size_t rope_row = (size_t)(start + t) * (c->head_dim / 2);
-            rope(s->q + (size_t)t * m->q_dim, c->n_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
-            rope(keys + (size_t)t * kv_dim, c->n_kv_head, c->head_dim, m->rope_cos + rope_row, m->rope_sin + rope_row);
-        }
-        /* multihead attention over the cached positions, into xb2 */
-        attention(s, l, n, causal);
-        /* output projection of the attention */
-        matmul(s, s->xb, s->xb2, n, &layer->wo);
-        if (s->lora) lora_branch(s, LORA_WO, l, s->xb2, s->xb, n);
-        /* residual connection back into x */
-        for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
+            /* the previous layer's residual connection, then the attention rmsnorm */
+            residual_norm(s, n, l > 0, layer->attn_norm, s->xb);
+            barrier_wait(&barrier);
+            /* qkv matmuls, plus the adapter's side branches */
+            MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, keys}, {&layer->wv, values}};
+            matmuls(s, s->xb, n, qkv, 3);
+            barrier_wait(&barrier);
+            if (s->lora) {
+                lora_branch(s, &barrier, LORA_WQ, l, s->xb, s->q, n);
+                lora_branch(s, &barrier, LORA_WK, l, s->xb, keys, n);
+                lora_branch(s, &barrier, LORA_WV, l, s->xb, values, n);
+            }
+            rope(s, keys, n);
+            barrier_wait(&barrier);
+            attention(s, l, n, causal);
+            barrier_wait(&barrier);
+            /* output projection of the attention */
+            if (quantized) {
+                quantize_input(s, s->xb2, (size_t)n * m->q_dim);
+                barrier_wait(&barrier);
+            }
+            matmul(s, s->xb, s->xb2, n, &layer->wo);
+            barrier_wait(&barrier);
+            if (s->lora) lora_branch(s, &barrier, LORA_WO, l, s->xb2, s->xb, n);
 
-        /* ffn rmsnorm */
-        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * E, s->x + (size_t)t * E, layer->ffn_norm, E, eps);
-        /* the ffn is w2(silu(w1 x) * w3 x): gate and up matmuls first */
-        MatmulJob gate_up[] = {{&layer->w1, s->hb}, {&layer->w3, s->hb2}};
-        matmuls(s, s->xb, n, gate_up, 2);
-        /* SwiGLU non-linearity */
-        for (size_t i = 0; i < (size_t)n * F; i++) {
-            float gate = s->hb[i];
-            s->hb[i] = gate / (1.0f + expf(-gate)) * s->hb2[i];
+            /* residual connection back into x, then the ffn rmsnorm */
+            residual_norm(s, n, 1, layer->ffn_norm, s->xb);
+            barrier_wait(&barrier);
+            /* the ffn is w2(silu(w1 x) * w3 x): gate and up matmuls first */
+            MatmulJob gate_up[] = {{&layer->w1, s->hb}, {&layer->w3, s->hb2}};
+            matmuls(s, s->xb, n, gate_up, 2);
+            barrier_wait(&barrier);
+            swiglu(s, n);
+            barrier_wait(&barrier);
+            /* down matmul */
+            matmul(s, s->xb, s->hb, n, &layer->w2);
+            barrier_wait(&barrier);
         }
-        /* down matmul */
-        matmul(s, s->xb, s->hb, n, &layer->w2);
-        /* residual connection */
-        for (size_t i = 0; i < (size_t)n * E; i++) s->x[i] += s->xb[i];
+        /* last residual connection and the final rmsnorm; the classifier runs in nano_logits, only for the
+         * positions asked for */
+        residual_norm(s, n, 1, m->final_norm, s->x);
     }
-    /* final rmsnorm; the classifier runs in nano_logits, only for the positions asked for */
-    for (int t = 0; t < n; t++) rmsnorm(s->x + (size_t)t * E, s->x + (size_t)t * E, m->final_norm, E, eps);
     s->pos = start + n;
     return 0;
 }
 
 float *nano_logits(NanoState *s, int t) {
-    matmul(s, s->logits, s->x + (size_t)t * s->model->config.n_embd, 1, &s->model->classifier);
+    const NanoMatrix *w = &s->model->classifier;
+    const float *x = s->x + (size_t)t * s->model->config.n_embd;
+    Barrier barrier = {0, 0};
+#pragma omp parallel if((size_t)w->rows * w->cols >= PARALLEL_MIN_WORK)
+    {
+        if (w->q) {
+            quantize_input(s, x, w->cols);
+            barrier_wait(&barrier);
+        }
+        matmul(s, s->logits, x, 1, w);
+    }
     return s->logits;
 }
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import checkpoint
-import deepspeed_backend
+import backends
 import train
 from model import ModelConfig, Transformer
 from test_multinode import launch
@@ -136,7 +136,7 @@ def test_consolidated_checkpoint_holds_the_live_weights(zero3_run):
 
 def test_deepspeed_config_is_completed_from_the_training_config(tmp_path):
     config = train.TrainConfig(batch_size=4, gradient_accumulation_steps=3, grad_clip=0.5, learning_rate=2e-3)
-    ds = deepspeed_backend.deepspeed_config("config/ds_zero2.json", config, world_size=2, dtype=torch.bfloat16)
+    ds = backends.deepspeed_config("config/ds_zero2.json", config, world_size=2, dtype=torch.bfloat16)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
@@ -145,7 +145,7 @@ def test_deepspeed_config_is_completed_from_the_training_config(tmp_path):
     conflicting = tmp_path / "clip.json"
     conflicting.write_text('{"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match="gradient_clipping is 1.0 but the training config gives 0.5"):
-        deepspeed_backend.deepspeed_config(str(conflicting), config, world_size=2, dtype=None)
+        backends.deepspeed_config(str(conflicting), config, world_size=2, dtype=None)
 
 
 def test_resume_refuses_the_other_backend(zero2_run, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -288,16 +289,13 @@ def test_reader_refuses_bad_model_files(tmp_path, model, tok, description, how, 
     assert "bad.bin" in str(info.value)
 
 
-def write_checkpoint(path, model, tok, compiled_prefix=False):
-    state = model.state_dict()
-    if compiled_prefix:
-        state = {"_orig_mod." + k: v for k, v in state.items()}
-    torch.save({"model": state, "model_config": model.config.to_dict(), "tokenizer": tok.to_dict()}, path)
+def write_checkpoint(path, model, tok):
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "tokenizer": tok.to_dict()}, path)
 
 
 def test_cli_float32_q80_and_lora(tmp_path, model, tok):
     ckpt = str(tmp_path / "ckpt.pt")
-    write_checkpoint(ckpt, model, tok, compiled_prefix=True)
+    write_checkpoint(ckpt, model, tok)
     run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *args],  # noqa: E731
                                        capture_output=True, text=True, cwd=tmp_path)
     r = run("f.bin", "--checkpoint", ckpt)
@@ -318,6 +316,9 @@ def test_cli_float32_q80_and_lora(tmp_path, model, tok):
     assert torch.equal(state["layers.1.attn.wo.lora_B"], adapted.layers[1].attn.wo.lora_B)
     r = run("x.bin", "--checkpoint", str(tmp_path / "missing.pt"))
     assert r.returncode != 0 and "missing.pt" in r.stderr
+    r = run("x.bin", "--checkpoint", lora_ckpt)  # an adapter alone is no model to export
+    assert r.returncode != 0 and "LoRA run's checkpoint has no 'model' entry" in r.stderr
+    assert not os.path.exists(tmp_path / "x.bin")
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -325,6 +326,6 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model_config": {}, "weights": torch.zeros(1000)}, path)
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        export.read_checkpoint(str(path))
+        checkpoint.load(str(path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.read_checkpoint(str(tmp_path / "missing.pt"))
+        checkpoint.load(str(tmp_path / "missing.pt"))

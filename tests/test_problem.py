@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import export
+import checkpoint
 import problem
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
@@ -173,8 +173,8 @@ def sort_run(tmp_path_factory):
 def test_a_few_training_steps(name, tmp_path):
     stdout = run_problem(name, tmp_path, "--max-iters", "3")
     assert re.search(rf"{name}: exact match \d+\.\d\d% \(\d+/200\)", stdout)
-    checkpoint = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
-    assert checkpoint["step"] == 3 and checkpoint["model_config"]["is_causal"] == (name != "palindrome")
+    saved = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
+    assert saved["step"] == 3 and saved["model_config"]["is_causal"] == (name != "palindrome")
 
 
 def test_sort_trains_and_evaluates_again(sort_run):
@@ -192,7 +192,7 @@ def test_sort_model_gives_the_same_outputs_in_the_c_engine(sort_run, tmp_path):
     model_bin = str(tmp_path / "sort.bin")
     subprocess.run([sys.executable, "export.py", model_bin, "--checkpoint", str(root / "run" / "latest.pt")],
                    check=True, capture_output=True, timeout=60)
-    model, tokenizer = export.model_from_checkpoint(str(root / "run" / "latest.pt"))
+    model, tokenizer = checkpoint.load_full_model(str(root / "run" / "latest.pt"))
     questions = [TASKS["sort"].random_question(random.Random(i)) for i in range(20)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for question in questions:

@@ -154,14 +154,14 @@ def test_resume_after_kill_repeats_the_straight_losses(straight_run, killed_and_
     assert checkpoint.load(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
 
 
-def kill_when_logged(command, out, step, extra_delay):
-    """Start command and SIGKILL it extra_delay seconds after its log reaches step; True if it was killed
-    (False: it finished first)."""
+def kill_when(command, ready, extra_delay=0.0):
+    """Start command and SIGKILL it extra_delay seconds after ready() holds; True if it was killed (False:
+    it finished first)."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while process.poll() is None:
-        assert time.time() < deadline, "the run neither reached the step nor ended"
-        if os.path.exists(out) and any(s >= step for s in logged_steps(out)):
+        assert time.time() < deadline, "the run neither got ready nor ended"
+        if ready():
             time.sleep(extra_delay)
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -192,7 +192,7 @@ def test_resume_after_kills_at_random_moments_repeats_the_straight_losses(data, 
     resumed_from = []
     command = train_command("-m", MODEL, "-t", config("killed"))
     for kill_step in sorted(rng.sample(range(2, 29), 4)):
-        if not kill_when_logged(command, out, kill_step, rng.uniform(0, 0.3)):
+        if not kill_when(command, lambda: any(s >= kill_step for s in logged_steps(out)), rng.uniform(0, 0.3)):
             break
         resumed_from.append(checkpoint.load(os.path.join(out, "latest.pt"))["step"])
         command = train_command("-c", os.path.join(out, "latest.pt"))
@@ -208,20 +208,26 @@ def test_time_budget_becomes_a_step_count_that_resume_keeps(data, tmp_path):
     both processes ran, the same loss, and ends at the same step the killed run had planned."""
     out = str(tmp_path / "timed")
     config = write_train_config(tmp_path / "timed.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out,
-                                max_iters=100_000, lr_decay_iters=100_000, max_time=6.0, save_interval=2,
+                                max_iters=100_000, lr_decay_iters=100_000, max_time=6.0, save_interval=10,
                                 eval_interval=1000, log_interval=1)
-    killed = kill_when_logged(train_command("-m", MODEL, "-t", config), out, 10, 1.5)
-    assert killed
-    planned = checkpoint.load(os.path.join(out, "latest.pt"))["time_planned_iters"]
+    latest = os.path.join(out, "latest.pt")
+
+    def planned_and_between_saves():  # so that the resumed run repeats a few steps
+        steps = logged_steps(out)
+        return (bool(steps) and steps[-1] % 10 == 5 and os.path.exists(latest)
+                and checkpoint.load(latest)["time_planned_iters"] > 0)
+
+    assert kill_when(train_command("-m", MODEL, "-t", config), planned_and_between_saves)
+    planned = checkpoint.load(latest)["time_planned_iters"]
     assert planned > 10
-    run_train("-c", os.path.join(out, "latest.pt"))
+    run_train("-c", latest)
     lines = read_log(out, "train")
     by_step = {}
     for line in lines:
         by_step.setdefault(line["step"], set()).add((line["loss"], line["lr"]))
     assert all(len(values) == 1 for values in by_step.values()), "a repeated step logged another loss or lr"
     assert len(lines) > len(by_step)  # some steps were run by both processes
-    assert max(by_step) == planned == checkpoint.load(os.path.join(out, "latest.pt"))["step"]
+    assert max(by_step) == planned == checkpoint.load(latest)["step"]
     assert lines[-1]["lr"] < 1.1 * 3e-4  # annealed to min_lr (3e-4) by the planned end
 
 

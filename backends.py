@@ -1,8 +1,13 @@
 """
-DeepSpeed ZeRO as a backend of train.py (--deepspeed config/ds_zero*.json): the same interface as
-train.PlainBackend (load, forward_backward, step, checkpoint_entries, saved_latest, whole_parameters,
-finish), with ZeRO partitioning AdamW's state (stage 1), the gradients (2) and the parameters (3) across the
-ranks. Imported only when asked for: deepspeed is a large optional dependency.
+The backends of train.py's loop, one small interface each: load (a resumed run's state), forward_backward
+(one micro-batch), step (the optimizer at a learning rate), checkpoint_entries and saved_latest (what a
+checkpoint holds and what follows saving it), whole_parameters (a context with every parameter whole on
+every rank) and finish.
+
+    PlainBackend       one process, or DDP under torchrun
+    DeepSpeedBackend   DeepSpeed ZeRO (--deepspeed config/ds_zero*.json): AdamW's state (stage 1), the
+                       gradients (2) and the parameters (3) partitioned across the ranks; deepspeed, a large
+                       optional dependency, is imported only when it is asked for
 """
 
 import os
@@ -11,9 +16,82 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from data import read_json
 from model import Transformer
+
+
+def parameter_groups(model, config):
+    """Weight decay on the matrices only: norms and biases are not pulled towards zero."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model, config, device):
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate,
+                             betas=(config.beta1, config.beta2), fused=device.startswith("cuda"))
+
+
+class PlainBackend:
+    """One process, or DDP under torchrun: AdamW over the module, autocast, a GradScaler for fp16."""
+
+    collective_checkpoints = False  # rank 0 alone evaluates and saves
+
+    def __init__(self, model, config, device, dtype, world_size):
+        self.config, self.world_size = config, world_size
+        self.optimizer = make_optimizer(model, config, device)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.autocast = torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        self.module = torch.compile(model) if config.compile else model
+        if world_size > 1:
+            self.module = DistributedDataParallel(self.module, device_ids=[device] if device_type == "cuda" else None)
+
+    def load(self, saved, path):
+        if "deepspeed_tag" in saved:
+            raise ValueError(f"checkpoint {path} was written by a DeepSpeed run: resume it with --deepspeed")
+        self.optimizer.load_state_dict(saved["optimizer"])
+
+    def forward_backward(self, x, y, mask, last_micro_step):
+        """The loss of one micro-batch, its gradient accumulated; DDP synchronises after the last one only."""
+        if self.world_size > 1:
+            self.module.require_backward_grad_sync = last_micro_step
+        with self.autocast:
+            _, loss = self.module(x, y, mask)
+        self.scaler.scale(loss / self.config.gradient_accumulation_steps).backward()
+        return loss
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def checkpoint_entries(self, model, run_dir, step, resumable):
+        """The weights (a LoRA run: its adapters and the path of its base) and the optimizer state."""
+        entries = {"optimizer": self.optimizer.state_dict()}
+        if self.config.use_lora:
+            entries.update(lora=model.lora_state_dict(), lora_config=model.lora_config,
+                           base_checkpoint=self.config.from_checkpoint)
+        else:
+            entries["model"] = model.state_dict()
+        return entries
+
+    def saved_latest(self, run_dir, entries):
+        pass  # the .pt holds everything
+
+    def whole_parameters(self, model):
+        return nullcontext()  # every rank holds all of them
+
+    def finish(self, model, is_master):
+        return model
 
 
 class DeepSpeedBackend:
@@ -23,14 +101,14 @@ class DeepSpeedBackend:
 
     collective_checkpoints = True
 
-    def __init__(self, model, config, device, dtype, world_size, ds_path, parameter_groups):
+    def __init__(self, model, config, device, dtype, world_size, ds_path):
         if config.use_lora or config.compile:
             raise ValueError("--deepspeed trains full models without torch.compile: set use_lora and compile to false")
         if not device.startswith("cuda"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for a GPU first
         import deepspeed
         ds_config = deepspeed_config(ds_path, config, world_size, dtype)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups,
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, config),
                                                config=ds_config)
         self.autocast = nullcontext()  # DeepSpeed casts the model to bf16/fp16 and scales fp16 losses itself
         self.config, self.is_master = config, dist.get_rank() == 0
