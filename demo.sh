@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in corpus, about 16 minutes on 2 CPU cores:
 # prepare data -> pretrain (10 min) -> SFT (3 min) on review sentiment -> LoRA from the pretrained base ->
-# held-out accuracy of all three next to the majority baseline -> loss plots -> a generated sample.
+# held-out accuracy of all three next to the majority baseline -> loss plots -> generated samples ->
+# the base and its adapter exported to .bin files and run in the C engine.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,3 +22,7 @@ done
 echo "== generated samples: the pretrained model continues, the SFT model answers"
 python infer.py -m checkpoint/pretrain/best.pt --prompt "中国经济" -s 100 --seed 1
 python infer.py -m checkpoint/sft/best.pt -i --prompt "质量很好，物流也快，很满意" -t 0
+echo "== the pretrained model and its LoRA adapter, exported, in the C engine"
+python export.py checkpoint/pretrain/model.bin --checkpoint checkpoint/pretrain/best.pt
+python export.py checkpoint/lora/lora.bin --lora checkpoint/lora/best.pt
+infer_c/infer checkpoint/pretrain/model.bin -l checkpoint/lora/lora.bin -i "质量很好，物流也快，很满意" -t 0

@@ -1,5 +1,6 @@
 """export.py: the .bin layout byte for byte, round trips (float32, Q80, LoRA), and refusal of bad files."""
 
+import json
 import os
 import struct
 import subprocess
@@ -177,6 +178,17 @@ def lora_model(tok, targets=("wq", "wk", "wv", "wo"), rank=4, alpha=8):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     return model
+
+
+def test_the_shipped_lora_config_exports(tmp_path, tok):
+    """config/lora.json (the main job's adapter) trains only what the LoRA file and the engines hold."""
+    with open(os.path.join(ROOT, "config", "lora.json")) as f:
+        lora = json.load(f)
+    model = lora_model(tok, targets=lora["lora_targets"], rank=lora["lora_rank"], alpha=lora["lora_alpha"])
+    export.write_lora(str(tmp_path / "main_job_lora.bin"), model.lora_state_dict(), model.lora_config, model.config)
+    state, config = export.load_lora_bin(str(tmp_path / "main_job_lora.bin"), model.config)
+    assert sorted(config["targets"]) == sorted(lora["lora_targets"])
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.lora_state_dict().items())
 
 
 def test_lora_round_trip_and_layout(tmp_path, tok):
