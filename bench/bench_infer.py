@@ -5,7 +5,10 @@ measured in the same run by a STREAM-like read loop in C). Engines alternate; fi
 
     python bench/bench_infer.py [--rounds 3] [--tokens 128] [--threads 1 2]
 
-Prints a markdown table and writes bench/results/bench_infer.json with the machine's description.
+Each thread count runs with OpenMP's default wait policy, as a user runs the engine; each count above one
+runs again, C only, with OMP_WAIT_POLICY=passive (threads sleep when they wait), which the engine's speed
+should not depend on. Prints a markdown table and writes bench/results/bench_infer.json with the machine's
+description.
 """
 
 import argparse
@@ -18,9 +21,8 @@ import sys
 import tempfile
 import time
 
-# Threads that sleep at barriers instead of spinning: on a shared, oversubscribed machine spinning
-# OpenMP threads (C engine and PyTorch alike) lose whole scheduler slices at every barrier.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# The default rows mean OpenMP's default, for the engines started here and for this process's PyTorch.
+os.environ.pop("OMP_WAIT_POLICY", None)
 
 import torch  # noqa: E402
 
@@ -101,8 +103,15 @@ def prompt_text(tokenizer):
     return "".join(tokenizer.itos[100 + 37 * i] for i in range(PROMPT_TOKENS))
 
 
-def c_decode(infer, path, prompt, threads, tokens):
+def openmp_env(threads, policy):
+    """The environment of a C run: the thread count, and the wait policy unless it is the default."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy
+    return env
+
+
+def c_decode(infer, path, prompt, env, tokens):
     r = subprocess.run([infer, path, "-g", prompt, "-t", "0", "-n", str(tokens), "--profile"], capture_output=True,
                        text=True, env=env, check=True)
     match = re.search(r"generated (\d+) .* decode ([\d.]+) tok/s", r.stderr)
@@ -122,11 +131,8 @@ def torch_decode(model, prompt_ids, threads, tokens):
     return count / (time.perf_counter() - start)
 
 
-def bandwidth(binary, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def bandwidth(binary, env):
     return float(subprocess.run([binary], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
-
-
 
 
 def main():
@@ -136,48 +142,54 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
+    # (threads, OpenMP wait policy); PyTorch runs in this process, so only under the default
+    variants = [(t, "default") for t in args.threads] + [(t, "passive") for t in args.threads if t > 1]
     with tempfile.TemporaryDirectory() as workdir:
         infer, bandwidth_binary = build_tools(workdir)
         model, tokenizer, paths = make_model(workdir)
         prompt = prompt_text(tokenizer)
         prompt_ids = tokenizer.encode(prompt)
         weight_bytes = {kind: weight_bytes_per_token(path, model.config, tokenizer) for kind, path in paths.items()}
-        samples = {t: {k: [] for k in ("bandwidth", "torch", "c_f32", "c_q80")} for t in args.threads}
+        samples = {v: {k: [] for k in ("bandwidth", "torch", "c_f32", "c_q80")} for v in variants}
         for round_index in range(args.rounds):
-            for threads in args.threads:   # alternate engines inside each round: the machine is shared
-                s = samples[threads]
-                s["bandwidth"].append(bandwidth(bandwidth_binary, threads))
-                s["c_f32"].append(c_decode(infer, paths["f32"], prompt, threads, args.tokens))
-                s["c_q80"].append(c_decode(infer, paths["q80"], prompt, threads, args.tokens))
-                s["torch"].append(torch_decode(model, prompt_ids, threads, args.tokens))
-                print(f"round {round_index + 1}, {threads} thread(s): " +
-                      ", ".join(f"{k} {v[-1]:.1f}" for k, v in s.items()), file=sys.stderr)
+            for threads, policy in variants:   # alternate engines and variants inside each round: the machine is shared
+                s, env = samples[threads, policy], openmp_env(threads, policy)
+                s["bandwidth"].append(bandwidth(bandwidth_binary, env))
+                s["c_f32"].append(c_decode(infer, paths["f32"], prompt, env, args.tokens))
+                s["c_q80"].append(c_decode(infer, paths["q80"], prompt, env, args.tokens))
+                if policy == "default":
+                    s["torch"].append(torch_decode(model, prompt_ids, threads, args.tokens))
+                print(f"round {round_index + 1}, {threads} thread(s), {policy} wait policy: " +
+                      ", ".join(f"{k} {v[-1]:.1f}" for k, v in s.items() if v), file=sys.stderr)
 
     rows = []
-    for threads in args.threads:
-        med = {k: statistics.median(v) for k, v in samples[threads].items()}
+    for threads, policy in variants:
+        med = {k: statistics.median(v) if v else None for k, v in samples[threads, policy].items()}
         bound_f32 = med["bandwidth"] * 1e9 / weight_bytes["f32"]
         bound_q80 = med["bandwidth"] * 1e9 / weight_bytes["q80"]
-        rows.append({"threads": threads, "bandwidth_gb_s": med["bandwidth"], "torch_f32_tok_s": med["torch"],
-                     "c_f32_tok_s": med["c_f32"], "c_q80_tok_s": med["c_q80"], "bound_f32_tok_s": bound_f32,
-                     "bound_q80_tok_s": bound_q80, "c_f32_of_bound": med["c_f32"] / bound_f32,
-                     "c_q80_of_bound": med["c_q80"] / bound_q80, "samples": samples[threads]})
+        rows.append({"threads": threads, "omp_wait_policy": policy, "bandwidth_gb_s": med["bandwidth"],
+                     "torch_f32_tok_s": med["torch"], "c_f32_tok_s": med["c_f32"], "c_q80_tok_s": med["c_q80"],
+                     "bound_f32_tok_s": bound_f32, "bound_q80_tok_s": bound_q80,
+                     "c_f32_of_bound": med["c_f32"] / bound_f32, "c_q80_of_bound": med["c_q80"] / bound_q80,
+                     "samples": samples[threads, policy]})
 
     print(f"\n{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average after the run {os.getloadavg()[0]:.1f}")
+          f"load average after the run {os.getloadavg()[0]:.1f}")
     print(f"\nDecode tokens/s, Nano-56M-sized model (random weights, greedy, {args.tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds\n")
-    print("| threads | read GB/s | PyTorch f32 | C f32 | f32 bound | C f32 / bound | C Q80 | Q80 bound | C Q80 / bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | OMP_WAIT_POLICY | read GB/s | PyTorch f32 | C f32 | f32 bound | C f32 / bound | C Q80 | "
+          "Q80 bound | C Q80 / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['threads']} | {r['bandwidth_gb_s']:.1f} | {r['torch_f32_tok_s']:.1f} | {r['c_f32_tok_s']:.1f} | "
-              f"{r['bound_f32_tok_s']:.1f} | {100 * r['c_f32_of_bound']:.0f} % | {r['c_q80_tok_s']:.1f} | "
-              f"{r['bound_q80_tok_s']:.1f} | {100 * r['c_q80_of_bound']:.0f} % |")
+        torch_rate = "–" if r["torch_f32_tok_s"] is None else f"{r['torch_f32_tok_s']:.1f}"
+        print(f"| {r['threads']} | {r['omp_wait_policy']} | {r['bandwidth_gb_s']:.1f} | {torch_rate} | "
+              f"{r['c_f32_tok_s']:.1f} | {r['bound_f32_tok_s']:.1f} | {100 * r['c_f32_of_bound']:.0f} % | "
+              f"{r['c_q80_tok_s']:.1f} | {r['bound_q80_tok_s']:.1f} | {100 * r['c_q80_of_bound']:.0f} % |")
     result = {
         "benchmark": "bench_infer", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "load_average_after": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
+                    "load_average_after": os.getloadavg()},
         "model": NANO_56M, "weight_bytes_per_token": weight_bytes, "tokens": args.tokens, "rounds": args.rounds,
         "results": rows,
     }

@@ -36,7 +36,8 @@ static void usage(void) {
         "  --encode     print the prompt's token ids and exit\n"
         "  --logits F   append the float32 logits of every step to file F\n"
         "  --dump-scales F  write every Q80 weight scale (file order) as float32 to F and exit\n"
-        "threads: OMP_NUM_THREADS (on a busy shared machine, OMP_WAIT_POLICY=passive avoids stalls)\n",
+        "threads: OMP_NUM_THREADS (default: one per core; a pass opens one parallel region, so the wait\n"
+        "policy does not matter)\n",
         (double)NANO_DEFAULT_TEMPERATURE, NANO_DEFAULT_TOP_K, (double)NANO_DEFAULT_TOP_P,
         (double)NANO_DEFAULT_REPETITION_PENALTY, NANO_DEFAULT_MAX_NEW);
 }

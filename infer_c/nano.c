@@ -1,5 +1,5 @@
 /*
- * Nano inference engine core. Sections: model file, tokenizer, matrix kernels, forward pass,
+ * Nano inference engine core. Sections: model file, tokenizer, matrix kernels, threads, forward pass,
  * sampler, generation. C99; OpenMP and SIMD are used when the compiler offers them.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -581,9 +581,10 @@ static void quantize_group(int8_t *q, float *scale, const float *x, int group) {
 
 /* A forward pass is one OpenMP parallel region: its threads share the rows of every step and meet at a
  * barrier between steps, some ten times a layer. OpenMP's own barrier sleeps at once under
- * OMP_WAIT_POLICY=passive (tens of microseconds to wake), and under the default policy spins so long on
- * a busy machine that a descheduled partner costs milliseconds; this one spins briefly, then yields the
- * core, so a pass runs alike under either policy. Without OpenMP there is one thread and nothing to wait for. */
+ * OMP_WAIT_POLICY=passive (tens of microseconds to wake up), and under the default policy spins long
+ * before it sleeps, holding a core that on a busy machine the thread it waits for may need. This one spins
+ * briefly, then yields the core, so a pass runs alike under either policy. Without OpenMP there is one
+ * thread and nothing to wait for. */
 typedef struct { unsigned arrived, generation; } Barrier;
 
 #define BARRIER_SPINS 1000   /* reads of the generation, about a microsecond, before a waiter yields */
@@ -603,12 +604,13 @@ static void barrier_wait(Barrier *b) {
         b->generation = generation + 1;
         return;
     }
-    for (int spins = 0;; spins++) {
+    for (int spins = 0;;) {
         unsigned now;
 #pragma omp atomic read seq_cst
         now = b->generation;
         if (now != generation) return;
-        if (spins >= BARRIER_SPINS) sched_yield();
+        if (spins < BARRIER_SPINS) spins++;
+        else sched_yield();
     }
 #else
     (void)b;
@@ -692,23 +694,26 @@ static void residual_norm(NanoState *s, int n, int add_branch, const float *weig
             for (int i = 0; i < E; i++) x[i] += s->xb[(size_t)t * E + i];
         rmsnorm(row, x, weight, E, c->norm_eps);
         if (group && out == s->xb)
-            for (int g = 0; g < E / group; g++)
-                quantize_group(s->act_q + (size_t)t * E + g * group, s->act_scale + ((size_t)t * E + g * group) / group,
-                               row + g * group, group);
+            for (int g = 0; g < E / group; g++) {
+                size_t at = (size_t)t * E + (size_t)g * group;
+                quantize_group(s->act_q + at, s->act_scale + at / group, out + at, group);
+            }
     }
 }
 
-/* RoPE: rotate the interleaved pairs of each head of q and k by the angles of its position, a head per iteration. */
+/* RoPE: rotate the interleaved pairs of each head of q and k by its position's angles, a head per iteration. */
 static void rope(NanoState *s, float *keys, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int heads = c->n_head + c->n_kv_head, hd = c->head_dim;
 #pragma omp for schedule(static) nowait
-    for (int i = 0; i < n * heads; i++) {
-        int t = i / heads, h = i % heads;
-        float *v = h < c->n_head ? s->q + (size_t)t * m->q_dim + (size_t)h * hd
-                                 : keys + (size_t)t * m->kv_dim + (size_t)(h - c->n_head) * hd;
-        const float *cos_row = m->rope_cos + (size_t)(s->pos + t) * (hd / 2), *sin_row = m->rope_sin + (size_t)(s->pos + t) * (hd / 2);
+    for (size_t i = 0; i < (size_t)n * heads; i++) {
+        size_t t = i / heads;
+        int h = (int)(i % heads);
+        float *v = h < c->n_head ? s->q + t * m->q_dim + (size_t)h * hd
+                                 : keys + t * m->kv_dim + (size_t)(h - c->n_head) * hd;
+        size_t rope_row = (s->pos + t) * (hd / 2);
+        const float *cos_row = m->rope_cos + rope_row, *sin_row = m->rope_sin + rope_row;
         for (int j = 0; j < hd / 2; j++) {
             float even = v[2 * j], odd = v[2 * j + 1];
             v[2 * j] = even * cos_row[j] - odd * sin_row[j];
@@ -724,8 +729,8 @@ static void lora_branch(NanoState *s, Barrier *barrier, int target, int layer, c
     int r = lora->rank, in = lora->in_dim[target], out_dim = lora->out_dim[target];
     const float *a = lora->a[target] + (size_t)layer * r * in, *b = lora->b[target] + (size_t)layer * out_dim * r;
 #pragma omp for schedule(static) nowait
-    for (int i = 0; i < n * r; i++)
-        s->lora_hidden[i] = lora->scaling * dot_f32(a + (size_t)(i % r) * in, x + (size_t)(i / r) * in, in);
+    for (size_t i = 0; i < (size_t)n * r; i++)
+        s->lora_hidden[i] = lora->scaling * dot_f32(a + i % r * in, x + i / r * in, in);
     barrier_wait(barrier);
 #pragma omp for schedule(static) nowait
     for (int i = 0; i < out_dim; i++)
@@ -786,10 +791,10 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     if (n < 1 || n > c->block_size - start) return -1;
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
-    size_t layer_work = (size_t)n * E * (2 * m->q_dim + 2 * kv_dim + 3 * c->n_hidden);
     Barrier barrier = {0, 0};
-    /* one team for the whole pass, not one per step: waking a team costs more than a step of a small model */
-#pragma omp parallel if(layer_work >= PARALLEL_MIN_WORK)
+    /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
+     * model; threads only when a layer's matmuls (these multiply-adds) reach PARALLEL_MIN_WORK */
+#pragma omp parallel if((size_t)n * E * (2 * m->q_dim + 2 * kv_dim + 3 * c->n_hidden) >= PARALLEL_MIN_WORK)
     {
         for (int l = 0; l < c->n_layer; l++) {
             const NanoLayer *layer = &m->layers[l];
@@ -847,6 +852,7 @@ float *nano_logits(NanoState *s, int t) {
     const NanoMatrix *w = &s->model->classifier;
     const float *x = s->x + (size_t)t * s->model->config.n_embd;
     Barrier barrier = {0, 0};
+    /* a team of its own: the classifier is the largest matmul of a step */
 #pragma omp parallel if((size_t)w->rows * w->cols >= PARALLEL_MIN_WORK)
     {
         if (w->q) {

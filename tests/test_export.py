@@ -169,8 +169,8 @@ def test_norm_eps_is_written_and_honoured(tmp_path, tok):
     assert not torch.allclose(logits_of(tiny_model(tok), tok), logits_of(model, tok), atol=1e-3)   # eps matters
 
 
-def lora_model(tok, targets=("wq", "wk", "wv", "wo"), rank=4, alpha=8):
-    model = tiny_model(tok)
+def lora_model(tok, targets=("wq", "wk", "wv", "wo"), rank=4, alpha=8, **dims):
+    model = tiny_model(tok, **dims)
     model.attach_lora(rank, alpha, targets=targets)
     torch.manual_seed(1)
     with torch.no_grad():

@@ -179,6 +179,36 @@ def test_lora_attached_and_detached(infer, tmp_path, tok):
                                                              extra=("-l", lora_path))[1], atol=1e-3)
 
 
+def test_threads_share_the_work_and_change_no_result(infer, tmp_path, tok):
+    """A model wide enough that every step of a token runs threaded (the engine keeps small models on one
+    thread): float32 and Q80, with a LoRA adapter, give the same ids and bit-identical logits on 1, 2 and 3
+    threads and under either OpenMP wait policy, and float32 matches PyTorch."""
+    wide = lora_model(tok, n_embd=160, n_hidden=432, block_size=48)
+    f32, q80, lora = (str(tmp_path / name) for name in ("wide.bin", "wide_q80.bin", "wide_lora.bin"))
+    export.write_model(f32, wide, tok)
+    export.write_model(q80, wide, tok, quant=True, group_size=16)
+    export.write_lora(lora, wide.lora_state_dict(), wide.lora_config, wide.config)
+    prompt = "the quick 😀 fox 你好"
+    prompt_ids = [BOS_ID] + tok.encode(prompt)
+    for path in (f32, q80):
+        runs = []
+        for threads, policy in ((1, "active"), (2, "active"), (2, "passive"), (3, "passive")):
+            logits_path = str(tmp_path / f"logits_{threads}_{policy}.f32")
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=policy)
+            r = subprocess.run([infer, path, "-l", lora, "-g", prompt, "-t", "0", "-r", "1", "-n", "20",
+                                "--print-ids", "--logits", logits_path], capture_output=True, text=True, env=env,
+                               timeout=120)
+            assert r.returncode == 0, r.stderr
+            runs.append((r.stdout.split(), np.fromfile(logits_path, dtype=np.float32)))
+        for ids, logits in runs[1:]:
+            assert ids == runs[0][0] and np.array_equal(logits, runs[0][1])
+        if path == f32:
+            ids = [int(x) for x in runs[0][0]]
+            assert ids == torch_greedy(wide, prompt_ids, 20)
+            reference = torch_step_logits(wide, prompt_ids, ids, len(runs[0][1]) // tok.vocab_size)
+            assert np.abs(runs[0][1].reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
+
+
 def c_seq2seq(binary, model_path, prompt, tmp_path, extra=()):
     """Argmax ids and logits of every position from the engine's one pass over a raw prompt."""
     logits_path = str(tmp_path / "s2s.f32")
