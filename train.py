@@ -128,6 +128,8 @@ class Progress:
     train_seconds: float = 0.0
     best_val_loss: float = float("inf")
     time_planned_iters: int = 0         # the steps that max_time allows, fixed once (0: not yet)
+    speed_mark_step: int = 0            # where the speed that plan is made from was first read
+    speed_mark_seconds: float = 0.0
 
     @classmethod
     def from_checkpoint(cls, saved):
@@ -253,12 +255,20 @@ def decay_end(progress, config):
 
 
 def plan_time_budget(progress, config):
-    """Turn max_time into a step count once, when a tenth of it is spent, from the speed so far (evaluations
-    and saves included). From then on the schedule and the stop depend on the step alone: the wall clock of
-    a killed run is lost, so a schedule that kept reading it could not be repeated by the resumed run."""
-    if config.max_time > 0 and not progress.time_planned_iters and progress.train_seconds >= config.max_time / 10:
-        seconds_per_step = progress.train_seconds / progress.step
-        progress.time_planned_iters = max(progress.step, int(config.max_time / seconds_per_step))
+    """Turn max_time into a step count once, from the speed between a twentieth and three twentieths of it
+    (past the start-up and the first evaluation; later evaluations and saves included). From then on the
+    schedule and the stop depend on the step alone: the wall clock of a killed run is lost, so a schedule
+    that kept reading it could not be repeated by the resumed run."""
+    if config.max_time <= 0 or progress.time_planned_iters:
+        return
+    if not progress.speed_mark_step:
+        if progress.train_seconds >= config.max_time / 20:
+            progress.speed_mark_step, progress.speed_mark_seconds = progress.step, progress.train_seconds
+    elif progress.train_seconds >= config.max_time * 3 / 20 and progress.step > progress.speed_mark_step:
+        seconds_per_step = ((progress.train_seconds - progress.speed_mark_seconds)
+                            / (progress.step - progress.speed_mark_step))
+        remaining = max(0.0, config.max_time - progress.train_seconds)
+        progress.time_planned_iters = progress.step + int(remaining / seconds_per_step)
 
 
 def learning_rate_at(step, config, decay_iters):

@@ -232,14 +232,17 @@ def test_time_budget_becomes_a_step_count_that_resume_keeps(data, tmp_path):
 
 
 def test_learning_rate_anneals_by_the_planned_end():
-    config = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=1000, max_time=60.0)
-    progress = train.Progress(step=50, train_seconds=6.0)
-    train.plan_time_budget(progress, config)  # 6 s for 50 steps: 60 s allow 500
-    assert progress.time_planned_iters == 500 and train.last_step(progress, config) == 500
-    assert train.learning_rate_at(500, config, train.decay_end(progress, config)) == pytest.approx(1e-4)
-    progress.train_seconds = 30.0
+    config = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=1000, max_time=100.0)
+    progress = train.Progress(step=10, train_seconds=5.0)
+    train.plan_time_budget(progress, config)  # 5 % of the budget: where the speed is measured from
+    assert progress.time_planned_iters == 0 and train.last_step(progress, config) == config.max_iters
+    progress.step, progress.train_seconds = 30, 15.0
+    train.plan_time_budget(progress, config)  # 0.5 s a step since the mark: 85 s left allow 170 more
+    assert progress.time_planned_iters == 200 and train.last_step(progress, config) == 200
+    assert train.learning_rate_at(200, config, train.decay_end(progress, config)) == pytest.approx(1e-4)
+    progress.step, progress.train_seconds = 100, 30.0
     train.plan_time_budget(progress, config)  # planned once, never again
-    assert progress.time_planned_iters == 500
+    assert progress.time_planned_iters == 200
 
 
 def test_a_new_dataset_path_drops_the_old_dataset_weights():
