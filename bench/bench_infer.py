@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 import export  # noqa: E402
 from bench.common import cpu_model, write_results  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 NANO_56M = dict(block_size=512, vocab_size=16384, n_layer=16, n_embd=512, n_head=16, n_kv_head=8, n_hidden=1408)
 PROMPT_TOKENS = 16
@@ -85,7 +85,7 @@ def make_model(workdir):
     tokenizer = Tokenizer(SPECIAL_TOKENS + chars)
     model = Transformer(ModelConfig(**NANO_56M)).eval()
     with torch.no_grad():
-        model.tok_embeddings.weight[[0, 3]] = 0.0
+        model.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0  # the stop tokens
     paths = {"f32": os.path.join(workdir, "nano56m_f32.bin"), "q80": os.path.join(workdir, "nano56m_q80.bin")}
     export.write_model(paths["f32"], model, tokenizer, progress=False)
     export.write_model(paths["q80"], model, tokenizer, quant=True, progress=False)
