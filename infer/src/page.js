@@ -37,25 +37,14 @@ function setState(state, statusText) {
 
 function idleState() { return modelLoaded ? "ready" : "no-model"; }
 
-function showError(text) {
-    ui.error.textContent = text;
-    ui.error.hidden = false;
+// A message box (ui.error, ui.warning) shows its text, or is hidden when the text is empty.
+function showMessage(box, text) {
+    box.textContent = text;
+    box.hidden = text === "";
 }
 
-function clearError() {
-    ui.error.textContent = "";
-    ui.error.hidden = true;
-}
-
-function showWarning(text) {
-    ui.warning.textContent = text;
-    ui.warning.hidden = false;
-}
-
-function clearWarning() {
-    ui.warning.textContent = "";
-    ui.warning.hidden = true;
-}
+function showError(text) { showMessage(ui.error, text); }
+function showWarning(text) { showMessage(ui.warning, text); }
 
 // Settings the user has not filled in start at the engine's defaults; a restart keeps what the user typed.
 function showDefaults() {
@@ -206,7 +195,7 @@ async function sendFile(input, type) {
     const file = input.files[0];
     if (!file) return;
     input.value = "";   // picking the same file again must fire "change" again
-    clearError();
+    showError("");
     worker.postMessage({type: "stop"});
     setState("busy", `Loading ${file.name}…`);
     try {
@@ -241,8 +230,8 @@ ui.form.addEventListener("submit", event => {
     if (document.body.dataset.state !== "ready") return;
     const text = ui.prompt.value, mode = ui.mode.value;
     if (!text) return;
-    clearError();
-    clearWarning();
+    showError("");
+    showWarning("");
     ui.prompt.value = "";
     if (mode === "instruct") {
         addMessage("user", text);
