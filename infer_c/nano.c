@@ -668,6 +668,12 @@ static void matmul(NanoState *s, float *out, const float *x, int n, const NanoMa
 
 /* ============================================================================ forward pass */
 
+/* A row of a forward pass: a token of state's sequence at position pos, seeing its first `visible` positions. */
+typedef struct {
+    NanoState *state;
+    int pos, visible;
+} PassRow;
+
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     float sum_squares = 0.0f;
     for (int i = 0; i < n; i++) sum_squares += x[i] * x[i];
@@ -701,8 +707,9 @@ static void residual_norm(NanoState *s, int n, int add_branch, const float *weig
     }
 }
 
-/* RoPE: rotate the interleaved pairs of each head of q and k by its position's angles, a head per iteration. */
-static void rope(NanoState *s, float *keys, int n) {
+/* RoPE: rotate the interleaved pairs of each head of q and k by its row's position's angles, a head per
+ * iteration. */
+static void rope(NanoState *s, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int heads = c->n_head + c->n_kv_head, hd = c->head_dim;
@@ -711,8 +718,8 @@ static void rope(NanoState *s, float *keys, int n) {
         size_t t = i / heads;
         int h = (int)(i % heads);
         float *v = h < c->n_head ? s->q + t * m->q_dim + (size_t)h * hd
-                                 : keys + t * m->kv_dim + (size_t)(h - c->n_head) * hd;
-        size_t rope_row = (s->pos + t) * (hd / 2);
+                                 : s->k + t * m->kv_dim + (size_t)(h - c->n_head) * hd;
+        size_t rope_row = (size_t)rows[t].pos * (hd / 2);
         const float *cos_row = m->rope_cos + rope_row, *sin_row = m->rope_sin + rope_row;
         for (int j = 0; j < hd / 2; j++) {
             float even = v[2 * j], odd = v[2 * j + 1];
@@ -722,29 +729,55 @@ static void rope(NanoState *s, float *keys, int n) {
     }
 }
 
-/* out[t] += scaling * B (A x[t]) for one adapter target of one layer: the rank-wide hidden rows, then the
- * output rows. Ends at a barrier, since the next target reuses lora_hidden. */
-static void lora_branch(NanoState *s, Barrier *barrier, int target, int layer, const float *x, float *out, int n) {
-    const NanoLora *lora = s->lora;
+/* out[t] += scaling * B (A x[t]) for one adapter target of one layer: the rank-wide hidden rows (in the
+ * hidden buffer of the adapter's sequence), then the output rows. Ends at a barrier, since the next target
+ * reuses that buffer. */
+static void lora_branch(const NanoLora *lora, float *hidden, Barrier *barrier, int target, int layer,
+                        const float *x, float *out, int n) {
     int r = lora->rank, in = lora->in_dim[target], out_dim = lora->out_dim[target];
     const float *a = lora->a[target] + (size_t)layer * r * in, *b = lora->b[target] + (size_t)layer * out_dim * r;
 #pragma omp for schedule(static) nowait
     for (size_t i = 0; i < (size_t)n * r; i++)
-        s->lora_hidden[i] = lora->scaling * dot_f32(a + i % r * in, x + i / r * in, in);
+        hidden[i] = lora->scaling * dot_f32(a + i % r * in, x + i / r * in, in);
     barrier_wait(barrier);
 #pragma omp for schedule(static) nowait
     for (int i = 0; i < out_dim; i++)
-        for (int t = 0; t < n; t++) out[(size_t)t * out_dim + i] += dot_f32(b + (size_t)i * r, s->lora_hidden + (size_t)t * r, r);
+        for (int t = 0; t < n; t++) out[(size_t)t * out_dim + i] += dot_f32(b + (size_t)i * r, hidden + (size_t)t * r, r);
     barrier_wait(barrier);
 }
 
-/* Multihead attention over the cached positions into xb2, a head per iteration. */
-static void attention(NanoState *s, int layer, int n, int causal) {
+/* lora_branch over the rows of a pass, a run of consecutive rows whose sequences share an adapter at a time
+ * (every thread walks the same runs). Rows without an adapter are left alone. */
+static void lora_branches(const PassRow *rows, int n, Barrier *barrier, int target, int layer, const float *x,
+                          float *out) {
+    for (int first = 0, end; first < n; first = end) {
+        const NanoState *owner = rows[first].state;
+        for (end = first + 1; end < n && rows[end].state->lora == owner->lora;) end++;
+        if (!owner->lora) continue;
+        int in = owner->lora->in_dim[target], out_dim = owner->lora->out_dim[target];
+        lora_branch(owner->lora, owner->lora_hidden, barrier, target, layer, x + (size_t)first * in,
+                    out + (size_t)first * out_dim, end - first);
+    }
+}
+
+/* The pass's keys and values into each row's sequence's cache at the row's position, a row per iteration. */
+static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
+    int kv_dim = s->model->kv_dim, block = s->model->config.block_size;
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < n; t++) {
+        size_t at = ((size_t)layer * block + rows[t].pos) * kv_dim;
+        memcpy(rows[t].state->key_cache + at, s->k + (size_t)t * kv_dim, sizeof(float) * kv_dim);
+        memcpy(rows[t].state->value_cache + at, s->v + (size_t)t * kv_dim, sizeof(float) * kv_dim);
+    }
+}
+
+/* Multihead attention of each row over the visible positions of its sequence's cache into xb2, a head per
+ * iteration. */
+static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int hd = c->head_dim, kv_dim = m->kv_dim, group = c->n_head / c->n_kv_head, start = s->pos;
-    const float *keys = s->key_cache + (size_t)layer * c->block_size * kv_dim;
-    const float *values = s->value_cache + (size_t)layer * c->block_size * kv_dim;
+    int hd = c->head_dim, kv_dim = m->kv_dim, group = c->n_head / c->n_kv_head;
+    size_t layer_offset = (size_t)layer * c->block_size * kv_dim;
     float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static) nowait
     for (int h = 0; h < c->n_head; h++) {
@@ -752,7 +785,9 @@ static void attention(NanoState *s, int layer, int n, int causal) {
         size_t kv_offset = (size_t)(h / group) * hd;
         for (int t = 0; t < n; t++) {
             const float *q = s->q + (size_t)t * m->q_dim + (size_t)h * hd;
-            int visible = causal ? start + t + 1 : start + n;
+            const float *keys = rows[t].state->key_cache + layer_offset;
+            const float *values = rows[t].state->value_cache + layer_offset;
+            int visible = rows[t].visible;
             for (int p = 0; p < visible; p++) scores[p] = dot_f32(q, keys + (size_t)p * kv_dim + kv_offset, hd) * scale;
             softmax(scores, visible);
             float *out = s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd;
@@ -784,11 +819,13 @@ static void embed(const NanoModel *m, float *out, int token) {
     for (int i = 0; i < E; i++) out[i] = e->q[offset + i] * e->scale[(offset + i) / group];
 }
 
-int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
+/* The forward pass of n rows, row t being tokens[t] as rows[t] describes, in the activation buffers of s (so
+ * n <= block_size). nano_forward runs a sequence's tokens as rows, nano_forward_batch a token of each of
+ * several sequences: the weights are read once for all the rows, which is what batching buys. */
+static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int E = c->n_embd, kv_dim = m->kv_dim, start = s->pos, quantized = c->quant_type == NANO_QUANT_Q80;
-    if (n < 1 || n > c->block_size - start) return -1;
+    int E = c->n_embd, kv_dim = m->kv_dim, quantized = c->quant_type == NANO_QUANT_Q80;
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
     Barrier barrier = {0, 0};
@@ -798,25 +835,22 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
     {
         for (int l = 0; l < c->n_layer; l++) {
             const NanoLayer *layer = &m->layers[l];
-            /* keys and values are written straight into the KV cache at positions start..start+n-1 */
-            float *keys = s->key_cache + ((size_t)l * c->block_size + start) * kv_dim;
-            float *values = s->value_cache + ((size_t)l * c->block_size + start) * kv_dim;
 
             /* the previous layer's residual connection, then the attention rmsnorm */
             residual_norm(s, n, l > 0, layer->attn_norm, s->xb);
             barrier_wait(&barrier);
             /* qkv matmuls, plus the adapter's side branches */
-            MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, keys}, {&layer->wv, values}};
+            MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, s->k}, {&layer->wv, s->v}};
             matmuls(s, s->xb, n, qkv, 3);
             barrier_wait(&barrier);
-            if (s->lora) {
-                lora_branch(s, &barrier, LORA_WQ, l, s->xb, s->q, n);
-                lora_branch(s, &barrier, LORA_WK, l, s->xb, keys, n);
-                lora_branch(s, &barrier, LORA_WV, l, s->xb, values, n);
-            }
-            rope(s, keys, n);
+            lora_branches(rows, n, &barrier, LORA_WQ, l, s->xb, s->q);
+            lora_branches(rows, n, &barrier, LORA_WK, l, s->xb, s->k);
+            lora_branches(rows, n, &barrier, LORA_WV, l, s->xb, s->v);
+            rope(s, rows, n);
             barrier_wait(&barrier);
-            attention(s, l, n, causal);
+            store_kv(s, rows, n, l);
+            barrier_wait(&barrier);
+            attention(s, rows, l, n);
             barrier_wait(&barrier);
             /* output projection of the attention */
             if (quantized) {
@@ -825,7 +859,7 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
             }
             matmul(s, s->xb, s->xb2, n, &layer->wo);
             barrier_wait(&barrier);
-            if (s->lora) lora_branch(s, &barrier, LORA_WO, l, s->xb2, s->xb, n);
+            lora_branches(rows, n, &barrier, LORA_WO, l, s->xb2, s->xb);
 
             /* residual connection back into x, then the ffn rmsnorm */
             residual_norm(s, n, 1, layer->ffn_norm, s->xb);
@@ -844,30 +878,64 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
          * positions asked for */
         residual_norm(s, n, 1, m->final_norm, s->x);
     }
+}
+
+int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
+    int start = s->pos;
+    if (n < 1 || n > s->model->config.block_size - start) return -1;
+    PassRow *rows = malloc(sizeof(PassRow) * n);
+    if (!rows) return -1;
+    for (int t = 0; t < n; t++) rows[t] = (PassRow){s, start + t, causal ? start + t + 1 : start + n};
+    forward_rows(s, tokens, rows, n);
+    free(rows);
     s->pos = start + n;
     return 0;
 }
 
-float *nano_logits(NanoState *s, int t) {
+/* out[t] = classifier x[first + t] for n rows of s->x. */
+static void classify(NanoState *s, int first, int n, float *out) {
     const NanoMatrix *w = &s->model->classifier;
-    const float *x = s->x + (size_t)t * s->model->config.n_embd;
+    const float *x = s->x + (size_t)first * s->model->config.n_embd;
     Barrier barrier = {0, 0};
     /* a team of its own: the classifier is the largest matmul of a step */
-#pragma omp parallel if((size_t)w->rows * w->cols >= PARALLEL_MIN_WORK)
+#pragma omp parallel if((size_t)n * w->rows * w->cols >= PARALLEL_MIN_WORK)
     {
         if (w->q) {
-            quantize_input(s, x, w->cols);
+            quantize_input(s, x, (size_t)n * w->cols);
             barrier_wait(&barrier);
         }
-        matmul(s, s->logits, x, 1, w);
+        matmul(s, out, x, n, w);
     }
+}
+
+float *nano_logits(NanoState *s, int t) {
+    classify(s, t, 1, s->logits);
     return s->logits;
 }
 
+int nano_forward_batch(NanoState **states, const int *tokens, int n, float *logits) {
+    if (n < 1 || n > states[0]->model->config.block_size) return -1;
+    for (int i = 0; i < n; i++)
+        if (states[i]->model != states[0]->model || states[i]->pos >= states[i]->model->config.block_size) return -1;
+    PassRow *rows = malloc(sizeof(PassRow) * n);
+    if (!rows) return -1;
+    for (int i = 0; i < n; i++) rows[i] = (PassRow){states[i], states[i]->pos, states[i]->pos + 1};
+    forward_rows(states[0], tokens, rows, n);
+    free(rows);
+    for (int i = 0; i < n; i++) states[i]->pos++;
+    classify(states[0], 0, n, logits);
+    return 0;
+}
+
+
 /* ---------------------------------------------------------------------------- state */
 
+/* For callers that allocate the structs without this header (serve.py, through ctypes). */
+const size_t nano_model_size = sizeof(NanoModel), nano_lora_size = sizeof(NanoLora), nano_state_size = sizeof(NanoState),
+             nano_sampler_size = sizeof(NanoSampler);
+
 /* Buffer sizes in elements; nano_state_bytes and nano_state_init share them. */
-typedef struct { size_t x, xb, q, hidden, att, logits, cache, act_q, act_scale; } StateSizes;
+typedef struct { size_t x, xb, q, kv, hidden, att, logits, cache, act_q, act_scale; } StateSizes;
 
 static StateSizes state_sizes(const NanoModel *m) {
     const NanoConfig *c = &m->config;
@@ -875,7 +943,7 @@ static StateSizes state_sizes(const NanoModel *m) {
     if ((size_t)m->q_dim > widest) widest = m->q_dim;
     if ((size_t)c->n_hidden > widest) widest = c->n_hidden;
     int quantized = c->quant_type == NANO_QUANT_Q80;
-    StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * c->n_hidden, (size_t)c->n_head * B, c->vocab_size,
+    StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * m->kv_dim, B * c->n_hidden, (size_t)c->n_head * B, c->vocab_size,
                     (size_t)c->n_layer * B * m->kv_dim, quantized ? B * widest : 0,
                     quantized ? B * widest / c->group_size : 0};
     return z;
@@ -883,7 +951,7 @@ static StateSizes state_sizes(const NanoModel *m) {
 
 size_t nano_state_bytes(const NanoModel *m) {
     StateSizes z = state_sizes(m);
-    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale) + z.act_q;
+    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.kv + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale) + z.act_q;
 }
 
 int nano_state_init(NanoState *s, const NanoModel *m) {
@@ -894,6 +962,8 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
     s->xb = calloc(z.xb, sizeof(float));
     s->xb2 = calloc(z.xb, sizeof(float));
     s->q = calloc(z.q, sizeof(float));
+    s->k = calloc(z.kv, sizeof(float));
+    s->v = calloc(z.kv, sizeof(float));
     s->hb = calloc(z.hidden, sizeof(float));
     s->hb2 = calloc(z.hidden, sizeof(float));
     s->att = calloc(z.att, sizeof(float));
@@ -902,7 +972,7 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
     s->value_cache = calloc(z.cache, sizeof(float));
     s->act_q = z.act_q ? calloc(z.act_q, 1) : NULL;
     s->act_scale = z.act_scale ? calloc(z.act_scale, sizeof(float)) : NULL;
-    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->hb || !s->hb2 || !s->att || !s->logits || !s->key_cache ||
+    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->att || !s->logits || !s->key_cache ||
         !s->value_cache || (z.act_q && (!s->act_q || !s->act_scale))) {
         nano_state_free(s);
         return -1;
@@ -911,7 +981,7 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
 }
 
 void nano_state_free(NanoState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2); free(s->att); free(s->logits);
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2); free(s->att); free(s->logits);
     free(s->key_cache); free(s->value_cache); free(s->act_q); free(s->act_scale); free(s->lora_hidden);
     memset(s, 0, sizeof *s);
 }

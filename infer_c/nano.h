@@ -86,6 +86,7 @@ typedef struct {
     const NanoLora *lora;
     int pos;                  /* positions held in the KV cache */
     float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;
+    float *k, *v;             /* a pass's keys and values, before they go to the caches of their sequences */
     int8_t *act_q;            /* activations quantized for Q80 matmuls */
     float *act_scale;
     float *key_cache, *value_cache;   /* [n_layer, block_size, kv_dim] */
@@ -121,6 +122,7 @@ void nano_model_free(NanoModel *m);
 int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t size, const char *name,
                    char *err, size_t err_cap);
 
+extern const size_t nano_model_size, nano_lora_size, nano_state_size, nano_sampler_size;   /* sizeof each */
 size_t nano_state_bytes(const NanoModel *m);
 int nano_state_init(NanoState *s, const NanoModel *m);
 void nano_state_free(NanoState *s);
@@ -132,6 +134,12 @@ int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detach
  * Returns -1 (and does nothing) when the tokens do not fit in block_size. */
 int nano_forward(NanoState *s, const int *tokens, int n, int causal);
 float *nano_logits(NanoState *s, int t);
+
+/* One decoding step of n causal sequences at once (a server's concurrent requests): tokens[i] at position
+ * states[i]->pos of states[i], each with its own KV cache and adapter; logits[i * vocab_size ...] receives its
+ * next-token logits. The weights are read once per step for all n. The states share one model, n <= block_size,
+ * and each must have room for a position; otherwise returns -1 and does nothing. */
+int nano_forward_batch(NanoState **states, const int *tokens, int n, float *logits);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */
 int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap);
