@@ -1,0 +1,635 @@
+"""
+Serve a Nano model over HTTP: the OpenAI API that chat clients speak, and the browser page.
+
+    python serve.py -m checkpoint/sft/best.pt [-l checkpoint/lora/best.pt] [--port 8000]
+    python serve.py -m model_q80.bin --lora style=lora.bin --api-key $KEY --host 0.0.0.0
+    curl localhost:8000/v1/chat/completions -d '{"messages":[{"role":"user","content":"你好"}],"stream":true}'
+    open http://localhost:8000/      the page of infer/index.html, answering through this server
+
+Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent events when "stream" is
+true), GET /v1/models (the base model and each named LoRA adapter, chosen per request by "model"),
+GET /health, GET / (the page). Errors come in the OpenAI error shape.
+
+Engines: a .bin file runs on the C core (infer_c/libnano.so, the nano.c of the CLI and the page) through
+ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding thread serves
+every request: each step it admits waiting requests (prefilling their prompts), then advances every
+running request by one token. On the C core that step is one batched forward pass (nano_forward_batch:
+the weights are read once for all the requests); on PyTorch each request steps its own KV cache.
+Each request samples with its own settings (infer.py's sampler on PyTorch, the CLI's nano_sample on the
+C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
+frees its slot at the next step.
+
+Prompts follow infer.py: a completion continues <|bos|>text; a chat is
+<|instruct_mark|>question<|response_mark|>answer<|eos|> per turn, a system message opening the first
+question. Prompt and answer must fit the context: a request that cannot is refused (400), never cut.
+"""
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+import checkpoint
+import infer
+from model import KVCache
+from tokenizer import EOS_ID
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LIBRARY = os.path.join(ROOT, "infer_c", "libnano.so")
+PAGE = os.path.join(ROOT, "infer", "index.html")
+MAX_BODY_BYTES = 1 << 20
+MAX_STOP_STRINGS = 4
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status and the OpenAI error object's fields."""
+
+    def __init__(self, status, message, param=None, kind="invalid_request_error", code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------- the C engine
+
+class NanoLibrary:
+    """nano.h's functions through ctypes. The structs are opaque byte buffers of the library's own sizes,
+    except the start of NanoState (model, lora, pos), which a new request resets."""
+
+    class StateHead(ctypes.Structure):
+        _fields_ = [("model", ctypes.c_void_p), ("lora", ctypes.c_void_p), ("pos", ctypes.c_int)]
+
+    def __init__(self, path=LIBRARY):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: build it with `make -C infer_c`")
+        lib = ctypes.CDLL(path)
+        p, i, f, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
+        signatures = {
+            "nano_model_load": (i, [p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
+            "nano_lora_load": (i, [p, p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
+            "nano_state_init": (i, [p, p]),
+            "nano_state_free": (None, [p]),
+            "nano_state_attach_lora": (i, [p, p]),
+            "nano_forward": (i, [p, p, i, i]),
+            "nano_logits": (ctypes.POINTER(f), [p, i]),
+            "nano_forward_batch": (i, [p, p, i, p]),
+            "nano_sampler_init": (i, [p, i, f, i, f, f, ctypes.c_uint64]),
+            "nano_sampler_free": (None, [p]),
+            "nano_sampler_see": (None, [p, i]),
+            "nano_sample": (i, [p, p]),
+        }
+        for name, (result, arguments) in signatures.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = result, arguments
+        self.lib = lib
+        self.sizes = {kind: size.in_dll(lib, f"nano_{kind}_size").value for kind in ("model", "lora", "state", "sampler")}
+
+    def struct(self, kind):
+        return ctypes.create_string_buffer(self.sizes[kind])
+
+    def load(self, kind, data, name, *model):
+        """A NanoModel or NanoLora from the bytes of a file (kept alive by the caller)."""
+        handle, err = self.struct(kind), ctypes.create_string_buffer(512)
+        loader = self.lib.nano_model_load if kind == "model" else self.lib.nano_lora_load
+        if loader(handle, *model, data.ctypes.data, data.nbytes, name.encode(), err, len(err)):
+            raise ValueError(err.value.decode(errors="replace"))
+        return handle
+
+
+class CSampler:
+    """The `sample(logits, history) -> id` of infer.py, done by the C engine's nano_sample: the tokens of
+    history it has not seen yet are marked seen first, as nano_generate does."""
+
+    def __init__(self, library, vocab_size, settings):
+        self.library, self.handle, self.seen = library, library.struct("sampler"), 0
+        seed = settings["seed"] if settings["seed"] is not None else int.from_bytes(os.urandom(8), "little")
+        if library.lib.nano_sampler_init(self.handle, vocab_size, settings["temperature"], settings["top_k"],
+                                         settings["top_p"], settings["repetition_penalty"], seed & (2**64 - 1)):
+            raise MemoryError("out of memory for a sampler")
+
+    def __call__(self, logits, history):
+        for token in history[self.seen:]:
+            self.library.lib.nano_sampler_see(self.handle, token)
+        self.seen = len(history)
+        return self.library.lib.nano_sample(self.handle, logits.ctypes.data)
+
+    def __del__(self):
+        self.library.lib.nano_sampler_free(self.handle)
+
+
+class CEngine:
+    """A .bin model (and .bin adapters) on the C core, with a NanoState (KV cache) per slot."""
+
+    def __init__(self, path, adapters, slots):
+        self.library = NanoLibrary()
+        from export import read_bin  # the Python reader of the file, for the config and the vocabulary
+        self.config, self.tokenizer, _, _, _ = read_bin(path)
+        self.data = {path: np.memmap(path, dtype=np.uint8, mode="r")}
+        self.model = self.library.load("model", self.data[path], path)
+        self.adapters = {None: None}
+        self.adapter_names = list(adapters)
+        for name, adapter_path in adapters.items():
+            if not adapter_path.endswith(".bin"):
+                raise ValueError(f"{adapter_path}: a .bin model takes .bin adapters (export.py --lora)")
+            self.data[adapter_path] = np.memmap(adapter_path, dtype=np.uint8, mode="r")
+            self.adapters[name] = self.library.load("lora", self.data[adapter_path], adapter_path, self.model)
+        self.free_states = []
+        self.slots = min(slots, self.config.block_size)   # nano_forward_batch takes up to block_size rows
+        for _ in range(self.slots):
+            state = self.library.struct("state")
+            if self.library.lib.nano_state_init(state, self.model):
+                raise MemoryError(f"out of memory for {slots} KV caches: ask for fewer --parallel")
+            self.free_states.append(state)
+        self.logits = np.zeros((self.slots, self.config.vocab_size), dtype=np.float32)
+
+    def sampler(self, settings):
+        return CSampler(self.library, self.config.vocab_size, settings)
+
+    def start(self, adapter, prompt_ids):
+        """(sequence, logits after the prompt) in a free slot."""
+        state = self.free_states.pop()
+        lib = self.library.lib
+        if lib.nano_state_attach_lora(state, self.adapters[adapter]):
+            self.free_states.append(state)
+            raise MemoryError("out of memory for the adapter's buffer")
+        NanoLibrary.StateHead.from_buffer(state).pos = 0
+        ids = np.array(prompt_ids, dtype=np.int32)
+        lib.nano_forward(state, ids.ctypes.data, len(ids), 1)
+        logits = lib.nano_logits(state, len(ids) - 1)
+        return state, np.ctypeslib.as_array(logits, (self.config.vocab_size,)).copy()
+
+    def step(self, sequences, tokens):
+        """One batched forward pass: each sequence's next token; a row of logits each."""
+        states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
+        ids = np.array(tokens, dtype=np.int32)
+        logits = self.logits[:len(sequences)]
+        if self.library.lib.nano_forward_batch(states, ids.ctypes.data, len(ids), logits.ctypes.data):
+            raise RuntimeError("nano_forward_batch refused the step (a sequence past its context?)")
+        return list(logits)
+
+    def release(self, state):
+        self.free_states.append(state)
+
+
+# ----------------------------------------------------------------------------- the PyTorch engine
+
+class TorchEngine:
+    """A .pt checkpoint (or .bin, with --torch) on PyTorch: a model per adapter, a KV cache per sequence."""
+
+    def __init__(self, path, adapters, device, slots):
+        base, self.tokenizer = checkpoint.load_model(path, device)
+        self.config, self.device, self.slots, self.adapter_names = base.config, device, slots, list(adapters)
+        self.models = {None: base}
+        for name, adapter_path in adapters.items():
+            model, _ = checkpoint.load_model(path, device)
+            self.models[name] = checkpoint.attach_lora(model, adapter_path)
+
+    def sampler(self, settings):
+        return infer.make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
+                                  settings["repetition_penalty"], settings["seed"])
+
+    @torch.inference_mode()
+    def forward(self, sequence, ids):
+        model, cache = sequence
+        logits, _ = model(torch.tensor([ids], device=self.device), kv_cache=cache)
+        return logits[0, -1]
+
+    def start(self, adapter, prompt_ids):
+        model = self.models[adapter]
+        sequence = (model, KVCache(self.config, 1, self.device, model.tok_embeddings.weight.dtype))
+        return sequence, self.forward(sequence, prompt_ids)
+
+    def step(self, sequences, tokens):
+        return [self.forward(sequence, [token]) for sequence, token in zip(sequences, tokens)]
+
+    def release(self, sequence):
+        pass
+
+
+def load_engine(model_path, adapters, device, slots):
+    engine = CEngine(model_path, adapters, slots) if model_path.endswith(".bin") and device == "cpu" \
+        else TorchEngine(model_path, adapters, device, slots)
+    if not engine.config.is_causal:
+        raise ValueError(f"{model_path} is a non-causal (seq2seq) model: serve.py serves language models; "
+                         "use infer.py")
+    return engine
+
+
+# ----------------------------------------------------------------------------- requests
+
+class Job:
+    """One request in the decoding loop: its prompt, sampler and stop conditions, and where its text goes.
+    emit(event) is called on the decoding thread with {"text"} pieces, then one {"finish_reason", ...}."""
+
+    def __init__(self, tokenizer, prompt_ids, max_tokens, stop, sampler, adapter, emit):
+        self.tokenizer, self.prompt_ids, self.max_tokens, self.stop = tokenizer, prompt_ids, max_tokens, stop
+        self.sample, self.adapter, self.emit = sampler, adapter, emit
+        self.history, self.new_ids = list(prompt_ids), []
+        self.text, self.sent = "", 0            # the answer so far, and how much of it went out
+        self.sequence = self.logits = None
+        self.cancelled = False
+
+    def take(self, token):
+        """Sample bookkeeping for one token; returns the finish reason, or None to go on."""
+        if token in infer.STOP_IDS:
+            return "stop"
+        self.new_ids.append(token)
+        self.history.append(token)
+        self.text += self.tokenizer.decode([token])   # every vocabulary entry is whole characters
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return "stop"
+        if len(self.new_ids) == self.max_tokens:
+            return "length"
+        # text that may be the start of a stop string waits until it is known not to be
+        held = max((len(s) - 1 for s in self.stop), default=0)
+        self.send(len(self.text) - held)
+        return None
+
+    def send(self, upto):
+        if upto > self.sent:
+            self.emit({"text": self.text[self.sent:upto]})
+            self.sent = upto
+
+    def finish(self, reason):
+        self.send(len(self.text))
+        self.emit({"finish_reason": reason, "prompt_tokens": len(self.prompt_ids),
+                   "completion_tokens": len(self.new_ids)})
+
+
+class Scheduler:
+    """The decoding thread: admits jobs into free slots, then steps every running job by one token."""
+
+    def __init__(self, engine, slots):
+        self.engine, self.slots = engine, slots
+        self.waiting = queue.Queue()
+        self.running = []
+        self.steps = self.batched_tokens = 0    # for /health: how full the batches are
+        threading.Thread(target=self.run, name="decoding", daemon=True).start()
+
+    def submit(self, job):
+        self.waiting.put(job)
+
+    def admit(self):
+        while len(self.running) < self.slots:
+            try:
+                job = self.waiting.get(block=not self.running)
+            except queue.Empty:
+                return
+            if job.cancelled:
+                continue
+            try:
+                job.sequence, job.logits = self.engine.start(job.adapter, job.prompt_ids)
+            except (MemoryError, RuntimeError) as error:
+                job.emit({"error": str(error)})
+                continue
+            self.running.append(job)
+
+    def sample_all(self):
+        """Each running job's next token; finished and cancelled jobs leave their slots."""
+        still_running = []
+        for job in self.running:
+            reason = None if job.cancelled else job.take(job.sample(job.logits, job.history))
+            if reason or job.cancelled:
+                if not job.cancelled:
+                    job.finish(reason)
+                self.engine.release(job.sequence)
+            else:
+                still_running.append(job)
+        self.running = still_running
+
+    def step(self):
+        logits = self.engine.step([job.sequence for job in self.running], [job.history[-1] for job in self.running])
+        for job, row in zip(self.running, logits):
+            job.logits = row
+        self.steps += 1
+        self.batched_tokens += len(self.running)
+
+    def run(self):
+        while True:
+            self.admit()
+            self.sample_all()
+            if not self.running:
+                continue
+            try:
+                self.step()
+            except (MemoryError, RuntimeError) as error:   # the engine failed: its jobs end with the error
+                for job in self.running:
+                    job.emit({"error": str(error)})
+                    self.engine.release(job.sequence)
+                self.running = []
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+def field(body, name, kinds, default=None, check=None, need=""):
+    """body[name] if it has one of the types kinds (bool is not a number) and passes check, else a 400."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or check and not check(value):
+        raise ApiError(400, f"'{name}' must be {need}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def sampling_settings(body):
+    defaults = infer.SAMPLING_DEFAULTS
+    number = (int, float)
+    return {
+        "temperature": float(field(body, "temperature", number, defaults["temperature"], lambda v: v >= 0,
+                                   "a number >= 0 (0 is greedy)")),
+        "top_p": float(field(body, "top_p", number, defaults["top_p"], lambda v: 0 < v <= 1, "in (0, 1]")),
+        "top_k": field(body, "top_k", (int,), defaults["top_k"], lambda v: v >= 0, "an integer >= 0 (0 is off)"),
+        "repetition_penalty": float(field(body, "repetition_penalty", number, defaults["repetition_penalty"],
+                                          lambda v: v > 0, "a number > 0 (1 is off)")),
+        "seed": field(body, "seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+    }
+
+
+def stop_strings(body):
+    stop = field(body, "stop", (str, list), [], need=f"a string or a list of at most {MAX_STOP_STRINGS} strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                       param="stop")
+    return stop
+
+
+def chat_prompt(tokenizer, messages):
+    """The ids of a conversation in the SFT template; it must end with the question to answer."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    ids, question = [], []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, f"messages[{index}] must be {{\"role\": system|user|assistant, \"content\": "
+                                "string}", param="messages")
+        if role == "assistant":
+            if not question:
+                raise ApiError(400, f"messages[{index}]: an assistant message must follow a user message",
+                               param="messages")
+            ids += infer.instruct_prompt(tokenizer, "\n".join(question)) + infer.encode_text(tokenizer, content)
+            ids.append(EOS_ID)
+            question = []
+        else:
+            question.append(content)
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's", param="messages")
+    return ids + infer.instruct_prompt(tokenizer, "\n".join(question))
+
+
+def completion_prompt(tokenizer, body):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    return infer.continuation_prompt(tokenizer, prompt)
+
+
+def answer_budget(body, prompt_length, context):
+    """max_tokens, checked against the room the prompt leaves in the context (all of it by default)."""
+    room = context - prompt_length
+    if room < 1:
+        raise ApiError(400, f"the prompt is {prompt_length} tokens: the model's context of {context} tokens "
+                            "leaves no room for an answer", param="messages", code="context_length_exceeded")
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    asked = field(body, name, (int,), room, lambda v: v >= 1, "an integer >= 1")
+    if asked > room:
+        raise ApiError(400, f"'{name}' is {asked}, but a prompt of {prompt_length} tokens leaves {room} of the "
+                            f"context of {context}", param=name, code="context_length_exceeded")
+    return asked
+
+
+# ----------------------------------------------------------------------------- the app
+
+def page_for_server(path=PAGE):
+    """infer/index.html, allowed to talk to the server it comes from (its own policy forbids any network)."""
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    policy = "connect-src data:;"
+    if policy not in page:
+        raise ValueError(f"{path}: its Content-Security-Policy has no '{policy}' to open for the server")
+    return page.replace(policy, "connect-src data: 'self';", 1)
+
+
+def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="Nano", docs_url=None, redoc_url=None, openapi_url=None)
+    scheduler = Scheduler(engine, engine.slots)
+    page = page_for_server()
+    created = int(time.time())
+    model_names = [base_name] + engine.adapter_names
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error):   # unknown routes and methods, in the same shape
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(error.status_code, str(error.detail), kind=kind).body(),
+                            status_code=error.status_code)
+
+    def authorize(request):
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", code="invalid_api_key")
+
+    async def json_body(request):
+        """The body as a JSON object, refused past max_body_bytes whether or not it declares its length."""
+        authorize(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise ApiError(413, f"request body over {max_body_bytes} bytes")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > max_body_bytes:
+                raise ApiError(413, f"request body over {max_body_bytes} bytes")
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"the body is not JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def adapter_of(body):
+        name = field(body, "model", (str,), base_name, need="a model id of GET /v1/models")
+        if name not in model_names:
+            raise ApiError(404, f"model {name!r} does not exist: GET /v1/models lists them", param="model",
+                           code="model_not_found")
+        return None if name == base_name else name
+
+    async def generate(request, body, prompt_ids, shape):
+        """Run a job; the whole response, or its server-sent events when body['stream']."""
+        field(body, "n", (int,), 1, lambda v: v == 1, "1 (one choice per request)")
+        stream = field(body, "stream", (bool,), False, need="true or false")
+        adapter = adapter_of(body)
+        max_tokens = answer_budget(body, len(prompt_ids), engine.config.block_size)
+        stop, settings = stop_strings(body), sampling_settings(body)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(engine.tokenizer, prompt_ids, max_tokens, stop, engine.sampler(settings), adapter,
+                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        scheduler.submit(job)
+        reply = {"id": f"{shape['id_prefix']}-{uuid.uuid4().hex}", "created": int(time.time()),
+                 "model": body.get("model") or base_name}
+
+        async def next_event():
+            event = await events.get()
+            if "error" in event:
+                raise ApiError(503, event["error"], kind="server_error")
+            return event
+
+        if not stream:
+            try:
+                pieces = []
+                while "finish_reason" not in (event := await next_event()):
+                    pieces.append(event["text"])
+            finally:
+                job.cancelled = True   # a client that left before the end frees its slot too
+            return {**reply, "object": shape["object"], "choices": [shape["choice"]("".join(pieces), event)],
+                    "usage": usage(event)}
+
+        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+
+        async def server_sent_events():
+            try:
+                for chunk in shape["opening"]():
+                    yield sse({**reply, "object": shape["chunk_object"], "choices": [chunk]})
+                while "finish_reason" not in (event := await next_event()):
+                    yield sse({**reply, "object": shape["chunk_object"], "choices": [shape["delta"](event["text"])]})
+                yield sse({**reply, "object": shape["chunk_object"], "choices": [shape["last"](event)],
+                           **({"usage": usage(event)} if include_usage else {})})
+                yield "data: [DONE]\n\n"
+            except ApiError as error:
+                yield sse(error.body())
+            finally:
+                job.cancelled = True
+
+        return StreamingResponse(server_sent_events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    chat_shape = {
+        "id_prefix": "chatcmpl", "object": "chat.completion", "chunk_object": "chat.completion.chunk",
+        "choice": lambda text, end: {"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": end["finish_reason"], "logprobs": None},
+        "opening": lambda: [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        "delta": lambda text: {"index": 0, "delta": {"content": text}, "finish_reason": None},
+        "last": lambda end: {"index": 0, "delta": {}, "finish_reason": end["finish_reason"]},
+    }
+    completion_shape = {
+        "id_prefix": "cmpl", "object": "text_completion", "chunk_object": "text_completion",
+        "choice": lambda text, end: {"index": 0, "text": text, "finish_reason": end["finish_reason"], "logprobs": None},
+        "opening": lambda: [],
+        "delta": lambda text: {"index": 0, "text": text, "finish_reason": None, "logprobs": None},
+        "last": lambda end: {"index": 0, "text": "", "finish_reason": end["finish_reason"], "logprobs": None},
+    }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await json_body(request)
+        return await generate(request, body, chat_prompt(engine.tokenizer, body.get("messages")), chat_shape)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await json_body(request)
+        return await generate(request, body, completion_prompt(engine.tokenizer, body), completion_shape)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "nano",
+                                            **({"parent": base_name} if name != base_name else {})}
+                                           for name in model_names]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting.qsize(),
+                "slots": engine.slots, "context": engine.config.block_size,
+                "mean_batch": scheduler.batched_tokens / scheduler.steps if scheduler.steps else 0.0}
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page)
+
+    return app
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage(end):
+    return {"prompt_tokens": end["prompt_tokens"], "completion_tokens": end["completion_tokens"],
+            "total_tokens": end["prompt_tokens"] + end["completion_tokens"]}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_adapters(specs):
+    """--lora name=path or --lora path (then named by its path), in order."""
+    adapters = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        if not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=PATH or PATH")
+        if name in adapters:
+            raise ValueError(f"--lora {spec!r}: the name {name!r} is used twice")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"LoRA adapter {path!r} does not exist")
+        adapters[name] = path
+    return adapters
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Serve a Nano model: OpenAI-compatible API and the chat page.")
+    parser.add_argument("-m", "--model", required=True, help="exported model .bin (C engine) or checkpoint .pt")
+    parser.add_argument("-l", "--lora", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a LoRA adapter, selectable by 'model': NAME (or PATH); repeatable")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("NANO_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_API_KEY, else none)")
+    parser.add_argument("--parallel", type=int, default=16, help="requests decoded together (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help=".pt models run here; a .bin runs on the C engine on the CPU, on PyTorch elsewhere")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    try:
+        if args.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+        engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel)
+    except (OSError, ValueError, KeyError, MemoryError) as error:
+        sys.exit(f"serve.py: {error}")
+    app = create_app(engine, os.path.basename(args.model), args.api_key, args.max_body_bytes)
+    import uvicorn
+    print(f"serve.py: {args.model} on http://{args.host}:{args.port}/ ({type(engine).__name__}, {engine.slots} slots)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
