@@ -276,7 +276,7 @@ class Scheduler:
         self.engine, self.slots = engine, slots
         self.waiting = queue.Queue()
         self.running = []
-        self.steps = self.batched_tokens = 0    # for /health: how full the batches are
+        self.steps = self.batched_tokens = 0    # decoding steps and the tokens they made: how full batches are
         threading.Thread(target=self.run, name="decoding", daemon=True).start()
 
     def submit(self, job):
@@ -473,7 +473,7 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
         return body
 
     def adapter_of(body):
-        name = field(body, "model", (str,), base_name, need="a model id of GET /v1/models")
+        name = field(body, "model", (str,), None, need="a model id of GET /v1/models") or base_name   # "" too
         if name not in model_names:
             raise ApiError(404, f"model {name!r} does not exist: GET /v1/models lists them", param="model",
                            code="model_not_found")
@@ -565,7 +565,8 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
     async def health():
         return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting.qsize(),
                 "slots": engine.slots, "context": engine.config.block_size,
-                "mean_batch": scheduler.batched_tokens / scheduler.steps if scheduler.steps else 0.0}
+                "steps": scheduler.steps, "batched_tokens": scheduler.batched_tokens,
+                "defaults": {**infer.SAMPLING_DEFAULTS, "max_new_tokens": 0}}   # the page fills its settings in
 
     @app.get("/")
     async def index():

@@ -2,6 +2,8 @@
 // #worker-source through a blob: URL, since file:// pages cannot load worker files), so the page
 // stays responsive while it computes. document.body.dataset.state tells what the page is doing:
 // starting | no-model | busy | ready | generating | failed (the tests wait on it).
+// Served by serve.py (from "/"), the page answers through the server's API by default instead; opened
+// from disk it never touches the network.
 "use strict";
 
 const $ = id => document.getElementById(id);
@@ -14,9 +16,11 @@ const ui = {
     conversation: $("conversation"), form: $("prompt-form"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), newConversation: $("new-conversation"),
     status: $("status"), speed: $("speed"), warning: $("warning"), error: $("error"),
+    about: $("about"), serverRow: $("server-row"), backend: $("backend"), serverModel: $("server-model"),
+    apiKey: $("api-key"),
 };
 
-let worker = null;
+let worker = null;               // the Web Worker, or a ServerBackend that answers like one
 let defaults = null;             // the engine's sampling defaults, the same as the C CLI's and infer.py's
 let engineStarted = false;       // the engine has come up once: a later crash restarts it
 let modelLoaded = false, loraLoaded = false;
@@ -86,7 +90,8 @@ const workerHandlers = {
     "model-loaded": message => {
         modelLoaded = true;
         loraLoaded = false;
-        ui.modelName.textContent = `${message.name} (${(message.bytes / 1e6).toFixed(1)} MB)`;
+        ui.modelName.textContent = message.bytes === undefined ? message.name
+            : `${message.name} (${(message.bytes / 1e6).toFixed(1)} MB)`;
         ui.loraName.textContent = "";
         showModelConfig(message.info);
         ui.conversation.replaceChildren();
@@ -154,13 +159,18 @@ const workerHandlers = {
     },
 };
 
-function startWorker() {
+// Drops the engine in use (worker or server) and what the page shows of it.
+function resetEngine(statusText) {
     if (worker) worker.terminate();
     modelLoaded = loraLoaded = false;
     currentReply = null;
     ui.modelName.textContent = ui.loraName.textContent = "";
     ui.modelConfig.hidden = true;
-    setState("starting", "Starting the engine…");
+    setState("starting", statusText);
+}
+
+function startWorker() {
+    resetEngine("Starting the engine…");
     const source = $("worker-source").textContent;
     const url = URL.createObjectURL(new Blob([source], {type: "text/javascript"}));
     worker = new Worker(url);
@@ -258,4 +268,173 @@ ui.prompt.addEventListener("keydown", event => {
     }
 });
 
-startWorker();
+// ------------------------------------------------------------------ server backend
+
+// Takes the messages the page sends its worker and answers with the worker's replies, through serve.py's
+// OpenAI API (streamed server-sent events), so that nothing else in the page knows which engine it uses.
+// The conversation is kept here as chat messages; the server applies the template.
+class ServerBackend {
+    constructor() {
+        this.messages = [];
+        this.controller = null;
+    }
+
+    reply(message) { workerHandlers[message.type](message); }
+
+    async call(path, body, signal) {
+        const headers = {"Content-Type": "application/json"};
+        if (ui.apiKey.value) headers.Authorization = `Bearer ${ui.apiKey.value}`;
+        const options = body === undefined ? {headers} : {method: "POST", headers, body: JSON.stringify(body), signal};
+        const response = await fetch(path, options);
+        if (!response.ok) {
+            const error = (await response.json().catch(() => ({}))).error || {};
+            throw Object.assign(new Error(error.message || `HTTP ${response.status}`),
+                                {code: error.code, status: response.status});
+        }
+        return response;
+    }
+
+    async connect() {
+        try {
+            const health = await (await this.call("/health")).json();
+            const models = (await (await this.call("/v1/models")).json()).data.map(model => model.id);
+            const chosen = ui.serverModel.value;
+            ui.serverModel.replaceChildren(...models.map(id => new Option(id, id)));
+            if (models.includes(chosen)) ui.serverModel.value = chosen;
+            this.reply({type: "ready", defaults: health.defaults});
+            this.reply({type: "model-loaded", name: ui.serverModel.value,
+                        info: {server: location.origin, models: models.join(", "), context: health.context,
+                               slots: health.slots}});
+        } catch (error) {
+            showError(error.status === 401 ? "The server wants an API key: type it in the API key field."
+                                           : `The server does not answer: ${error.message}`);
+            setState("failed", "No connection to the server.");
+        }
+    }
+
+    postMessage(message) {
+        if (message.type === "generate") this.generate(message);
+        else if (message.type === "stop") this.stop();
+        else if (message.type === "reset-conversation") {
+            this.messages = [];
+            this.reply({type: "conversation-reset"});
+        }
+    }
+
+    stop() { if (this.controller) this.controller.abort(); }
+
+    terminate() { this.stop(); }
+
+    requestBody(mode, text, settings) {
+        const body = {model: ui.serverModel.value, stream: true, stream_options: {include_usage: true},
+                      temperature: settings.temperature, top_k: settings.topK, top_p: settings.topP,
+                      repetition_penalty: settings.repetitionPenalty, seed: settings.seed};
+        if (settings.maxNew > 0) body.max_tokens = settings.maxNew;
+        if (mode === "instruct") body.messages = this.messages;
+        else body.prompt = text;
+        return body;
+    }
+
+    // The response to a request; a conversation too long for the context loses its oldest turns first.
+    async open(chat, path, mode, text, settings) {
+        for (;;) {
+            try {
+                return await this.call(path, this.requestBody(mode, text, settings), this.controller.signal);
+            } catch (error) {
+                if (!chat || error.code !== "context_length_exceeded" || this.messages.length < 3) throw error;
+                this.messages.splice(0, 2);
+                this.reply({type: "warning", message: "The conversation outgrew the context: its oldest turn was dropped."});
+            }
+        }
+    }
+
+    async generate({mode, text, settings}) {
+        const chat = mode === "instruct", path = chat ? "/v1/chat/completions" : "/v1/completions";
+        if (chat) this.messages.push({role: "user", content: text});
+        this.controller = new AbortController();
+        let answer = "", usage = null, firstTokenTime = 0, tokens = 0, stopped = false;
+        try {
+            const response = await this.open(chat, path, mode, text, settings);
+            for await (const event of serverSentEvents(response)) {
+                if (event.error) throw new Error(event.error.message);
+                if (event.usage) usage = event.usage;
+                const choice = event.choices && event.choices[0];
+                const piece = choice && (chat ? choice.delta.content : choice.text);
+                if (!piece) continue;
+                if (!firstTokenTime) firstTokenTime = performance.now();
+                answer += piece;
+                tokens++;
+                this.reply({type: "tokens", text: piece, count: 1});
+            }
+        } catch (error) {
+            if (error.name !== "AbortError") {
+                if (chat) this.messages.pop();
+                this.reply({type: "error", context: "server", message: error.message});
+                return;
+            }
+            stopped = true;   // Stop: the aborted request frees its slot on the server
+        } finally {
+            this.controller = null;
+        }
+        if (chat) this.messages.push({role: "assistant", content: answer});
+        const seconds = (performance.now() - firstTokenTime) / 1000;
+        this.reply({type: "done", stopped, promptTokens: usage ? usage.prompt_tokens : 0,
+                    generatedTokens: usage ? usage.completion_tokens : tokens,
+                    decodeTokensPerSecond: tokens > 1 && seconds > 0 ? (tokens - 1) / seconds : 0});
+    }
+}
+
+// The JSON payloads of a text/event-stream response, until its [DONE].
+async function* serverSentEvents(response) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    for (;;) {
+        const {value, done} = await reader.read();
+        if (done) return;
+        buffered += value;
+        for (let end; (end = buffered.indexOf("\n\n")) >= 0;) {
+            const data = buffered.slice(0, end).split("\n").filter(line => line.startsWith("data: "))
+                .map(line => line.slice(6)).join("\n");
+            buffered = buffered.slice(end + 2);
+            if (data === "[DONE]") return;
+            if (data) yield JSON.parse(data);
+        }
+    }
+}
+
+function startServer() {
+    resetEngine("Connecting to the server…");
+    worker = new ServerBackend();
+    worker.connect();
+}
+
+function useBackend() {
+    const server = ui.backend.value === "server";
+    for (const row of document.querySelectorAll(".page-only")) row.hidden = server;
+    for (const label of document.querySelectorAll(".server-only")) label.hidden = !server;
+    ui.about.textContent = server ? `A small language model answering through the Nano server at ${location.origin}.`
+                                  : "A small language model running in this page (WebAssembly).";
+    ui.conversation.replaceChildren();
+    if (server) startServer();
+    else startWorker();
+}
+
+// serve.py's /health names the sampling defaults: that is how the page knows it is served by it.
+async function servedByNano() {
+    if (!location.protocol.startsWith("http")) return false;
+    try {
+        const response = await fetch("/health");
+        return response.ok && "defaults" in await response.json();
+    } catch (error) {
+        return false;
+    }
+}
+
+ui.backend.addEventListener("change", useBackend);
+for (const input of [ui.serverModel, ui.apiKey]) input.addEventListener("change", startServer);
+
+servedByNano().then(served => {
+    ui.serverRow.hidden = !served;
+    if (served) useBackend();
+    else startWorker();
+});

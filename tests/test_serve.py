@@ -1,0 +1,416 @@
+"""
+serve.py, the OpenAI-compatible server, driven by the official `openai` client and raw HTTP: on the C core
+(.bin) it must answer exactly what the C CLI prints for the same file, prompt and seed, with and without a
+LoRA adapter; on PyTorch (.pt) exactly what infer.py prints. Sixteen concurrent streaming clients with
+clients that hang up and bad bodies in the mix each get the text their prompt gets alone, decoded in
+shared batches. Keys, body limits, context bounds, paths under / and the page served from / (a real
+Chromium chatting through the server) are checked too.
+"""
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_wasm import browser_page, random_model, run_c, save_checkpoint, save_lora  # noqa: E402,F401
+
+import export  # noqa: E402
+from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
+
+openai = pytest.importorskip("openai")
+from playwright.sync_api import expect  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "test-key-123"
+CHARSET = "abcdefghijklmnopqrstuvwxyz ,.!?你好世界模型"
+GREEDY = {"temperature": 0}
+MAX_BODY = 8192
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c")], check=True, capture_output=True)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + list(CHARSET))
+    model, cfg = random_model(tokenizer, seed=0, block_size=64)
+    paths = {name: directory / name for name in ("model.pt", "model.bin", "q80.bin", "lora.pt", "lora.bin",
+                                                 "slow.bin", "seq2seq.bin")}
+    save_checkpoint(paths["model.pt"], model, tokenizer)
+    export.write_model(str(paths["model.bin"]), model, tokenizer, progress=False)
+    export.write_model(str(paths["q80.bin"]), model, tokenizer, quant=True, group_size=32, progress=False)
+    save_lora(paths["lora.pt"], model, cfg, tokenizer, paths["model.pt"], seed=2)
+    subprocess.run([sys.executable, "export.py", str(paths["lora.bin"]), "--lora", str(paths["lora.pt"])],
+                   cwd=ROOT, check=True, capture_output=True)
+    # wide and long enough that a whole answer takes a while: a dropped client's slot must come back at once
+    slow, _ = random_model(tokenizer, seed=5, block_size=1024, n_embd=512, n_head=8, n_kv_head=8, n_hidden=1024,
+                           n_layer=4)
+    with torch.no_grad():   # a zero logit for the stop tokens, below the best of the others: it never stops
+        slow.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0
+    export.write_model(str(paths["slow.bin"]), slow, tokenizer, progress=False)
+    seq2seq, _ = random_model(tokenizer, seed=6, is_causal=False)
+    export.write_model(str(paths["seq2seq.bin"]), seq2seq, tokenizer, progress=False)
+    return paths
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py as a subprocess on 127.0.0.1 and a free port."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "serve.py", *map(str, args), "--port", str(self.port)],
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while time.time() < deadline and self.process.poll() is None:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"serve.py did not start: {self.process.stdout.read().decode()}")
+
+    def client(self, api_key="none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def c_server(files):
+    server = Server("-m", files["model.bin"], "--lora", f"style={files['lora.bin']}", "--max-body-bytes", MAX_BODY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def torch_server(files):
+    server = Server("-m", files["model.pt"], "-l", files["lora.pt"], "--api-key", KEY)
+    yield server
+    server.stop()
+
+
+def request(server, method, path, body=None, headers=None):
+    """(status, parsed JSON or text) of a raw HTTP request; path is sent as is, not normalized."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    text = response.read().decode("utf-8", errors="replace")
+    connection.close()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+def assert_openai_error(status, body, want_status):
+    assert status == want_status, body
+    assert set(body["error"]) >= {"message", "type", "param", "code"} and body["error"]["message"]
+
+
+def c_cli(files, flag, prompt, *args):
+    text, _ = run_c(files["model.bin"], flag, prompt, *args)
+    return text[:-1]   # the CLI ends with a newline of its own
+
+
+def python_infer(files, *args):
+    result = subprocess.run([sys.executable, "infer.py", "-m", str(files["model.pt"]), *args], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    return result.stdout[:-1]
+
+
+def chat(client, content, model=None, **settings):
+    response = client.chat.completions.create(model=model or "", messages=[{"role": "user", "content": content}],
+                                              **settings)
+    return response.choices[0].message.content
+
+
+# ----------------------------------------------------------------------------- the same text as the CLIs
+
+def test_chat_and_completion_equal_the_c_cli(c_server, files):
+    client = c_server.client()
+    for prompt in ("hello world", "你好"):
+        assert chat(client, prompt, "model.bin", **GREEDY) == c_cli(files, "-i", prompt, "-t", "0")
+        completion = client.completions.create(model="model.bin", prompt=prompt, **GREEDY)
+        assert completion.choices[0].text == c_cli(files, "-g", prompt, "-t", "0")
+    # sampled: the C engine's sampler with the same seed, every default of the CLI
+    assert chat(client, "hello", seed=1234) == c_cli(files, "-i", "hello", "-s", "1234")
+    assert chat(client, "hello", seed=1234) != chat(client, "hello", seed=99)
+
+
+def test_lora_adapter_is_selected_by_model(c_server, files):
+    client = c_server.client()
+    assert [m.id for m in client.models.list().data] == ["model.bin", "style"]
+    styled = chat(client, "good day", "style", **GREEDY)
+    assert styled == c_cli(files, "-i", "good day", "-t", "0", "-l", str(files["lora.bin"]))
+    assert styled != chat(client, "good day", "model.bin", **GREEDY)
+    status, body = request(c_server, "POST", "/v1/chat/completions",
+                           {"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert_openai_error(status, body, 404)
+    assert body["error"]["code"] == "model_not_found"
+
+
+def test_conversation_equals_the_c_cli_conversation(c_server, files):
+    # the CLI's interactive mode holds the same <|instruct_mark|>q<|response_mark|>a<|eos|> turns
+    questions = ["hello", "how are you"]
+    answers, _ = run_c(files["model.bin"], "-t", "0", "-n", "8", stdin="".join(q + "\n\n" for q in questions))
+    first, second = [line for line in answers.split("\n") if line][:2]
+    client = c_server.client()
+    messages = [{"role": "user", "content": questions[0]}]
+    assert client.chat.completions.create(model="", messages=messages, max_tokens=8, **GREEDY) \
+        .choices[0].message.content == first
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": questions[1]}]
+    assert client.chat.completions.create(model="", messages=messages, max_tokens=8, **GREEDY) \
+        .choices[0].message.content == second
+
+
+def test_torch_engine_equals_infer_py(torch_server, files):
+    client = torch_server.client(KEY)
+    assert chat(client, "hello world", **GREEDY) == python_infer(files, "-i", "--prompt", "hello world", "-t", "0")
+    completion = client.completions.create(model="model.pt", prompt="good", max_tokens=12, **GREEDY)
+    assert completion.choices[0].text == python_infer(files, "--prompt", "good", "-t", "0", "-s", str(5 + 12))
+    assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 12
+    assert completion.choices[0].finish_reason == "length"
+    lora = chat(client, "good day", str(files["lora.pt"]), **GREEDY)
+    assert lora == python_infer(files, "-i", "--prompt", "good day", "-t", "0", "-l", str(files["lora.pt"]))
+
+
+# ----------------------------------------------------------------------------- the OpenAI API
+
+def test_streaming_chat_matches_the_whole_answer(c_server):
+    client = c_server.client()
+    whole = client.chat.completions.create(model="", messages=[{"role": "user", "content": "stream me"}], **GREEDY)
+    chunks = list(client.chat.completions.create(model="", messages=[{"role": "user", "content": "stream me"}],
+                                                 stream=True, stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len(text) > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+def test_stop_strings_and_finish_reasons(c_server, files):
+    client = c_server.client()
+    full = c_cli(files, "-g", "hello", "-t", "0")
+    stop = full[5:8]
+    cut = client.completions.create(model="", prompt="hello", stop=[stop], **GREEDY)
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="", prompt="hello", stop=stop,
+                                                                           stream=True, **GREEDY))
+    assert streamed == cut.choices[0].text
+    short = client.completions.create(model="", prompt="hello", max_tokens=3, **GREEDY)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_system_message_opens_the_first_question(c_server, files):
+    client = c_server.client()
+    answer = client.chat.completions.create(model="", max_tokens=10, **GREEDY, messages=[
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": "hello"}]).choices[0].message.content
+    assert answer == c_cli(files, "-i", "be nice\nhello", "-t", "0", "-n", "10")
+
+
+def test_wrong_key_is_refused(torch_server):
+    with pytest.raises(openai.AuthenticationError):
+        torch_server.client("wrong").models.list()
+    with pytest.raises(openai.AuthenticationError):
+        chat(torch_server.client("wrong"), "hi")
+    for path, method in (("/v1/models", "GET"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST")):
+        assert_openai_error(*request(torch_server, method, path, {"prompt": "x"}), 401)
+    assert request(torch_server, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": "many"}, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({}, "messages"),
+])
+def test_malformed_bodies_are_400(c_server, body, param):
+    status, answer = request(c_server, "POST", "/v1/chat/completions", body)
+    assert_openai_error(status, answer, 400)
+    assert answer["error"]["param"] == param
+
+
+def test_malformed_body_through_the_client(c_server):
+    with pytest.raises(openai.BadRequestError):
+        c_server.client().chat.completions.create(model="", messages=[{"role": "user", "content": "x"}],
+                                                  temperature=-1)
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        assert_openai_error(*request(c_server, "POST", "/v1/completions", raw), 400)
+
+
+def test_body_size_is_limited(c_server):
+    big = {"prompt": "a" * MAX_BODY}
+    assert_openai_error(*request(c_server, "POST", "/v1/completions", big), 413)
+    # chunked, without a declared length
+    connection = http.client.HTTPConnection("127.0.0.1", c_server.port, timeout=30)
+    connection.request("POST", "/v1/completions", body=iter([b'{"prompt": "', b"a" * MAX_BODY, b'"}']),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "error" in json.loads(response.read())
+    connection.close()
+
+
+def test_context_bounds_are_400(c_server):
+    client = c_server.client()
+    with pytest.raises(openai.BadRequestError, match="leaves 58 of the context of 64"):
+        client.completions.create(model="", prompt="hello", max_tokens=59)
+    assert client.completions.create(model="", prompt="hello", max_tokens=58, **GREEDY).usage.total_tokens <= 64
+    status, body = request(c_server, "POST", "/v1/completions", {"prompt": "a" * 70})
+    assert_openai_error(status, body, 400)
+    assert body["error"]["code"] == "context_length_exceeded"
+    # by default the answer may fill the context, never more
+    usage = client.completions.create(model="", prompt="a" * 60, **GREEDY).usage
+    assert usage.prompt_tokens == 61 and usage.completion_tokens <= 3
+
+
+def test_nothing_but_the_page_under_root(c_server):
+    status, page = request(c_server, "GET", "/")
+    assert status == 200 and "nano-sources-sha256" in page and "connect-src data: 'self';" in page
+    for path in ("/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd", "/index.html",
+                 "/infer/index.html", "/serve.py", "/..%2fserve.py", "/static/../serve.py", "/etc/passwd"):
+        status, body = request(c_server, "GET", path)
+        assert status == 404, path
+        assert "root:" not in json.dumps(body) and "import" not in json.dumps(body)
+
+
+def test_refuses_bad_files_and_arguments(files, tmp_path):
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(files["model.bin"].read_bytes()[:1000])
+    for args, message in [(["-m", broken], "broken.bin"), (["-m", tmp_path / "none.pt"], "does not exist"),
+                          (["-m", files["seq2seq.bin"]], "non-causal"),
+                          (["-m", files["model.bin"], "-l", files["lora.pt"]], "takes .bin adapters"),
+                          (["-m", files["model.bin"], "--parallel", "0"], "--parallel")]:
+        result = subprocess.run([sys.executable, "serve.py", *map(str, args), "--port", str(free_port())], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------- under load
+
+PROMPTS = [f"{a} {b}" for a in ("hello", "good", "world", "你好") for b in ("day", "fox", "moon", "sea")]
+
+
+def stream_text(client, prompt, chat_mode):
+    if chat_mode:
+        chunks = client.chat.completions.create(model="", messages=[{"role": "user", "content": prompt}], stream=True,
+                                                max_tokens=40, **GREEDY)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+    chunks = client.completions.create(model="", prompt=prompt, stream=True, max_tokens=40, **GREEDY)
+    return "".join(c.choices[0].text for c in chunks)
+
+
+def hang_up_mid_stream(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "drop", "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    connection.getresponse().read(64)
+    connection.close()
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_text(c_server):
+    client = c_server.client()
+    alone = {(prompt, chat_mode): stream_text(client, prompt, chat_mode) for prompt in PROMPTS
+             for chat_mode in (True, False)}
+    assert len(set(alone.values())) > len(alone) // 2   # distinct prompts, mostly distinct answers
+    got, failures = {}, []
+    before = request(c_server, "GET", "/health")[1]
+
+    def streaming_client(index):
+        try:
+            for round_ in range(3):
+                key = (PROMPTS[(index + round_) % len(PROMPTS)], (index + round_) % 2 == 0)
+                got.setdefault(key, []).append(stream_text(client, *key))
+                if index % 4 == 0:
+                    hang_up_mid_stream(c_server)
+                if index % 4 == 1:
+                    assert request(c_server, "POST", "/v1/chat/completions", b"{broken")[0] == 400
+        except Exception as error:  # noqa: BLE001  (reported below, with the client's number)
+            failures.append(f"client {index}: {error!r}")
+
+    threads = [threading.Thread(target=streaming_client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+    assert sum(map(len, got.values())) == 48
+    for key, texts in got.items():
+        assert texts == [alone[key]] * len(texts), key
+    assert stream_text(client, PROMPTS[0], True) == alone[(PROMPTS[0], True)]   # and it keeps answering
+    health = request(c_server, "GET", "/health")[1]
+    # the decoding steps were shared, not taken one by one
+    mean_batch = (health["batched_tokens"] - before["batched_tokens"]) / (health["steps"] - before["steps"])
+    assert mean_batch > 1.5, (before, health)   # one by one would be exactly 1
+    assert health["running"] == 0 and health["waiting"] == 0
+
+
+def test_a_client_that_hangs_up_frees_its_slot(files):
+    server = Server("-m", files["slow.bin"], "--parallel", "1")
+    try:
+        client = server.client()
+        start = time.perf_counter()
+        assert client.completions.create(model="", prompt="hello", max_tokens=400, **GREEDY) \
+            .usage.completion_tokens == 400
+        whole = time.perf_counter() - start
+        stream = client.completions.create(model="", prompt="hello", max_tokens=400, stream=True, **GREEDY)
+        next(iter(stream))
+        stream.close()
+        start = time.perf_counter()
+        client.completions.create(model="", prompt="next", max_tokens=2, **GREEDY)   # the one slot is free again
+        assert time.perf_counter() - start < whole / 3, (whole, time.perf_counter() - start)
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- the page
+
+def test_the_page_chats_through_the_server(browser_page, c_server, files):
+    page = browser_page
+    page.goto(c_server.url + "/")
+    page.wait_for_selector("body[data-state=ready]", timeout=30000)
+    assert page.input_value("#backend") == "server" and page.input_value("#server-model") == "model.bin"
+    assert page.is_hidden("#model-file")
+    page.fill("#temperature", "0")
+    page.fill("#max-new", "12")
+    page.select_option("#mode", "instruct")
+    answers = []
+    for question in ("hello", "how are you"):
+        page.fill("#prompt", question)
+        page.click("#send")
+        reply = page.locator(".generated").last
+        expect(reply).to_have_attribute("data-done", re.compile("."), timeout=60000)
+        page.wait_for_selector("body[data-state=ready]")
+        assert reply.get_attribute("data-done") == "finished" and page.inner_text("#error") == ""
+        answers.append(reply.text_content())
+    cli, _ = run_c(files["model.bin"], "-t", "0", "-n", "12", stdin="hello\n\nhow are you\n\n")
+    assert answers == [line for line in cli.split("\n") if line][:2]
+    assert any(url.endswith("/v1/chat/completions") for url in page.requests)
+    assert not page.errors, page.errors
