@@ -77,18 +77,18 @@ def build_tools(workdir):
     return os.path.join(ROOT, "infer_c", "infer"), binary
 
 
-def make_model(workdir):
-    """Random Nano-56M-sized model; <|padding|> and <|eos|> get zero embeddings (logit 0) so greedy
-    decoding of random weights never stops early."""
+def make_model(workdir, config=NANO_56M, kinds=("f32", "q80")):
+    """Random Nano-56M-sized model (or of config) written as each kind of file; <|padding|> and <|eos|> get
+    zero embeddings (logit 0) so greedy decoding of random weights never stops early."""
     torch.manual_seed(0)
-    chars = [chr(0x4E00 + i) for i in range(NANO_56M["vocab_size"] - len(SPECIAL_TOKENS))]
+    chars = [chr(0x4E00 + i) for i in range(config["vocab_size"] - len(SPECIAL_TOKENS))]
     tokenizer = Tokenizer(SPECIAL_TOKENS + chars)
-    model = Transformer(ModelConfig(**NANO_56M)).eval()
+    model = Transformer(ModelConfig(**config)).eval()
     with torch.no_grad():
         model.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0  # the stop tokens
-    paths = {"f32": os.path.join(workdir, "nano56m_f32.bin"), "q80": os.path.join(workdir, "nano56m_q80.bin")}
-    export.write_model(paths["f32"], model, tokenizer, progress=False)
-    export.write_model(paths["q80"], model, tokenizer, quant=True, progress=False)
+    paths = {kind: os.path.join(workdir, f"nano56m_{kind}.bin") for kind in kinds}
+    for kind, path in paths.items():
+        export.write_model(path, model, tokenizer, quant=kind == "q80", progress=False)
     return model, tokenizer, paths
 
 
@@ -111,12 +111,14 @@ def openmp_env(threads, policy):
     return env
 
 
-def c_decode(infer, path, prompt, env, tokens):
+def c_decode(infer, path, prompt, env, tokens, until_the_end=True):
+    """The C CLI's decode tokens/s; until_the_end: refuse a run that stopped before its tokens (a real model
+    may end its text sooner, random weights never do)."""
     r = subprocess.run([infer, path, "-g", prompt, "-t", "0", "-n", str(tokens), "--profile"], capture_output=True,
                        text=True, env=env, check=True)
     match = re.search(r"generated (\d+) .* decode ([\d.]+) tok/s", r.stderr)
     generated, rate = int(match.group(1)), float(match.group(2))
-    if generated < tokens:
+    if until_the_end and generated < tokens:
         raise RuntimeError(f"{path}: generation stopped after {generated} tokens")
     return rate
 

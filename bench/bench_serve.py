@@ -1,0 +1,192 @@
+"""
+serve.py under load: streaming completions from 1, 4 and 16 concurrent clients on the CPU, greedy, against
+a Nano-56M-sized Q80 file with random weights (its stop tokens never win, so every answer has its full
+length) and on any model files given with --model (the main job's, exported to .bin). For each: the
+aggregate tokens/s of all streams, one stream's decode tokens/s, time to first token p50/p99, and the C
+CLI's decode tokens/s on the same file, alternating with the server runs, for the ratios the server aims
+at: one stream >= 0.9 x the CLI, 16 streams >= 3 x one stream.
+
+    python bench/bench_serve.py [--model checkpoint/sft/model.bin] [--threads 2] [--tokens 128]
+                                [--requests 2] [--rounds 2] [--tiny]
+
+--tiny runs a small random model instead of the 56M one (to try the benchmark, not to quote it). Prints a
+markdown table and writes bench/results/bench_serve.json with the machine's description.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.bench_infer import NANO_56M, c_decode, make_model  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
+
+TINY = dict(block_size=512, vocab_size=4096, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, n_hidden=352)
+CONCURRENCY = (1, 4, 16)
+PROMPTS = ["今天天气很好", "我们的模型", "这个产品质量", "人民日报报道", "中国经济发展", "一个小故事", "学习语言",
+           "北京的秋天"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path, threads):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "-m", path, "--port", str(port),
+                                "--parallel", str(max(CONCURRENCY))], cwd=ROOT,
+                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve.py -m {path} exited with {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"serve.py -m {path} did not start")
+
+
+def stream_completion(port, prompt, tokens):
+    """(time to first token, decode tokens/s after it, tokens) of one greedy streamed completion."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]}")
+    first = last = None
+    count = 0
+    for line in response:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        if json.loads(line[6:])["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+            count += 1
+    connection.close()
+    decode = (count - 1) / (last - first) if count > 1 and last > first else 0.0
+    return first - start, decode, count
+
+
+def load_phase(port, streams, requests, tokens):
+    """streams clients, each sending requests completions one after another: aggregate tokens/s, and every
+    request's (ttft, decode rate, tokens)."""
+    results, failures = [], []
+
+    def client(index):
+        try:
+            for r in range(requests):
+                results.append(stream_completion(port, PROMPTS[(index + r) % len(PROMPTS)], tokens))
+        except Exception as error:  # noqa: BLE001  (raised below)
+            failures.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return sum(r[2] for r in results) / (time.perf_counter() - start), results
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def bench_file(name, path, args, infer):
+    samples = {"cli": [], **{n: {"aggregate": [], "results": []} for n in CONCURRENCY}}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    process, port = start_server(path, args.threads)
+    try:
+        stream_completion(port, PROMPTS[0], 8)   # warm up
+        for round_index in range(args.rounds):   # the CLI and the server alternate: the machine is shared
+            samples["cli"].append(c_decode(infer, path, PROMPTS[0], env, args.tokens, until_the_end=False))
+            for streams in CONCURRENCY:
+                aggregate, results = load_phase(port, streams, args.requests, args.tokens)
+                samples[streams]["aggregate"].append(aggregate)
+                samples[streams]["results"] += results
+            print(f"{name} round {round_index + 1}: cli {samples['cli'][-1]:.1f} tok/s, " +
+                  ", ".join(f"{n} streams {samples[n]['aggregate'][-1]:.1f} tok/s" for n in CONCURRENCY), file=sys.stderr)
+    finally:
+        process.terminate()
+        process.wait()
+    cli = statistics.median(samples["cli"])
+    rows = []
+    for streams in CONCURRENCY:
+        results = samples[streams]["results"]
+        ttfts = [r[0] for r in results]
+        rows.append({"model": name, "streams": streams, "aggregate_tok_s": statistics.median(samples[streams]["aggregate"]),
+                     "per_stream_decode_tok_s": statistics.median(r[1] for r in results),
+                     "ttft_p50_ms": 1000 * percentile(ttfts, 0.5), "ttft_p99_ms": 1000 * percentile(ttfts, 0.99),
+                     "cli_decode_tok_s": cli, "requests": len(results)})
+    one = rows[0]["aggregate_tok_s"]
+    for row in rows:
+        row["of_one_stream"] = row["aggregate_tok_s"] / one
+    rows[0]["one_stream_of_cli"] = rows[0]["per_stream_decode_tok_s"] / cli
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="a .bin model file to serve too (repeatable)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="a small random model instead of the 56M-sized one")
+    args = parser.parse_args()
+    for path in args.model:
+        if not path.endswith(".bin") or not os.path.exists(path):
+            sys.exit(f"bench_serve.py: --model {path}: expected an existing .bin file (export.py makes one)")
+
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c")], check=True, capture_output=True)
+    infer = os.path.join(ROOT, "infer_c", "infer")
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        config = TINY if args.tiny else NANO_56M
+        _, _, paths = make_model(workdir, config, kinds=("q80",))
+        name = "random tiny Q80" if args.tiny else "random Nano-56M Q80"
+        rows += bench_file(name, paths["q80"], args, infer)
+        for path in args.model:
+            rows += bench_file(os.path.basename(path), path, args, infer)
+
+    print(f"\n{machine_info()['cpu']}, {args.threads} OpenMP thread(s), load average after the run "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"\nserve.py, streamed greedy completions of {args.tokens} tokens, {args.requests} request(s) per client per "
+          f"round, medians of {args.rounds} rounds\n")
+    print("| model | streams | aggregate tok/s | × one stream | per-stream decode tok/s | TTFT p50 ms | TTFT p99 ms | "
+          "C CLI decode tok/s | one stream / CLI |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['one_stream_of_cli']:.2f}" if "one_stream_of_cli" in r else ""
+        print(f"| {r['model']} | {r['streams']} | {r['aggregate_tok_s']:.1f} | {r['of_one_stream']:.2f} | "
+              f"{r['per_stream_decode_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+              f"{r['cli_decode_tok_s']:.1f} | {ratio} |")
+    write_results("bench_serve", {"benchmark": "bench_serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "machine": machine_info(threads=args.threads), "tokens": args.tokens,
+                                  "requests": args.requests, "rounds": args.rounds, "results": rows})
+
+
+if __name__ == "__main__":
+    main()
