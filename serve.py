@@ -170,7 +170,7 @@ class CEngine:
         return state, np.ctypeslib.as_array(logits, (self.config.vocab_size,)).copy()
 
     def step(self, sequences, tokens):
-        """One batched forward pass: each sequence's next token; a row of logits each."""
+        """One batched forward pass: each sequence's next token; a row of logits each, until the next step."""
         states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
         ids = np.array(tokens, dtype=np.int32)
         logits = self.logits[:len(sequences)]

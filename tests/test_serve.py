@@ -414,3 +414,32 @@ def test_the_page_chats_through_the_server(browser_page, c_server, files):
     assert answers == [line for line in cli.split("\n") if line][:2]
     assert any(url.endswith("/v1/chat/completions") for url in page.requests)
     assert not page.errors, page.errors
+
+
+# ----------------------------------------------------------------------------- the batched step itself
+
+@pytest.mark.parametrize("model_file", ["model.bin", "q80.bin"])
+def test_batched_step_equals_each_sequence_alone(files, model_file):
+    """nano_forward_batch over sequences at different positions, one with an adapter, gives each the logits
+    that nano_forward gives it alone, bit for bit (the same kernels on the same rows)."""
+    import numpy as np
+    import serve
+    engine = serve.CEngine(str(files[model_file]), {"style": str(files["lora.bin"])}, slots=6)
+    prompts = [[2, 10, 11, 12], [2, 20], [2, 30, 31, 32, 33, 34, 35], [4, 12, 13, 5]]
+    adapters = [None, "style", None, "style"]
+    alone = []
+    for prompt, adapter in zip(prompts, adapters):
+        sequence, logits = engine.start(adapter, prompt)
+        rows = [logits]
+        for token in (7, 8, 9):
+            rows += [logits.copy() for logits in engine.step([sequence], [token])]   # valid until the next step
+        engine.release(sequence)
+        alone.append(np.stack(rows))
+    started = [engine.start(adapter, prompt) for prompt, adapter in zip(prompts, adapters)]
+    together = [[logits] for _, logits in started]
+    for token in (7, 8, 9):
+        for rows, logits in zip(together, engine.step([sequence for sequence, _ in started], [token] * 4)):
+            rows.append(logits.copy())
+    for single, batched in zip(alone, together):
+        assert np.array_equal(single, np.stack(batched))
+    assert not np.array_equal(alone[1][1:], alone[3][1:])   # different sequences: different logits
