@@ -165,7 +165,9 @@ class CEngine:
             raise MemoryError("out of memory for the adapter's buffer")
         NanoLibrary.StateHead.from_buffer(state).pos = 0
         ids = np.array(prompt_ids, dtype=np.int32)
-        lib.nano_forward(state, ids.ctypes.data, len(ids), 1)
+        if lib.nano_forward(state, ids.ctypes.data, len(ids), 1):
+            self.free_states.append(state)
+            raise RuntimeError(f"nano_forward refused a prompt of {len(ids)} tokens")
         logits = lib.nano_logits(state, len(ids) - 1)
         return state, np.ctypeslib.as_array(logits, (self.config.vocab_size,)).copy()
 
@@ -348,12 +350,12 @@ def sampling_settings(body):
     defaults = infer.SAMPLING_DEFAULTS
     number = (int, float)
     return {
-        "temperature": float(field(body, "temperature", number, defaults["temperature"], lambda v: v >= 0,
-                                   "a number >= 0 (0 is greedy)")),
+        "temperature": float(field(body, "temperature", number, defaults["temperature"],
+                                   lambda v: 0 <= v < float("inf"), "a number >= 0 (0 is greedy)")),
         "top_p": float(field(body, "top_p", number, defaults["top_p"], lambda v: 0 < v <= 1, "in (0, 1]")),
         "top_k": field(body, "top_k", (int,), defaults["top_k"], lambda v: v >= 0, "an integer >= 0 (0 is off)"),
         "repetition_penalty": float(field(body, "repetition_penalty", number, defaults["repetition_penalty"],
-                                          lambda v: v > 0, "a number > 0 (1 is off)")),
+                                          lambda v: 0 < v < float("inf"), "a number > 0 (1 is off)")),
         "seed": field(body, "seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
     }
 
