@@ -369,6 +369,14 @@ def stop_strings(body):
     return stop
 
 
+def message_text(content):
+    """A message's content: a string, or the list of {"type": "text", "text": ...} parts newer clients send."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        return "".join(part["text"] for part in content)
+    return content
+
+
 def chat_prompt(tokenizer, messages):
     """The ids of a conversation in the SFT template; it must end with the question to answer."""
     if not isinstance(messages, list) or not messages:
@@ -376,10 +384,10 @@ def chat_prompt(tokenizer, messages):
     ids, question = [], []
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
+        content = message_text(message.get("content")) if isinstance(message, dict) else None
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise ApiError(400, f"messages[{index}] must be {{\"role\": system|user|assistant, \"content\": "
-                                "string}", param="messages")
+                                "string or text parts}", param="messages")
         if role == "assistant":
             if not question:
                 raise ApiError(400, f"messages[{index}]: an assistant message must follow a user message",

@@ -137,8 +137,8 @@ float *nano_logits(NanoState *s, int t);
 
 /* One decoding step of n causal sequences at once (a server's concurrent requests): tokens[i] at position
  * states[i]->pos of states[i], each with its own KV cache and adapter; logits[i * vocab_size ...] receives its
- * next-token logits. The weights are read once per step for all n. The states share one model, n <= block_size,
- * and each must have room for a position; otherwise returns -1 and does nothing. */
+ * next-token logits. The weights are read once per step for all n. The states are distinct and share one model,
+ * n <= block_size, and each must have room for a position; otherwise returns -1 and does nothing. */
 int nano_forward_batch(NanoState **states, const int *tokens, int n, float *logits);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */

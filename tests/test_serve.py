@@ -228,6 +228,10 @@ def test_system_message_opens_the_first_question(c_server, files):
     answer = client.chat.completions.create(model="", max_tokens=10, **GREEDY, messages=[
         {"role": "system", "content": "be nice"}, {"role": "user", "content": "hello"}]).choices[0].message.content
     assert answer == c_cli(files, "-i", "be nice\nhello", "-t", "0", "-n", "10")
+    parts = client.chat.completions.create(model="", max_tokens=10, **GREEDY, messages=[
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}])
+    assert parts.choices[0].message.content == answer
 
 
 def test_wrong_key_is_refused(torch_server):
