@@ -93,7 +93,8 @@ def rope_tables(head_dim, length, base=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by the angles of cos/sin [T, D/2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by the angles of cos/sin [T, D/2]
+    (or [B, 1, T, D/2]: each row at its own positions)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -151,7 +152,9 @@ class LoRALinear(nn.Linear):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions generated so far, preallocated to block_size."""
+    """Keys and values of every layer for the positions generated so far, preallocated to block_size.
+    `length` is an int for the whole batch, or a LongTensor [B] of each row's own: rows holding sequences of
+    different lengths (a server's concurrent requests) then take one new token each per forward."""
 
     def __init__(self, config, batch_size, device, dtype=torch.float32):
         shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
@@ -184,15 +187,25 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         start = 0
-        if kv_cache is not None:
+        mask, is_causal = None, False
+        if kv_cache is not None and torch.is_tensor(kv_cache.length):
+            # a token per row at the row's own position; each row sees its own positions only
+            start = kv_cache.length
+            rows = torch.arange(B, device=x.device)
+            kv_cache.keys[layer_index][rows, :, start] = k[:, :, 0]
+            kv_cache.values[layer_index][rows, :, start] = v[:, :, 0]
+            end = int(start.max()) + 1
+            k = kv_cache.keys[layer_index][:B, :, :end]
+            v = kv_cache.values[layer_index][:B, :, :end]
+            mask = (torch.arange(end, device=x.device) <= start[:, None])[:, None, None, :]
+        elif kv_cache is not None:
             start = kv_cache.length
             kv_cache.keys[layer_index][:B, :, start:start + T] = k
             kv_cache.values[layer_index][:B, :, start:start + T] = v
             k = kv_cache.keys[layer_index][:B, :, :start + T]
             v = kv_cache.values[layer_index][:B, :, :start + T]
 
-        mask, is_causal = None, False
-        if c.is_causal:
+        if c.is_causal and mask is None:
             if start == 0:
                 is_causal = True
             elif T > 1:
@@ -340,12 +353,21 @@ class Transformer(nn.Module):
         With a kv_cache the tokens continue the cached positions and the cache advances by T."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
+        per_row = torch.is_tensor(start)
+        if per_row and T != 1:
+            raise ValueError(f"a cache with a length per row takes one token per row, got {T}")
+        end = (int(start.max()) if per_row else start) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} positions exceeds block_size {self.config.block_size}")
+        # positions [T], or [B, T] with a length per row
+        positions = start[:, None] + torch.arange(T, device=idx.device) if per_row else \
+            torch.arange(start, start + T, device=idx.device)
         x = self.tok_embeddings(idx)
         rope = None
         if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_embeddings(positions)
+        elif per_row:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.dropout(x)

@@ -14,7 +14,8 @@ Engines: a .bin file runs on the C core (infer_c/libnano.so, the nano.c of the C
 ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding thread serves
 every request: each step it admits waiting requests (prefilling their prompts), then advances every
 running request by one token. On the C core that step is one batched forward pass (nano_forward_batch:
-the weights are read once for all the requests); on PyTorch each request steps its own KV cache.
+the weights are read once for all the requests); on PyTorch, one forward pass of the requests of each
+model (base or adapter), a row of a KV cache each, at its own position.
 Each request samples with its own settings (infer.py's sampler on PyTorch, the CLI's nano_sample on the
 C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
 frees its slot at the next step.
@@ -186,37 +187,90 @@ class CEngine:
 
 # ----------------------------------------------------------------------------- the PyTorch engine
 
+class TorchSequence:
+    """A sequence on PyTorch: its model (the base or an adapter's) and its row in that model's batch."""
+
+    def __init__(self, batch, row):
+        self.batch, self.row = batch, row
+
+
+class TorchBatch:
+    """The running sequences of one model in the rows 0..n-1 of one KV cache with a length per row, so that a
+    decoding step is one forward pass of n rows (model.py's per-row KVCache)."""
+
+    def __init__(self, model, slots, device):
+        self.model, self.device = model, device
+        self.cache = KVCache(model.config, slots, device, model.tok_embeddings.weight.dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.sequences = []
+
+    @torch.inference_mode()
+    def start(self, prompt_ids):
+        """(sequence, logits after the prompt): prefilled alone, then its keys and values moved into a row."""
+        alone = KVCache(self.model.config, 1, self.device, self.model.tok_embeddings.weight.dtype)
+        logits, _ = self.model(torch.tensor([prompt_ids], device=self.device), kv_cache=alone)
+        sequence = TorchSequence(self, len(self.sequences))
+        self.copy_row(alone, 0, sequence.row, len(prompt_ids))
+        self.lengths[sequence.row] = len(prompt_ids)
+        self.sequences.append(sequence)
+        return sequence, logits[0, -1]
+
+    def copy_row(self, source, source_row, row, length):
+        for keys, values, source_keys, source_values in zip(self.cache.keys, self.cache.values, source.keys,
+                                                            source.values):
+            keys[row, :, :length] = source_keys[source_row, :, :length]
+            values[row, :, :length] = source_values[source_row, :, :length]
+
+    @torch.inference_mode()
+    def step(self, tokens_by_row):
+        n = len(self.sequences)
+        self.cache.length = self.lengths[:n]   # a view: the forward pass advances each row's length in place
+        logits, _ = self.model(torch.tensor(tokens_by_row, device=self.device)[:, None], kv_cache=self.cache)
+        return logits[:, -1]
+
+    def release(self, sequence):
+        """The last row moves into the freed one, so that the running rows stay 0..n-1."""
+        last = self.sequences.pop()
+        if last is not sequence:
+            self.copy_row(self.cache, last.row, sequence.row, int(self.lengths[last.row]))
+            self.lengths[sequence.row] = self.lengths[last.row]
+            last.row = sequence.row
+            self.sequences[sequence.row] = last
+
+
 class TorchEngine:
-    """A .pt checkpoint (or .bin, with --torch) on PyTorch: a model per adapter, a KV cache per sequence."""
+    """A .pt checkpoint (or a .bin off the CPU) on PyTorch: a model and a batch of rows per adapter."""
 
     def __init__(self, path, adapters, device, slots):
         base, self.tokenizer = checkpoint.load_model(path, device)
-        self.config, self.device, self.slots, self.adapter_names = base.config, device, slots, list(adapters)
-        self.models = {None: base}
+        self.config, self.slots, self.adapter_names = base.config, slots, list(adapters)
+        self.batches = {None: TorchBatch(base, slots, device)}
         for name, adapter_path in adapters.items():
             model, _ = checkpoint.load_model(path, device)
-            self.models[name] = checkpoint.attach_lora(model, adapter_path)
+            self.batches[name] = TorchBatch(checkpoint.attach_lora(model, adapter_path), slots, device)
 
     def sampler(self, settings):
         return infer.make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
                                   settings["repetition_penalty"], settings["seed"])
 
-    @torch.inference_mode()
-    def forward(self, sequence, ids):
-        model, cache = sequence
-        logits, _ = model(torch.tensor([ids], device=self.device), kv_cache=cache)
-        return logits[0, -1]
-
     def start(self, adapter, prompt_ids):
-        model = self.models[adapter]
-        sequence = (model, KVCache(self.config, 1, self.device, model.tok_embeddings.weight.dtype))
-        return sequence, self.forward(sequence, prompt_ids)
+        return self.batches[adapter].start(prompt_ids)
 
     def step(self, sequences, tokens):
-        return [self.forward(sequence, [token]) for sequence, token in zip(sequences, tokens)]
+        """A forward pass per model in use, all its running sequences in it; a row of logits each."""
+        logits = {}
+        for batch in {sequence.batch for sequence in sequences}:
+            tokens_by_row = [None] * len(batch.sequences)
+            for sequence, token in zip(sequences, tokens):
+                if sequence.batch is batch:
+                    tokens_by_row[sequence.row] = token
+            if None in tokens_by_row:
+                raise RuntimeError("the running sequences of a model must step together")
+            logits[batch] = batch.step(tokens_by_row)
+        return [logits[sequence.batch][sequence.row] for sequence in sequences]
 
     def release(self, sequence):
-        pass
+        sequence.batch.release(sequence)
 
 
 def load_engine(model_path, adapters, device, slots):
