@@ -198,6 +198,28 @@ def test_kv_cache_prefill_and_steps_equal_full_forward():
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_kv_cache_with_a_length_per_row_equals_each_row_alone(use_rope):
+    # rows at different positions (a server's requests) take a token each per pass
+    model = tiny_model(use_rope=use_rope)
+    prompts = [torch.randint(0, 50, (1, n)) for n in (3, 9, 1)]
+    steps = torch.randint(0, 50, (3, 4))
+    batch = KVCache(model.config, 3, "cpu")
+    for row, prompt in enumerate(prompts):
+        alone = KVCache(model.config, 1, "cpu")
+        model(prompt, kv_cache=alone)
+        for keys, values, own_keys, own_values in zip(batch.keys, batch.values, alone.keys, alone.values):
+            keys[row], values[row] = own_keys[0], own_values[0]
+    batch.length = torch.tensor([p.shape[1] for p in prompts])
+    batched = torch.cat([model(steps[:, t:t + 1], kv_cache=batch)[0] for t in range(4)], dim=1)
+    for row, prompt in enumerate(prompts):
+        full, _ = model(torch.cat([prompt, steps[row:row + 1]], dim=1))
+        torch.testing.assert_close(batched[row], full[0, -4:], atol=1e-5, rtol=1e-5)
+    assert batch.length.tolist() == [7, 13, 5]
+    with pytest.raises(ValueError, match="one token per row"):
+        model(steps[:, :2], kv_cache=batch)
+
+
 def test_generation_with_cache_equals_recomputing_without_cache():
     model = tiny_model()
     prompt = [3, 7, 11]
