@@ -126,8 +126,8 @@ def bench_file(name, path, args, infer):
                 aggregate, results = load_phase(port, streams, args.requests, args.tokens)
                 samples[streams]["aggregate"].append(aggregate)
                 samples[streams]["results"] += results
-            print(f"{name} round {round_index + 1}: cli {samples['cli'][-1]:.1f} tok/s, " +
-                  ", ".join(f"{n} streams {samples[n]['aggregate'][-1]:.1f} tok/s" for n in CONCURRENCY), file=sys.stderr)
+            phases = ", ".join(f"{n} streams {samples[n]['aggregate'][-1]:.1f} tok/s" for n in CONCURRENCY)
+            print(f"{name} round {round_index + 1}: cli {samples['cli'][-1]:.1f} tok/s, {phases}", file=sys.stderr)
     finally:
         process.terminate()
         process.wait()
@@ -136,7 +136,8 @@ def bench_file(name, path, args, infer):
     for streams in CONCURRENCY:
         results = samples[streams]["results"]
         ttfts = [r[0] for r in results]
-        rows.append({"model": name, "streams": streams, "aggregate_tok_s": statistics.median(samples[streams]["aggregate"]),
+        rows.append({"model": name, "streams": streams,
+                     "aggregate_tok_s": statistics.median(samples[streams]["aggregate"]),
                      "per_stream_decode_tok_s": statistics.median(r[1] for r in results),
                      "ttft_p50_ms": 1000 * percentile(ttfts, 0.5), "ttft_p99_ms": 1000 * percentile(ttfts, 0.99),
                      "cli_decode_tok_s": cli, "requests": len(results)})
