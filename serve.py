@@ -12,10 +12,11 @@ GET /health, GET / (the page). Errors come in the OpenAI error shape.
 
 Engines: a .bin file runs on the C core (infer_c/libnano.so, the nano.c of the CLI and the page) through
 ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding thread serves
-every request: each step it admits waiting requests (prefilling their prompts), then advances every
-running request by one token. On the C core that step is one batched forward pass (nano_forward_batch:
-the weights are read once for all the requests); on PyTorch, one forward pass of the requests of each
-model (base or adapter), a row of a KV cache each, at its own position.
+every request: each step it admits waiting requests, then advances every running request by one token
+(a new one by its prompt). On the C core that step is one forward pass of all the requests, the new
+ones' prompts included (nano_forward_batch: the weights are read once for all of them); on PyTorch, one
+pass of the running requests of each model (base or adapter), a row of a KV cache each at its own
+position, and a prefill of each new one.
 Each request samples with its own settings (infer.py's sampler on PyTorch, the CLI's nano_sample on the
 C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
 frees its slot at the next step.
@@ -82,9 +83,7 @@ class NanoLibrary:
             "nano_state_init": (i, [p, p]),
             "nano_state_free": (None, [p]),
             "nano_state_attach_lora": (i, [p, p]),
-            "nano_forward": (i, [p, p, i, i]),
-            "nano_logits": (ctypes.POINTER(f), [p, i]),
-            "nano_forward_batch": (i, [p, p, i, p]),
+            "nano_forward_batch": (i, [p, p, p, i, p]),
             "nano_sampler_init": (i, [p, i, f, i, f, f, ctypes.c_uint64]),
             "nano_sampler_free": (None, [p]),
             "nano_sampler_see": (None, [p, i]),
@@ -157,29 +156,35 @@ class CEngine:
     def sampler(self, settings):
         return CSampler(self.library, self.config.vocab_size, settings)
 
-    def start(self, adapter, prompt_ids):
-        """(sequence, logits after the prompt) in a free slot."""
+    def start(self, adapter):
+        """A new sequence: a free slot's state, emptied, with the adapter attached."""
         state = self.free_states.pop()
-        lib = self.library.lib
-        if lib.nano_state_attach_lora(state, self.adapters[adapter]):
+        if self.library.lib.nano_state_attach_lora(state, self.adapters[adapter]):
             self.free_states.append(state)
             raise MemoryError("out of memory for the adapter's buffer")
         NanoLibrary.StateHead.from_buffer(state).pos = 0
-        ids = np.array(prompt_ids, dtype=np.int32)
-        if lib.nano_forward(state, ids.ctypes.data, len(ids), 1):
-            self.free_states.append(state)
-            raise RuntimeError(f"nano_forward refused a prompt of {len(ids)} tokens")
-        logits = lib.nano_logits(state, len(ids) - 1)
-        return state, np.ctypeslib.as_array(logits, (self.config.vocab_size,)).copy()
+        return state
 
-    def step(self, sequences, tokens):
-        """One batched forward pass: each sequence's next token; a row of logits each, until the next step."""
+    def step(self, sequences, inputs):
+        """inputs[i] (a prompt, or the token of a decoding step) into each sequence, batched: one pass, or several
+        when they hold more than block_size tokens. A row of logits each, valid until the next step."""
+        first = 0
+        while first < len(sequences):
+            end, rows = first + 1, len(inputs[first])
+            while end < len(sequences) and rows + len(inputs[end]) <= self.config.block_size:
+                rows += len(inputs[end])
+                end += 1
+            self.forward_batch(sequences[first:end], inputs[first:end], self.logits[first:end])
+            first = end
+        return list(self.logits[:len(sequences)])
+
+    def forward_batch(self, sequences, inputs, logits):
         states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
-        ids = np.array(tokens, dtype=np.int32)
-        logits = self.logits[:len(sequences)]
-        if self.library.lib.nano_forward_batch(states, ids.ctypes.data, len(ids), logits.ctypes.data):
-            raise RuntimeError("nano_forward_batch refused the step (a sequence past its context?)")
-        return list(logits)
+        counts = np.array([len(ids) for ids in inputs], dtype=np.int32)
+        ids = np.array([token for tokens in inputs for token in tokens], dtype=np.int32)
+        if self.library.lib.nano_forward_batch(states, ids.ctypes.data, counts.ctypes.data, len(sequences),
+                                               logits.ctypes.data):
+            raise RuntimeError("nano_forward_batch refused the pass (a sequence past its context?)")
 
     def release(self, state):
         self.free_states.append(state)
@@ -188,10 +193,11 @@ class CEngine:
 # ----------------------------------------------------------------------------- the PyTorch engine
 
 class TorchSequence:
-    """A sequence on PyTorch: its model (the base or an adapter's) and its row in that model's batch."""
+    """A sequence on PyTorch: its model (the base or an adapter's) and its row in that model's batch, from
+    its prefill on."""
 
-    def __init__(self, batch, row):
-        self.batch, self.row = batch, row
+    def __init__(self, batch):
+        self.batch, self.row = batch, None
 
 
 class TorchBatch:
@@ -205,15 +211,15 @@ class TorchBatch:
         self.sequences = []
 
     @torch.inference_mode()
-    def start(self, prompt_ids):
-        """(sequence, logits after the prompt): prefilled alone, then its keys and values moved into a row."""
+    def prefill(self, sequence, prompt_ids):
+        """The logits after the prompt, run alone; its keys and values then move into the next row."""
         alone = KVCache(self.model.config, 1, self.device, self.model.tok_embeddings.weight.dtype)
         logits, _ = self.model(torch.tensor([prompt_ids], device=self.device), kv_cache=alone)
-        sequence = TorchSequence(self, len(self.sequences))
+        sequence.row = len(self.sequences)
         self.copy_row(alone, 0, sequence.row, len(prompt_ids))
         self.lengths[sequence.row] = len(prompt_ids)
         self.sequences.append(sequence)
-        return sequence, logits[0, -1]
+        return logits[0, -1]
 
     def copy_row(self, source, source_row, row, length):
         for keys, values, source_keys, source_values in zip(self.cache.keys, self.cache.values, source.keys,
@@ -230,6 +236,8 @@ class TorchBatch:
 
     def release(self, sequence):
         """The last row moves into the freed one, so that the running rows stay 0..n-1."""
+        if sequence.row is None:
+            return
         last = self.sequences.pop()
         if last is not sequence:
             self.copy_row(self.cache, last.row, sequence.row, int(self.lengths[last.row]))
@@ -253,21 +261,26 @@ class TorchEngine:
         return infer.make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
                                   settings["repetition_penalty"], settings["seed"])
 
-    def start(self, adapter, prompt_ids):
-        return self.batches[adapter].start(prompt_ids)
+    def start(self, adapter):
+        return TorchSequence(self.batches[adapter])
 
-    def step(self, sequences, tokens):
-        """A forward pass per model in use, all its running sequences in it; a row of logits each."""
+    def step(self, sequences, inputs):
+        """A decoding pass per model in use, all its running sequences in it, then the prompt of each new one
+        alone (model.py's per-row cache takes one token per row); a row of logits each."""
         logits = {}
-        for batch in {sequence.batch for sequence in sequences}:
+        for batch in {sequence.batch for sequence in sequences if sequence.row is not None}:
             tokens_by_row = [None] * len(batch.sequences)
-            for sequence, token in zip(sequences, tokens):
-                if sequence.batch is batch:
-                    tokens_by_row[sequence.row] = token
+            for sequence, ids in zip(sequences, inputs):
+                if sequence.batch is batch and sequence.row is not None:
+                    tokens_by_row[sequence.row] = ids[0]
             if None in tokens_by_row:
                 raise RuntimeError("the running sequences of a model must step together")
-            logits[batch] = batch.step(tokens_by_row)
-        return [logits[sequence.batch][sequence.row] for sequence in sequences]
+            rows = batch.step(tokens_by_row)
+            logits.update((sequence, rows[sequence.row]) for sequence in batch.sequences)
+        for sequence, ids in zip(sequences, inputs):
+            if sequence not in logits:
+                logits[sequence] = sequence.batch.prefill(sequence, ids)
+        return [logits[sequence] for sequence in sequences]
 
     def release(self, sequence):
         sequence.batch.release(sequence)
@@ -292,6 +305,7 @@ class Job:
         self.tokenizer, self.prompt_ids, self.max_tokens, self.stop = tokenizer, prompt_ids, max_tokens, stop
         self.sample, self.adapter, self.emit = sampler, adapter, emit
         self.history, self.new_ids = list(prompt_ids), []
+        self.next_input = list(prompt_ids)    # what the next forward pass feeds this sequence
         self.text, self.sent = "", 0            # the answer so far, and how much of it went out
         self.sequence = self.logits = None
         self.cancelled = False
@@ -302,6 +316,7 @@ class Job:
             return "stop"
         self.new_ids.append(token)
         self.history.append(token)
+        self.next_input = [token]
         self.text += self.tokenizer.decode([token])   # every vocabulary entry is whole characters
         hits = [self.text.find(s) for s in self.stop if s in self.text]
         if hits:
@@ -326,7 +341,8 @@ class Job:
 
 
 class Scheduler:
-    """The decoding thread: admits jobs into free slots, then steps every running job by one token."""
+    """The decoding thread: admits waiting jobs into free slots, runs one forward pass of every running job (the
+    prompts of the new ones, a token of the others), samples each one's next token, repeats."""
 
     def __init__(self, engine, slots):
         self.engine, self.slots = engine, slots
@@ -347,8 +363,8 @@ class Scheduler:
             if job.cancelled:
                 continue
             try:
-                job.sequence, job.logits = self.engine.start(job.adapter, job.prompt_ids)
-            except (MemoryError, RuntimeError) as error:
+                job.sequence = self.engine.start(job.adapter)
+            except MemoryError as error:
                 job.emit({"error": str(error)})
                 continue
             self.running.append(job)
@@ -367,7 +383,7 @@ class Scheduler:
         self.running = still_running
 
     def step(self):
-        logits = self.engine.step([job.sequence for job in self.running], [job.history[-1] for job in self.running])
+        logits = self.engine.step([job.sequence for job in self.running], [job.next_input for job in self.running])
         for job, row in zip(self.running, logits):
             job.logits = row
         self.steps += 1
@@ -375,10 +391,7 @@ class Scheduler:
 
     def run(self):
         while True:
-            self.admit()
-            self.sample_all()
-            if not self.running:
-                continue
+            self.admit()   # waits for a job when none is running
             try:
                 self.step()
             except (MemoryError, RuntimeError) as error:   # the engine failed: its jobs end with the error
@@ -386,6 +399,8 @@ class Scheduler:
                     job.emit({"error": str(error)})
                     self.engine.release(job.sequence)
                 self.running = []
+                continue
+            self.sample_all()
 
 
 # ----------------------------------------------------------------------------- request bodies

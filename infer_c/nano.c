@@ -820,8 +820,8 @@ static void embed(const NanoModel *m, float *out, int token) {
 }
 
 /* The forward pass of n rows, row t being tokens[t] as rows[t] describes, in the activation buffers of s (so
- * n <= block_size). nano_forward runs a sequence's tokens as rows, nano_forward_batch a token of each of
- * several sequences: the weights are read once for all the rows, which is what batching buys. */
+ * n <= block_size). nano_forward runs a sequence's tokens as rows, nano_forward_batch the tokens of several
+ * sequences: the weights are read once for all the rows, which is what batching buys. */
 static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
@@ -913,16 +913,27 @@ float *nano_logits(NanoState *s, int t) {
     return s->logits;
 }
 
-int nano_forward_batch(NanoState **states, const int *tokens, int n, float *logits) {
-    if (n < 1 || n > states[0]->model->config.block_size) return -1;
-    for (int i = 0; i < n; i++)
-        if (states[i]->model != states[0]->model || states[i]->pos >= states[i]->model->config.block_size) return -1;
-    PassRow *rows = malloc(sizeof(PassRow) * n);
+int nano_forward_batch(NanoState **states, const int *tokens, const int *counts, int n, float *logits) {
+    const NanoModel *m = states[0]->model;
+    int total = 0, E = m->config.n_embd;
+    if (n < 1) return -1;
+    for (int i = 0; i < n; i++) {
+        if (states[i]->model != m || counts[i] < 1 || counts[i] > m->config.block_size - states[i]->pos) return -1;
+        total += counts[i];
+    }
+    if (total > m->config.block_size) return -1;
+    PassRow *rows = malloc(sizeof(PassRow) * total);
     if (!rows) return -1;
-    for (int i = 0; i < n; i++) rows[i] = (PassRow){states[i], states[i]->pos, states[i]->pos + 1};
-    forward_rows(states[0], tokens, rows, n);
+    for (int i = 0, r = 0; i < n; i++)
+        for (int t = 0; t < counts[i]; t++, r++) rows[r] = (PassRow){states[i], states[i]->pos + t, states[i]->pos + t + 1};
+    forward_rows(states[0], tokens, rows, total);
     free(rows);
-    for (int i = 0; i < n; i++) states[i]->pos++;
+    /* each sequence's last row moves up to row i (never below it), for one classifier pass over the n */
+    for (int i = 0, last = -1; i < n; i++) {
+        last += counts[i];
+        memmove(states[0]->x + (size_t)i * E, states[0]->x + (size_t)last * E, sizeof(float) * E);
+        states[i]->pos += counts[i];
+    }
     classify(states[0], 0, n, logits);
     return 0;
 }

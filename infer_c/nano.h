@@ -135,11 +135,13 @@ int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detach
 int nano_forward(NanoState *s, const int *tokens, int n, int causal);
 float *nano_logits(NanoState *s, int t);
 
-/* One decoding step of n causal sequences at once (a server's concurrent requests): tokens[i] at position
- * states[i]->pos of states[i], each with its own KV cache and adapter; logits[i * vocab_size ...] receives its
- * next-token logits. The weights are read once per step for all n. The states are distinct and share one model,
- * n <= block_size, and each must have room for a position; otherwise returns -1 and does nothing. */
-int nano_forward_batch(NanoState **states, const int *tokens, int n, float *logits);
+/* One causal forward pass of n sequences at once (a server's concurrent requests): counts[i] tokens of states[i]
+ * (a prompt, or the one token of a decoding step) at its positions states[i]->pos.., tokens holding them one
+ * sequence after another; each with its own KV cache and adapter. logits[i * vocab_size ...] receives the
+ * logits after its last token. The weights are read once for all the tokens. The states are distinct and share
+ * one model, every sequence fits its context and the counts sum to at most block_size; otherwise returns -1
+ * and does nothing. */
+int nano_forward_batch(NanoState **states, const int *tokens, const int *counts, int n, float *logits);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */
 int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap);

@@ -443,23 +443,38 @@ def test_batched_step_equals_each_sequence_alone(files, kind):
     adapters = [None, "style", None, "style"]
     alone = []
     for prompt, adapter in zip(prompts, adapters):
-        sequence, logits = engine.start(adapter, prompt)
-        rows = [as_array(logits)]
+        sequence = engine.start(adapter)
+        rows = [as_array(logits) for logits in engine.step([sequence], [prompt])]
         for token in (7, 8, 9, 10):
-            rows += [as_array(logits) for logits in engine.step([sequence], [token])]   # valid until the next step
+            rows += [as_array(logits) for logits in engine.step([sequence], [[token]])]   # valid until the next step
         engine.release(sequence)
         alone.append(np.stack(rows))
-    started = [engine.start(adapter, prompt) for prompt, adapter in zip(prompts, adapters)]
-    together = [[as_array(logits)] for _, logits in started]
-    running = list(range(len(prompts)))
-    for token in (7, 8, 9, 10):
-        logits = engine.step([started[i][0] for i in running], [token] * len(running))
-        for i, row in zip(running, logits):
+    # passes of the sequences that step: the last two join with their prompts beside the others' tokens, then
+    # the first two end
+    feeds = [[prompt] + [[token] for token in (7, 8, 9, 10)] for prompt in prompts]
+    together = [[] for _ in prompts]
+    started = [engine.start(adapter) for adapter in adapters]
+    for number, stepping in enumerate(([0, 1], [0, 1, 2, 3], [0, 1, 2, 3], [2, 3], [2, 3], [2, 3])):
+        inputs = [feeds[i][len(together[i])] for i in stepping]
+        for i, row in zip(stepping, engine.step([started[i] for i in stepping], inputs)):
             together[i].append(as_array(row))
-        if token == 8:   # the first sequence of each model ends
+        if number == 2:
             for i in (0, 1):
-                engine.release(started[i][0])
-            running = [2, 3]
+                engine.release(started[i])
     for i, (single, batched) in enumerate(zip(alone, together)):
         assert same(single[:len(batched)], np.stack(batched)), i
     assert not np.allclose(alone[1][1:], alone[3][1:])   # different sequences: different logits
+
+
+def test_prompts_beyond_one_pass_are_split(files):
+    # two prompts of 40 tokens hold more than the 64 rows of one pass: two passes, the same logits
+    import numpy as np
+    engine = make_engine(files, "model.bin")
+    prompts = [[2] + [10 + i % 20 for i in range(39)], [2] + [30 - i % 15 for i in range(39)]]
+    alone = []
+    for prompt in prompts:
+        sequence = engine.start(None)
+        alone.append(engine.step([sequence], [prompt])[0].copy())
+        engine.release(sequence)
+    together = engine.step([engine.start(None), engine.start(None)], prompts)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
