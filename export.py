@@ -451,6 +451,11 @@ GGUF_TENSOR_NAMES = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_no
                      "ffn.w2.weight": "ffn_down"}
 GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL = 1, 2, 3   # llama.cpp's token types
 Q8_0_BLOCK = 32   # values per Q8_0 block: rows of another width stay float32
+# infer.py's Conversation for llama.cpp's chat front ends: <|instruct_mark|>q<|response_mark|>a<|eos|> per
+# turn (the SFT template has no system role)
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|instruct_mark|>{{ m['content'] }}"
+                      "<|response_mark|>{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|eos|>{% endif %}"
+                      "{% endfor %}")
 
 
 def gguf_token_text(token):
@@ -533,8 +538,9 @@ def write_gguf(path, model, tokenizer, q8_0=False):
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
     writer.add_pad_token_id(PAD_ID)
-    writer.add_add_bos_token(True)   # raw prompts start with <|bos|> in every Nano front end
+    writer.add_add_bos_token(True)   # as every Nano front end; llama.cpp ignores it for rwkv vocabularies
     writer.add_add_eos_token(False)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
     for name, array in gguf_tensors(model, len(texts) - tokenizer.vocab_size):
         if q8_0 and array.ndim == 2 and array.shape[1] % Q8_0_BLOCK == 0:   # else kept float32, as llama.cpp's converter does
             writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),

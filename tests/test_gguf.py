@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_export import ROOT, tiny_model, tiny_tokenizer, write_checkpoint  # noqa: E402
-from test_infer_c import TRAIN_TEXT, c_greedy, infer, one_torch_thread, prompts_of, trained  # noqa: E402,F401
+from test_infer_c import TRAIN_TEXT, c_greedy, infer, one_torch_thread, prompts_of, run_c, trained  # noqa: E402,F401
 
 import export  # noqa: E402
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
@@ -19,7 +19,7 @@ from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
 gguf = pytest.importorskip("gguf")
 
 # llama-cpp-python compiles llama.cpp from source when installed (about 15 minutes on 2 cores), so it is
-# not part of install.sh; `pip install llama-cpp-python==0.3.16` enables the tests that run llama.cpp
+# not part of install.sh; `pip install llama-cpp-python==0.3.36` enables the tests that run llama.cpp
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed (it builds llama.cpp from source; see the README)"
 try:
     import llama_cpp
@@ -119,9 +119,9 @@ def test_cli_from_checkpoint_and_bin_and_refusals(tmp_path):
 
 # ----------------------------------------------------------------------------- llama.cpp itself
 
-def llama_model(path, block_size):
+def llama_model(path, block_size, **options):
     return llama_cpp.Llama(model_path=path, n_ctx=block_size, n_threads=1, n_batch=block_size,
-                           logits_all=True, verbose=False)
+                           logits_all=True, verbose=False, **options)
 
 
 def llama_greedy(llm, prompt_ids, n):
@@ -158,8 +158,14 @@ def test_llama_cpp_tokenizes_like_nano(tmp_path):
     samples += ["Hello world", "def f(x): return x\\n", "12345\t\t\n\n  ", "<|eos|>好<|instruct_mark|>问<|response_mark|>"]
     assert len(samples) > 300
     for text in samples:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text), text
+    # parsing special tokens first (llama-cli's habit) changes only a word that holds one's text
+    for text in samples[:-1] + ["<|instruct_mark|>问<|response_mark|><|bos|>"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
-    assert llm.tokenize("好".encode(), add_bos=True) == [BOS_ID] + tok.encode("好")
+    assert llm.tokenize("<|eos|>好".encode(), add_bos=False, special=True) == [EOS_ID] + tok.encode("好")
+    # llama.cpp never adds <|bos|> to an rwkv vocabulary's text (Nano's engines do): a prompt writes it
+    assert llm.tokenize("好".encode(), add_bos=True) == tok.encode("好")
+    assert llm.tokenize("<|bos|>好".encode(), add_bos=False, special=True) == [BOS_ID] + tok.encode("好")
 
     # a character outside the vocabulary: Nano gives one <|unknown|>, llama.cpp one token per byte,
     # the first byte's token where the vocabulary has one (its embedding row is <|unknown|>'s)
@@ -192,11 +198,27 @@ def test_llama_cpp_greedy_matches_the_c_engine(infer, tmp_path, trained, q8_0):
 
 
 @needs_llama_cpp
+def test_llama_cpp_chat_template_is_nanos(infer, tmp_path, trained):
+    model, tok, f32_bin, _ = trained
+    path = str(tmp_path / "m.gguf")
+    export.write_gguf(path, model, tok)
+    llm = llama_model(path, model.config.block_size)
+    for question in prompts_of(TRAIN_TEXT, 5, length=8):
+        r = run_c(infer, f32_bin, "-i", question, "-t", "0", "-r", "1", "-n", "12", "--print-ids")
+        assert r.returncode == 0, r.stderr
+        c_ids = [int(x) for x in r.stdout.split() if int(x) not in (PAD_ID, EOS_ID)]
+        answer = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
+                                            repeat_penalty=1.0, max_tokens=12)
+        assert answer["choices"][0]["message"]["content"] == tok.decode(c_ids)
+
+
+@needs_llama_cpp
 def test_llama_cpp_logits_match_pytorch(tmp_path, trained):
     model, tok, _, _ = trained
     path = str(tmp_path / "m.gguf")
     export.write_gguf(path, model, tok)
-    llm = llama_model(path, model.config.block_size)
+    # llama.cpp keeps its KV cache in float16 unless told otherwise
+    llm = llama_model(path, model.config.block_size, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     ids = [BOS_ID] + tok.encode(TRAIN_TEXT[:30])
     llm.reset()
     llm.eval(ids)
