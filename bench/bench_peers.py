@@ -5,7 +5,7 @@ count, next to the memory-bandwidth bound measured in the same run. Models: a Na
 random weights and, when it exists, the main job's trained model. Engines alternate inside each round;
 figures are medians.
 
-    pip install llama-cpp-python==0.3.36      # builds llama.cpp from source, about 15 minutes on 2 cores
+    pip install -r requirements-peers.txt     # llama-cpp-python: builds llama.cpp from source (minutes)
     python bench/bench_peers.py [--rounds 3] [--tokens 128] [--threads 1 2] [--trained checkpoint/pretrain/best.pt]
 
 Prints a markdown table and writes bench/results/bench_peers.json.
@@ -31,12 +31,13 @@ import export  # noqa: E402
 from bench.bench_infer import (bandwidth, build_tools, c_decode, make_model, openmp_env, prompt_text,  # noqa: E402
                                torch_decode, weight_bytes_per_token)
 from bench.common import machine_info, write_results  # noqa: E402
+from tokenizer import EOS_ID, PAD_ID  # noqa: E402
 
 try:
     import llama_cpp
 except ImportError:
-    raise SystemExit("bench_peers.py needs llama-cpp-python: pip install llama-cpp-python==0.3.36 "
-                     "(it compiles llama.cpp, about 15 minutes on 2 cores)")
+    raise SystemExit("bench_peers.py needs llama-cpp-python: pip install -r requirements-peers.txt "
+                     "(it compiles llama.cpp from source)")
 
 # llama.cpp's weight types next to ours: (our .bin kind, llama.cpp GGUF kind)
 PAIRS = (("f32", "F32"), ("q80", "Q8_0"), ("q4k", "Q4_K"))
@@ -103,7 +104,11 @@ def bench_model(name, model, tokenizer, bin_paths, args, workdir, infer, bandwid
 
 
 def trained_model(path, workdir):
+    """The trained model with the stop tokens' rows zeroed (logit 0), so that every engine decodes the
+    full count: the speed does not depend on the values."""
     model, tokenizer = checkpoint.load_full_model(path)
+    with torch.no_grad():
+        model.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0
     paths = {"f32": os.path.join(workdir, "trained_f32.bin"), "q80": os.path.join(workdir, "trained_q80.bin")}
     export.write_model(paths["f32"], model, tokenizer, progress=False)
     export.write_model(paths["q80"], model, tokenizer, quant=True, progress=False)

@@ -18,9 +18,9 @@ from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 
-# llama-cpp-python compiles llama.cpp from source when installed (about 15 minutes on 2 cores), so it is
-# not part of install.sh; `pip install llama-cpp-python==0.3.36` enables the tests that run llama.cpp
-LLAMA_CPP_MISSING = "llama-cpp-python is not installed (it builds llama.cpp from source; see the README)"
+# llama-cpp-python compiles llama.cpp from source (minutes), so install.sh leaves it out; CI installs it:
+# pip install -r requirements-peers.txt
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install -r requirements-peers.txt (builds llama.cpp)"
 try:
     import llama_cpp
 except ImportError:
