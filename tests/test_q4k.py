@@ -322,3 +322,39 @@ def test_bad_q4k_files_are_refused_clearly(infer, bad_q4k, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "-m", cases["block n > 256"][0], "--prompt", "hi"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "256" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def mutations(data, offsets, rng, count):
+    """Copies of a file with words overwritten by edge values (at frame and block headers and at random),
+    random bytes flipped, or the end cut off."""
+    edges = [0, 1, 0x42, 255, 256, 257, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0x7FC00000]
+    for k in range(count):
+        out = bytearray(data)
+        kind = k % 4
+        if kind == 0:   # a word of a frame header or of its first blocks
+            base = offsets[rng.integers(len(offsets))]
+            at = base + 4 * int(rng.integers(0, 11 + 40 * 3))
+            struct.pack_into("<I", out, min(at, len(out) - 4) // 4 * 4, edges[rng.integers(len(edges))])
+        elif kind == 1:   # a header word
+            struct.pack_into("<I", out, 4 * int(rng.integers(0, 20)), edges[rng.integers(len(edges))])
+        elif kind == 2:
+            for at in rng.integers(0, len(out), 8):
+                out[at] ^= 1 << int(rng.integers(8))
+        else:
+            out = out[:int(rng.integers(0, len(out)))]
+        yield bytes(out)
+
+
+def test_mutated_q4k_files_under_address_sanitizer(bad_q4k, tmp_path):
+    """The fuzz harness (without libFuzzer: fuzz_replay) over mutated Q4K files, under ASan and UBSan: every
+    input loads and runs a step, or is refused, without a memory error."""
+    good, _ = bad_q4k
+    subprocess.run(["make", "-C", ENGINE_DIR, "fuzz-replay"], check=True, capture_output=True)
+    data = open(good, "rb").read()
+    paths = []
+    for i, mutated in enumerate(mutations(data, frame_offsets(good), np.random.default_rng(0), 200)):
+        paths.append(str(tmp_path / f"m{i}.bin"))
+        open(paths[-1], "wb").write(mutated)
+    r = subprocess.run([os.path.join(ENGINE_DIR, "fuzz_replay"), good, *paths], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and f"ran {len(paths) + 1} inputs" in r.stdout, r.stderr[-3000:]
