@@ -158,7 +158,9 @@ static int dump_weights(const NanoModel *m, const char *path, int scales_only) {
         return -1;
     }
     const NanoMatrix **matrices = malloc(sizeof *matrices * (2 + 7 * (size_t)m->config.n_layer));
-    float *row = malloc(sizeof(float) * m->config.n_hidden * 2 + sizeof(float) * m->q_dim + sizeof(float) * m->config.n_embd);
+    int widest = m->config.n_embd > m->q_dim ? m->config.n_embd : m->q_dim;
+    if (m->config.n_hidden > widest) widest = m->config.n_hidden;
+    float *row = malloc(sizeof(float) * widest);
     FILE *f = matrices && row ? fopen(path, "wb") : NULL;
     int ok = f != NULL;
     if (!f) fprintf(stderr, "error: %s: cannot open for writing\n", path);
