@@ -669,29 +669,39 @@ static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const fl
 #define Q4K_ACT_CHUNK 16
 #endif
 
-typedef struct { float d, dmin; uint8_t sc[Q4K_GROUPS], m[Q4K_GROUPS]; } Q4KScales;
+typedef struct { float d, dmin; uint8_t scales[2 * Q4K_GROUPS]; /* the 8 scales sc, then the 8 mins m */ } Q4KScales;
 
-/* d, dmin and the 6-bit scales and mins of a block (ggml's K-quant packing, FORMAT.md). */
-static Q4KScales q4k_scales(const uint8_t *block) {
+/* The 6-bit scales and mins of a block (ggml's K-quant packing, FORMAT.md) as four little-endian words of
+ * bytes: sc[0..3], sc[4..7], m[0..3], m[4..7]. Per byte j < 4: sc[j] = b[j] & 63, m[j] = b[j+4] & 63,
+ * sc[j+4] = (b[j+8] & 15) | (b[j] >> 6) << 4, m[j+4] = (b[j+8] >> 4) | (b[j+4] >> 6) << 4, done four bytes
+ * at a time (a block is unpacked for every row of every matmul; little-endian, as the file's floats). */
+static inline void q4k_scale_words(const uint8_t *block, uint32_t words[4]) {
+    uint32_t b[3];
+    memcpy(b, block + Q4K_SCALES_OFFSET, 12);
+    words[0] = b[0] & 0x3F3F3F3Fu;
+    words[1] = (b[2] & 0x0F0F0F0Fu) | (b[0] >> 6 & 0x03030303u) << 4;
+    words[2] = b[1] & 0x3F3F3F3Fu;
+    words[3] = (b[2] >> 4 & 0x0F0F0F0Fu) | (b[1] >> 6 & 0x03030303u) << 4;
+}
+
+static inline Q4KScales q4k_scales(const uint8_t *block) {
     Q4KScales s;
-    const uint8_t *p = block + Q4K_SCALES_OFFSET;
+    uint32_t words[4];
     memcpy(&s.d, block + 12, 4);
     memcpy(&s.dmin, block + 16, 4);
-    for (int j = 0; j < 4; j++) {
-        s.sc[j] = p[j] & 63;
-        s.m[j] = p[j + 4] & 63;
-        s.sc[j + 4] = (p[j + 8] & 15) | (p[j] >> 6) << 4;
-        s.m[j + 4] = (p[j + 8] >> 4) | (p[j + 4] >> 6) << 4;
-    }
+    q4k_scale_words(block, words);
+    memcpy(s.scales, words, sizeof words);
     return s;
 }
 
+#if Q4K_ACT_CHUNK != 64   /* the AVX-512 kernel computes it in vector lanes */
 /* The min term of a block: sum over groups of m * (sum of the group's quantized activations). */
 static int32_t q4k_min_sum(const Q4KScales *s, const int32_t *group_sum) {
     int32_t total = 0;
-    for (int g = 0; g < Q4K_GROUPS; g++) total += s->m[g] * group_sum[g];
+    for (int g = 0; g < Q4K_GROUPS; g++) total += s->scales[Q4K_GROUPS + g] * group_sum[g];
     return total;
 }
+#endif
 
 /* the portable path, for builds without a vector kernel (`make portable` on x86) */
 #if Q4K_ACT_CHUNK == 16 && !defined(__wasm_simd128__)
@@ -707,7 +717,7 @@ static float dot_q4k_scalar(const uint8_t *w, const int8_t *x, const float *xs, 
                 const int8_t *chunk = x + k / Q4K_ACT_CHUNK * 2 * Q4K_ACT_CHUNK;
                 acc += (codes[k] & 15) * chunk[k % Q4K_ACT_CHUNK] + (codes[k] >> 4) * chunk[Q4K_ACT_CHUNK + k % Q4K_ACT_CHUNK];
             }
-            total += acc * s.sc[g];
+            total += acc * s.scales[g];
         }
         sum += xs[b] * (s.d * (float)total - s.dmin * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b));
     }
@@ -716,29 +726,43 @@ static float dot_q4k_scalar(const uint8_t *w, const int8_t *x, const float *xs, 
 #endif
 
 #if Q4K_ACT_CHUNK == 64
+/* q4k_scale_words in one vector register, computed in its four lanes at once (the scalar version's moves
+ * between registers cost as much as the block's dot products). */
+static inline __m128i q4k_scale_vector(const uint8_t *block) {
+    __m128i b = _mm_loadu_si128((const __m128i *)(block + Q4K_SCALES_OFFSET));   /* b0 b1 b2, then 4 code bytes */
+    __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(b, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    low = _mm_and_si128(low, _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    __m128i high = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(b, _MM_SHUFFLE(1, 1, 0, 0)), 6),
+                                                _mm_set1_epi32(0x03030303)), 4);
+    return _mm_or_si128(low, _mm_and_si128(high, _mm_setr_epi32(0, -1, 0, -1)));
+}
+
 static float dot_q4k_avx512(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
     const __m512i nibble = _mm512_set1_epi8(15);
     /* the scale of each 32-bit lane: a lane sums 4 code bytes, a group is 16 bytes, a vector 4 groups */
-    const __m128i lane_group[2] = {_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                   _mm_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
-    __m512 sum = _mm512_setzero_ps();
-    float min_sum = 0.0f;
+    const __m512i lane_group[2] = {_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
+    __m512 sum = _mm512_setzero_ps();   /* the scale terms, less the min terms: one reduction at the end */
     for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
-        Q4KScales s = q4k_scales(w);
-        __m128i scales = _mm_loadl_epi64((const __m128i *)s.sc);
+        __m512i scales_mins = _mm512_cvtepu8_epi32(q4k_scale_vector(w));   /* 8 sc, then 8 m */
+        float d, dmin;
+        memcpy(&d, w + 12, 4);
+        memcpy(&dmin, w + 16, 4);
         __m512i acc = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) {
             __m512i v = _mm512_loadu_si512(w + Q4K_CODES_OFFSET + 64 * h);
             __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
             __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(x + 128 * h));
             dots = _mm512_dpbusd_epi32(dots, high, _mm512_loadu_si512(x + 128 * h + 64));
-            __m512i lane_scales = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(scales, lane_group[h]));
-            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dots, lane_scales));
+            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dots, _mm512_permutexvar_epi32(lane_group[h], scales_mins)));
         }
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s.d * xs[b]), sum);
-        min_sum += s.dmin * xs[b] * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b);
+        /* lanes 8-15 hold the mins: m * (group sum of x) there, 0 in lanes 0-7 */
+        __m512i mins = _mm512_mullo_epi32(scales_mins, _mm512_inserti32x8(_mm512_setzero_si512(),
+                                          _mm256_loadu_si256((const __m256i *)(xsum + Q4K_GROUPS * b)), 1));
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(d * xs[b]), sum);
+        sum = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_set1_ps(dmin * xs[b]), sum);
     }
-    return _mm512_reduce_add_ps(sum) - min_sum;
+    return _mm512_reduce_add_ps(sum);
 }
 #endif
 
@@ -755,8 +779,8 @@ static float dot_q4k_avx2(const uint8_t *w, const int8_t *x, const float *xs, co
             __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
             __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)(x + 64 * c))),
                                              _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32))));
-            __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(s.sc[2 * c])),
-                                                     _mm_set1_epi16(s.sc[2 * c + 1]), 1);
+            __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(s.scales[2 * c])),
+                                                     _mm_set1_epi16(s.scales[2 * c + 1]), 1);
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scales));
         }
         sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s.d * xs[b]), sum);
@@ -784,7 +808,7 @@ static float dot_q4k_wasm(const uint8_t *w, const int8_t *x, const float *xs, co
                                wasm_i32x4_dot_i16x8(wasm_u16x8_extend_high_u8x16(low), wasm_i16x8_extend_high_i8x16(xa))),
                 wasm_i32x4_add(wasm_i32x4_dot_i16x8(wasm_u16x8_extend_low_u8x16(high), wasm_i16x8_extend_low_i8x16(xb)),
                                wasm_i32x4_dot_i16x8(wasm_u16x8_extend_high_u8x16(high), wasm_i16x8_extend_high_i8x16(xb))));
-            acc = wasm_i32x4_add(acc, wasm_i32x4_mul(dots, wasm_i32x4_splat(s.sc[g])));
+            acc = wasm_i32x4_add(acc, wasm_i32x4_mul(dots, wasm_i32x4_splat(s.scales[g])));
         }
         int32_t total = wasm_i32x4_extract_lane(acc, 0) + wasm_i32x4_extract_lane(acc, 1) +
                         wasm_i32x4_extract_lane(acc, 2) + wasm_i32x4_extract_lane(acc, 3);
@@ -1058,7 +1082,7 @@ static void dequantize_row_q4k(const uint8_t *blocks, int cols, float *out) {
         Q4KScales s = q4k_scales(blocks);
         const uint8_t *codes = blocks + Q4K_CODES_OFFSET;
         for (int i = 0; i < q4k_block_length(cols, b); i++) {
-            float step = (float)s.sc[i / 32] * s.d, offset = (float)s.m[i / 32] * s.dmin;
+            float step = (float)s.scales[i / 32] * s.d, offset = (float)s.scales[Q4K_GROUPS + i / 32] * s.dmin;
             float scaled = (float)(codes[i / 2] >> 4 * (i & 1) & 15) * step;
             out[b * NANO_Q4K_BLOCK + i] = scaled - offset;
         }
