@@ -830,25 +830,36 @@ static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const i
 #endif
 }
 
+/* The largest |x| of n values, and x rounded to the nearest integer, ties to even, as lrintf does for
+ * |x| <= 127; both inline, where the C99 library calls cost as much as a small matmul. */
+static inline float max_abs_of(const float *x, int n) {
+    float max_abs = 0.0f;
+    for (int i = 0; i < n; i++) max_abs = fabsf(x[i]) > max_abs ? fabsf(x[i]) : max_abs;
+    return max_abs;
+}
+
+static inline int8_t round_to_int8(float x) {
+    const float shift = 12582912.0f;   /* 1.5 * 2^23: adding it leaves no fraction bits, so the FPU rounds */
+    return (int8_t)(int)((x + shift) - shift);
+}
+
 /* Quantize one group of activations like the weights: scale = max|x| / 127. */
 static void quantize_group(int8_t *q, float *scale, const float *x, int group) {
-    float max_abs = 0.0f;
-    for (int j = 0; j < group; j++) max_abs = fmaxf(max_abs, fabsf(x[j]));
+    float max_abs = max_abs_of(x, group);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
-    for (int j = 0; j < group; j++) q[j] = (int8_t)lrintf(x[j] * inverse);
+    for (int j = 0; j < group; j++) q[j] = round_to_int8(x[j] * inverse);
 }
 
 /* Quantize the n activations of one Q4K block (zeros past n): scale = max|x| / 127, the sum of each group,
  * values in the kernels' order (see Q4K_ACT_CHUNK). */
 static void quantize_block_q4k(int8_t *q, float *scale, int32_t *group_sum, const float *x, int n) {
-    float max_abs = 0.0f;
-    for (int i = 0; i < n; i++) max_abs = fmaxf(max_abs, fabsf(x[i]));
+    float max_abs = max_abs_of(x, n);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
     memset(group_sum, 0, sizeof(int32_t) * Q4K_GROUPS);
     for (int i = 0; i < NANO_Q4K_BLOCK; i++) {
-        int8_t v = i < n ? (int8_t)lrintf(x[i] * inverse) : 0;
+        int8_t v = i < n ? round_to_int8(x[i] * inverse) : 0;
         int byte = i / 2;
         q[byte / Q4K_ACT_CHUNK * 2 * Q4K_ACT_CHUNK + (i & 1) * Q4K_ACT_CHUNK + byte % Q4K_ACT_CHUNK] = v;
         group_sum[i / 32] += v;
