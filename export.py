@@ -5,6 +5,7 @@ Export Nano models and LoRA adapters to .bin files, and read them back (the layo
     python export.py model.bin --quant ckpt.pt [--group-size 128]    # Q80: int8 groups + float32 scales
     python export.py model.bin --q4k ckpt.pt (or model_f32.bin)      # Q4K: 4-bit blocks of 256, 6-bit group scales
     python export.py lora.bin --lora lora.pt                         # LoRA adapter for wq, wk, wv, wo
+    python export.py model.gguf --gguf ckpt.pt|model.bin [--q8_0]    # GGUF for llama.cpp
 
 Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer), Q80 and Q4K weights dequantized;
 load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
@@ -21,7 +22,7 @@ import torch
 
 import checkpoint
 from model import ModelConfig, Transformer, rope_tables
-from tokenizer import Tokenizer
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 MAGIC = (0x42443453, 0x55524C4D)
 HEADER_BYTES = 256
@@ -320,15 +321,21 @@ def check_exportable(cfg):
         raise ValueError("model cannot be exported to .bin: " + "; ".join(problems))
 
 
+def float_weights(model):
+    """(float32 CPU state dict without adapters, whether the head shares the embedding's weights)."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    return state, torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+
+
 def _exportable_state(model, tokenizer):
     """The model's float32 tensors by state_dict name, RoPE tables included, and whether its head is tied."""
     cfg = model.config
     check_exportable(cfg)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    state, is_shared_classifier = float_weights(model)
     state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size)
-    return state, torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    return state, is_shared_classifier
 
 
 def _model_header(cfg, is_shared_classifier, quant_type, group_size):
@@ -724,6 +731,117 @@ def load_lora_bin(path, model_config=None):
     return state, {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": targets}
 
 
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_TENSOR_NAMES = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm",
+                     "attn.wq.weight": "attn_q", "attn.wk.weight": "attn_k", "attn.wv.weight": "attn_v",
+                     "attn.wo.weight": "attn_output", "ffn.w1.weight": "ffn_gate", "ffn.w3.weight": "ffn_up",
+                     "ffn.w2.weight": "ffn_down"}
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL = 1, 2, 3   # llama.cpp's token types
+Q8_0_BLOCK = 32   # values per Q8_0 block: rows of another width stay float32
+# infer.py's Conversation for llama.cpp's chat front ends: <|instruct_mark|>q<|response_mark|>a<|eos|> per
+# turn (the SFT template has no system role)
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|instruct_mark|>{{ m['content'] }}"
+                      "<|response_mark|>{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|eos|>{% endif %}"
+                      "{% endfor %}")
+
+
+def gguf_token_text(token):
+    """A token as llama.cpp's rwkv vocabulary stores it: UTF-8 with backslash escapes."""
+    return token.replace("\\", "\\\\")
+
+
+def gguf_lead_bytes(tokenizer):
+    """First bytes of multi-byte characters that begin some token but are no token themselves.
+
+    llama.cpp's rwkv tokenizer walks a byte trie and never backs up past a character: when a character
+    outside the vocabulary shares its first bytes with a token, the walk ends without a match and the
+    tokenizer loops forever. A one-byte token at each such first byte ends every walk on a match."""
+    firsts = {token.encode("utf-8")[0] for token in tokenizer.itos}
+    return sorted(b for b in firsts if b >= 0x80)
+
+
+def gguf_vocabulary(tokenizer):
+    """(token texts, token types) for GGUF: Nano's tokens in id order, then one token per lead byte."""
+    special_ids = set(tokenizer.special_tokens.values())
+    texts, types = [], []
+    for token_id, token in enumerate(tokenizer.itos):
+        texts.append(gguf_token_text(token))
+        types.append(GGUF_UNKNOWN if token_id == UNK_ID else GGUF_CONTROL if token_id in special_ids else GGUF_NORMAL)
+    for byte in gguf_lead_bytes(tokenizer):
+        texts.append(f"\\x{byte:02x}")
+        types.append(GGUF_NORMAL)
+    return texts, types
+
+
+def check_gguf_exportable(cfg):
+    check_exportable(cfg)
+    if not cfg.is_causal:
+        raise ValueError("model cannot be exported to GGUF: llama.cpp's llama architecture is causal only")
+
+
+def gguf_tensors(model, n_extra_tokens):
+    """(GGUF name, float32 array) of each weight. The rows added for the lead-byte tokens repeat the
+    <|unknown|> row, so the model sees an unknown character as unknown in both engines."""
+    state, is_shared_classifier = float_weights(model)
+
+    def with_extra_rows(matrix):
+        return np.concatenate([matrix, np.repeat(matrix[UNK_ID:UNK_ID + 1], n_extra_tokens, axis=0)])
+
+    yield "token_embd.weight", with_extra_rows(state["tok_embeddings.weight"].numpy())
+    if not is_shared_classifier:
+        yield "output.weight", with_extra_rows(state["output.weight"].numpy())
+    yield "output_norm.weight", state["norm.weight"].numpy()
+    for i in range(model.config.n_layer):
+        for ours, theirs in GGUF_TENSOR_NAMES.items():
+            yield f"blk.{i}.{theirs}.weight", state[f"layers.{i}.{ours}"].numpy()
+
+
+def write_gguf(path, model, tokenizer, q8_0=False):
+    """A GGUF file for llama.cpp: architecture llama (its RoPE rotates interleaved pairs, as Nano's
+    does, so q and k need no permutation), Nano's tokens as an rwkv (greedy longest match) vocabulary."""
+    import gguf   # only this exporter needs the format's own library
+
+    cfg = model.config
+    check_gguf_exportable(cfg)
+    texts, types = gguf_vocabulary(tokenizer)
+    tmp = f"{path}.tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(os.path.splitext(os.path.basename(path))[0])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.n_hidden)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(DEFAULT_ROPE_THETA)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(len(texts))
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list(texts)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_add_bos_token(True)   # as every Nano front end; llama.cpp ignores it for rwkv vocabularies
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    for name, array in gguf_tensors(model, len(texts) - tokenizer.vocab_size):
+        if q8_0 and array.ndim == 2 and array.shape[1] % Q8_0_BLOCK == 0:   # else kept float32, as llama.cpp's converter does
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def load_float_model(path):
@@ -740,17 +858,20 @@ def load_float_model(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file.")
+    parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file, or a model to GGUF.")
     parser.add_argument("output", help="the .bin file to write")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint .pt to export as float32")
     source.add_argument("--quant", help="checkpoint .pt to export as Q80 (int8 groups)")
     source.add_argument("--q4k", help="checkpoint .pt, or float32 .bin, to export as Q4K (4-bit)")
     source.add_argument("--lora", help="LoRA checkpoint .pt to export as an adapter file")
+    source.add_argument("--gguf", help="checkpoint .pt (a LoRA run's is merged into its base) or model .bin "
+                                       "to export as a GGUF file for llama.cpp")
     parser.add_argument("--group-size", type=int, default=128,
                         help="Q80 group size; halved until it divides every matmul width (default 128)")
     parser.add_argument("--q4k-quantizer", choices=Q4K_QUANTIZERS, default="search",
                         help="search: lower squared error (default); minmax: the original converter's, byte for byte")
+    parser.add_argument("--q8_0", action="store_true", help="with --gguf: matrices as llama.cpp's Q8_0")
     args = parser.parse_args()
     try:
         if args.lora:
@@ -765,6 +886,15 @@ def main():
             write_model_q4k(args.output, model, tokenizer, args.q4k_quantizer)
             print(f"wrote {args.output}: Q4K ({args.q4k_quantizer} quantizer), {os.path.getsize(args.output)} bytes")
             return
+        if args.gguf:
+            model, tokenizer = checkpoint.load_model(args.gguf)
+            model.merge_lora()
+            write_gguf(args.output, model, tokenizer, q8_0=args.q8_0)
+            print(f"wrote {args.output}: GGUF, {'Q8_0' if args.q8_0 else 'float32'}, "
+                  f"{os.path.getsize(args.output)} bytes")
+            return
+        if args.q8_0:
+            raise ValueError("--q8_0 applies to --gguf only (for .bin files, --quant writes Q80)")
         if args.group_size <= 0:
             raise ValueError(f"--group-size must be positive, got {args.group_size}")
         model, tokenizer = checkpoint.load_full_model(args.quant or args.checkpoint)
