@@ -793,9 +793,12 @@ static float dot_q4k_avx2(const uint8_t *w, const int8_t *x, const float *xs, co
 #endif
 
 #if defined(__wasm_simd128__)
+/* Codes 0..15 are valid signed bytes, so signed widening multiplies serve; a group's four 8-lane products
+ * (each |.| <= 15 * 127) add up in 16 bits, and one dot with the group's scale widens them to 32. */
 static float dot_q4k_wasm(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
     const v128_t nibble = wasm_i8x16_splat(15);
-    float sum = 0.0f;
+    v128_t sum = wasm_f32x4_splat(0.0f);
+    float min_sum = 0.0f;
     for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
         Q4KScales s = q4k_scales(w);
         v128_t acc = wasm_i32x4_splat(0);
@@ -803,18 +806,16 @@ static float dot_q4k_wasm(const uint8_t *w, const int8_t *x, const float *xs, co
             v128_t v = wasm_v128_load(w + Q4K_CODES_OFFSET + 16 * g);
             v128_t low = wasm_v128_and(v, nibble), high = wasm_u8x16_shr(v, 4);
             v128_t xa = wasm_v128_load(x + 32 * g), xb = wasm_v128_load(x + 32 * g + 16);
-            v128_t dots = wasm_i32x4_add(
-                wasm_i32x4_add(wasm_i32x4_dot_i16x8(wasm_u16x8_extend_low_u8x16(low), wasm_i16x8_extend_low_i8x16(xa)),
-                               wasm_i32x4_dot_i16x8(wasm_u16x8_extend_high_u8x16(low), wasm_i16x8_extend_high_i8x16(xa))),
-                wasm_i32x4_add(wasm_i32x4_dot_i16x8(wasm_u16x8_extend_low_u8x16(high), wasm_i16x8_extend_low_i8x16(xb)),
-                               wasm_i32x4_dot_i16x8(wasm_u16x8_extend_high_u8x16(high), wasm_i16x8_extend_high_i8x16(xb))));
-            acc = wasm_i32x4_add(acc, wasm_i32x4_mul(dots, wasm_i32x4_splat(s.scales[g])));
+            v128_t products = wasm_i16x8_add(
+                wasm_i16x8_add(wasm_i16x8_extmul_low_i8x16(low, xa), wasm_i16x8_extmul_high_i8x16(low, xa)),
+                wasm_i16x8_add(wasm_i16x8_extmul_low_i8x16(high, xb), wasm_i16x8_extmul_high_i8x16(high, xb)));
+            acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(products, wasm_i16x8_splat(s.scales[g])));
         }
-        int32_t total = wasm_i32x4_extract_lane(acc, 0) + wasm_i32x4_extract_lane(acc, 1) +
-                        wasm_i32x4_extract_lane(acc, 2) + wasm_i32x4_extract_lane(acc, 3);
-        sum += xs[b] * (s.d * (float)total - s.dmin * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b));
+        sum = wasm_f32x4_add(sum, wasm_f32x4_mul(wasm_f32x4_convert_i32x4(acc), wasm_f32x4_splat(s.d * xs[b])));
+        min_sum += s.dmin * xs[b] * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b);
     }
-    return sum;
+    return wasm_f32x4_extract_lane(sum, 0) + wasm_f32x4_extract_lane(sum, 1) + wasm_f32x4_extract_lane(sum, 2) +
+           wasm_f32x4_extract_lane(sum, 3) - min_sum;
 }
 #endif
 
