@@ -3,9 +3,11 @@ Export Nano models and LoRA adapters to .bin files, and read them back (the layo
 
     python export.py model.bin --checkpoint ckpt.pt                  # float32
     python export.py model.bin --quant ckpt.pt [--group-size 128]    # Q80: int8 groups + float32 scales
+    python export.py model.bin --q4k ckpt.pt (or model_f32.bin)      # Q4K: 4-bit blocks of 256, 6-bit group scales
     python export.py lora.bin --lora lora.pt                         # LoRA adapter for wq, wk, wv, wo
+    python export.py model.gguf --gguf ckpt.pt|model.bin [--q8_0]    # GGUF for llama.cpp
 
-Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer), Q80 weights dequantized;
+Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer), Q80 and Q4K weights dequantized;
 load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 """
 
@@ -20,7 +22,7 @@ import torch
 
 import checkpoint
 from model import ModelConfig, Transformer, rope_tables
-from tokenizer import Tokenizer
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 MAGIC = (0x42443453, 0x55524C4D)
 HEADER_BYTES = 256
@@ -101,6 +103,183 @@ def quantize_q80(tensor, group_size):
     return q.reshape(-1).numpy(), scales.numpy().astype("<f4")
 
 
+# ----------------------------------------------------------------------------- Q4K
+
+Q4K_BLOCK, Q4K_GROUP = 256, 32           # elements per block, per 6-bit scale and min
+Q4K_FRAME_HEADER_BYTES = 44              # u64 frame_bytes, u32 0x42, u32 ndim, 6 x u32 shape, u32 nblocks
+Q4K_MAX_NDIM = 6
+Q4K_BLOCK_DTYPE = np.dtype([("marker", "<u4"), ("n", "<u4"), ("zero", "<u4"), ("d", "<f4"), ("dmin", "<f4"),
+                            ("scales", "u1", 12), ("codes", "u1", 128)])   # 160 bytes, no padding
+Q4K_QUANTIZERS = ("search", "minmax")
+
+
+def q4k_layout(cfg):
+    """A Q4K file's parameters in order: (name, shape), where a name of a per-layer kind such as "attn.wq" is
+    one frame [L, rows, cols] over all layers, "tok_embeddings.weight" the frame [V, E], the rest float32."""
+    layout = [(name, shape) for name, shape, _ in tensor_layout(cfg)]
+    norms, embedding, rope = layout[:2 * cfg.n_layer + 1], layout[2 * cfg.n_layer + 1], layout[-2:]
+    per_layer = {name.split(".", 2)[2].rsplit(".", 1)[0]: shape for name, shape in layout if name.startswith("layers.")}
+    return norms + [embedding] + [(kind, (cfg.n_layer, *per_layer[kind])) for kind in LINEAR_KINDS] + rope
+
+
+def _blocks_of(rows):
+    """rows [R, cols] as zero-padded blocks [R * ceil(cols/256), 256] and each block's count of valid elements."""
+    count, cols = rows.shape
+    per_row = -(-cols // Q4K_BLOCK)
+    padded = np.zeros((count, per_row * Q4K_BLOCK), np.float32)
+    padded[:, :cols] = rows
+    n = np.minimum(Q4K_BLOCK, cols - Q4K_BLOCK * np.arange(per_row, dtype=np.int64))
+    return padded.reshape(-1, Q4K_BLOCK), np.tile(n, count)
+
+
+def _group_ranges(blocks, valid):
+    """Per group of 32: (min, max) over its valid elements; a group with none gets (0, 0)."""
+    groups, mask = blocks.reshape(-1, 8, Q4K_GROUP), valid.reshape(-1, 8, Q4K_GROUP)
+    low = np.where(mask, groups, np.float32(np.inf)).min(axis=2)
+    high = np.where(mask, groups, np.float32(-np.inf)).max(axis=2)
+    empty = ~mask.any(axis=2)
+    return np.where(empty, np.float32(0), low), np.where(empty, np.float32(0), high)
+
+
+def _superblock_scales(s, b):
+    """d, dmin per block and the 6-bit sc, m per group, from each group's scale s and offset b (both >= 0)."""
+    d = (s.max(axis=1) / np.float32(63)).astype(np.float32)
+    dmin = (b.max(axis=1) / np.float32(63)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.round(s / d[:, None]), 0).astype(np.int64) & 63
+        m = np.where(dmin[:, None] > 0, np.round(b / dmin[:, None]), 0).astype(np.int64) & 63
+    return d, dmin, sc, m
+
+
+def _codes(blocks, s, b):
+    """round((x + b) / s) masked to 4 bits, per group's s and b (0 where s is 0)."""
+    groups = blocks.reshape(-1, 8, Q4K_GROUP)
+    s, b = s[:, :, None], b[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.round((groups + b) / s), 0)
+    return (np.nan_to_num(q).astype(np.int64) & 15).reshape(-1, Q4K_BLOCK)
+
+
+def q4k_minmax(blocks, valid):
+    """The original's quantizer (FORMAT.md), in float32: each group's range over 15 steps, from its minimum."""
+    low, high = _group_ranges(blocks, valid)
+    high = np.maximum(high, np.float32(np.finfo(np.float32).smallest_subnormal))
+    below = low <= 0
+    s = np.where(below, (high - low) / np.float32(15), high / np.float32(15)).astype(np.float32)
+    b = np.where(below, -low, np.float32(0)).astype(np.float32)
+    d, dmin, sc, m = _superblock_scales(s, b)
+    return d, dmin, sc, m, _codes(blocks, s, b)
+
+
+# Candidate step counts for a group's range in the search: 15 is min/max; fewer steps clip the extremes.
+SEARCH_STEPS = np.linspace(11.0, 16.0, 21, dtype=np.float32)
+
+
+def q4k_search(blocks, valid):
+    """A quantizer that lowers the squared error: per group, try ranges of several step counts, refit scale and
+    offset to the codes by least squares, keep the best; then code against the 6-bit quantized scale and min."""
+    groups, mask = blocks.reshape(-1, 8, Q4K_GROUP).astype(np.float64), valid.reshape(-1, 8, Q4K_GROUP)
+    low, high = (r.astype(np.float64) for r in _group_ranges(blocks, valid))
+    low = np.minimum(low, 0.0)   # the offset b = -low must be >= 0: a positive group starts from 0
+    count = mask.sum(axis=2)
+    best_s, best_b = (high - low) / 15, -low
+    best_err = _group_error(groups, mask, best_s, best_b)
+    for steps in SEARCH_STEPS:
+        s = (high - low) / steps
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.round((groups - low[..., None]) / s[..., None]), 0, 15) * mask
+        # least squares x ~ s q - b over the valid elements, b kept >= 0
+        sq, sx, sqq, sqx = q.sum(2), (groups * mask).sum(2), (q * q).sum(2), (q * groups).sum(2)
+        det = count * sqq - sq * sq
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fit_s = np.where(det > 0, (count * sqx - sq * sx) / det, s)
+            fit_b = np.where(det > 0, (sq * sqx - sqq * sx) / det, -low)
+        fit_b = np.maximum(fit_b, 0.0)
+        fit_s = np.where(fit_b > 0, fit_s, np.where(sqq > 0, sqx / np.maximum(sqq, 1), s))   # refit s alone
+        fit_s = np.maximum(np.nan_to_num(fit_s), 0.0)
+        err = _group_error(groups, mask, fit_s, fit_b)
+        better = err < best_err
+        best_s, best_b, best_err = (np.where(better, new, old) for new, old in
+                                    ((fit_s, best_s), (fit_b, best_b), (err, best_err)))
+    d, dmin, sc, m = _superblock_scales(best_s.astype(np.float32), best_b.astype(np.float32))
+    step = (sc * d[:, None]).astype(np.float32)
+    offset = (m * dmin[:, None]).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step[..., None] > 0, np.round((groups + offset[..., None]) / step[..., None]), 0)
+    codes = np.clip(np.nan_to_num(q), 0, 15).astype(np.int64) * mask
+    return d, dmin, sc, m, codes.reshape(-1, Q4K_BLOCK)
+
+
+def _group_error(groups, mask, s, b):
+    """Squared error of the best codes in [0, 15] for each group's scale s and offset b."""
+    s3, b3 = s[..., None], b[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s3 > 0, np.clip(np.round((groups + b3) / s3), 0, 15), 0)
+    return (((q * s3 - b3 - groups) * mask) ** 2).sum(axis=2)
+
+
+def pack_q4k_scales(sc, m):
+    """The 12 bytes of a block's 8 six-bit scales and mins (ggml's K-quant arrangement, FORMAT.md)."""
+    packed = np.zeros((len(sc), 12), np.uint8)
+    for j in range(4):
+        packed[:, j] = sc[:, j] | (sc[:, j + 4] >> 4) << 6
+        packed[:, j + 4] = m[:, j] | (m[:, j + 4] >> 4) << 6
+        packed[:, j + 8] = (sc[:, j + 4] & 15) | (m[:, j + 4] & 15) << 4
+    return packed
+
+
+def unpack_q4k_scales(packed):
+    packed = packed.astype(np.int64)
+    sc, m = np.zeros((len(packed), 8), np.int64), np.zeros((len(packed), 8), np.int64)
+    for j in range(4):
+        sc[:, j], m[:, j] = packed[:, j] & 63, packed[:, j + 4] & 63
+        sc[:, j + 4] = (packed[:, j + 8] & 15) | (packed[:, j] >> 6) << 4
+        m[:, j + 4] = (packed[:, j + 8] >> 4) | (packed[:, j + 4] >> 6) << 4
+    return sc, m
+
+
+Q4K_CHUNK_BLOCKS = 4096   # blocks quantized at a time, to bound the search's temporary arrays
+
+
+def quantize_q4k(tensor, quantizer="search"):
+    """A tensor's blocks (a structured array of Q4K_BLOCK_DTYPE), row after row along its last dimension."""
+    rows = tensor.detach().float().cpu().numpy().reshape(-1, tensor.shape[-1])
+    blocks, n = _blocks_of(rows)
+    out = np.zeros(len(blocks), Q4K_BLOCK_DTYPE)
+    out["marker"], out["n"] = QUANT_Q4K, n
+    quantize = q4k_search if quantizer == "search" else q4k_minmax
+    for start in range(0, len(blocks), Q4K_CHUNK_BLOCKS):
+        part = slice(start, start + Q4K_CHUNK_BLOCKS)
+        valid = np.arange(Q4K_BLOCK) < n[part, None]
+        d, dmin, sc, m, codes = quantize(blocks[part], valid)
+        codes = codes * valid   # codes past n are 0
+        out["d"][part], out["dmin"][part] = d, dmin
+        out["scales"][part] = pack_q4k_scales(sc, m)
+        out["codes"][part] = (codes[:, 0::2] | codes[:, 1::2] << 4).astype(np.uint8)
+    return out
+
+
+def dequantize_q4k(blocks, cols):
+    """Blocks of rows of width cols as float32 [rows, cols]: w = q (sc d) - m dmin."""
+    sc, m = unpack_q4k_scales(blocks["scales"])
+    codes = np.empty((len(blocks), Q4K_BLOCK), np.float32)
+    codes[:, 0::2], codes[:, 1::2] = blocks["codes"] & 15, blocks["codes"] >> 4
+    step = (sc * blocks["d"][:, None].astype(np.float32)).astype(np.float32)
+    offset = (m * blocks["dmin"][:, None].astype(np.float32)).astype(np.float32)
+    values = codes.reshape(-1, 8, Q4K_GROUP) * step[..., None] - offset[..., None]
+    return values.reshape(-1, -(-cols // Q4K_BLOCK) * Q4K_BLOCK)[:, :cols]
+
+
+def q4k_frame(tensor, quantizer="search"):
+    """A tensor as one Q4K frame: its header (ndim, shape, block count), then its blocks."""
+    if tensor.dim() > Q4K_MAX_NDIM:
+        raise ValueError(f"Q4K frames hold at most {Q4K_MAX_NDIM} dimensions, got {tensor.dim()}")
+    blocks = quantize_q4k(tensor, quantizer)
+    shape = list(tensor.shape) + [0] * (Q4K_MAX_NDIM - tensor.dim())
+    header = struct.pack("<QII6II", Q4K_FRAME_HEADER_BYTES + blocks.nbytes, QUANT_Q4K, tensor.dim(), *shape, len(blocks))
+    return header + blocks.tobytes()
+
+
 # ----------------------------------------------------------------------------- writing
 
 def header_bytes(kind, fields):
@@ -142,42 +321,103 @@ def check_exportable(cfg):
         raise ValueError("model cannot be exported to .bin: " + "; ".join(problems))
 
 
-def write_model(path, model, tokenizer, quant=False, group_size=128, progress=True):
-    """Write model (a Transformer) and tokenizer as a .bin file; returns the group size used (0 for float32)."""
+def float_weights(model):
+    """(float32 CPU state dict without adapters, whether the head shares the embedding's weights)."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    return state, torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+
+
+def _exportable_state(model, tokenizer):
+    """The model's float32 tensors by state_dict name, RoPE tables included, and whether its head is tied."""
     cfg = model.config
     check_exportable(cfg)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
-    is_shared_classifier = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    state, is_shared_classifier = float_weights(model)
     state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size)
+    return state, is_shared_classifier
+
+
+def _model_header(cfg, is_shared_classifier, quant_type, group_size):
+    return header_bytes(MODEL_FILE, {**{name: getattr(cfg, name) for name in DIM_FIELDS},
+                                     "is_shared_classifier": int(is_shared_classifier), "head_dim": cfg.head_dim,
+                                     "quant_type": quant_type, "group_size": group_size, **extension_words(cfg)})
+
+
+def _write_atomically(path, parts):
+    """Write the byte strings of an iterable to path through a temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_model(path, model, tokenizer, quant=False, group_size=128, progress=True):
+    """Write model (a Transformer) and tokenizer as a .bin file; returns the group size used (0 for float32)."""
+    cfg = model.config
+    state, is_shared_classifier = _exportable_state(model, tokenizer)
     group = choose_group_size(cfg, group_size) if quant else 0
-    header = header_bytes(MODEL_FILE, {**{name: getattr(cfg, name) for name in DIM_FIELDS},
-                                       "is_shared_classifier": int(is_shared_classifier), "head_dim": cfg.head_dim,
-                                       "quant_type": QUANT_Q80 if quant else QUANT_F32, "group_size": group,
-                                       **extension_words(cfg)})
     layout = tensor_layout(cfg, is_shared_classifier)
     bar = _progress(sum(int(np.prod(shape)) for _, shape, _ in layout), path, progress)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(tokenizer_bytes(tokenizer))
+
+    def parts():
+        yield _model_header(cfg, is_shared_classifier, QUANT_Q80 if quant else QUANT_F32, group)
+        yield tokenizer_bytes(tokenizer)
         for name, shape, quantizable in layout:
             tensor = state[name]
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
             if quant and quantizable:
                 q, scales = quantize_q80(tensor, group)
-                f.write(q.tobytes())
-                f.write(scales.tobytes())
+                yield q.tobytes() + scales.tobytes()
             else:
-                f.write(tensor.numpy().astype("<f4").tobytes())
+                yield tensor.numpy().astype("<f4").tobytes()
             if bar:
                 bar.update(tensor.numel())
+
+    _write_atomically(path, parts())
     if bar:
         bar.close()
-    os.replace(tmp, path)
     return group
+
+
+def write_model_q4k(path, model, tokenizer, quantizer="search", progress=True):
+    """Write model and tokenizer as a Q4K .bin file (FORMAT.md); quantizer "minmax" is the original's, byte for
+    byte, "search" lowers the squared error. The format has no output head: an untied model is refused."""
+    if quantizer not in Q4K_QUANTIZERS:
+        raise ValueError(f"unknown Q4K quantizer {quantizer!r} (choose from {', '.join(Q4K_QUANTIZERS)})")
+    cfg = model.config
+    state, is_shared_classifier = _exportable_state(model, tokenizer)
+    if not is_shared_classifier:
+        raise ValueError("Q4K files have no output head (readers tie it to the embedding): this model's head is "
+                         "untied; export it as float32 or Q80")
+    layout = q4k_layout(cfg)
+    bar = _progress(sum(int(np.prod(shape)) for _, shape in layout), path, progress)
+
+    def parts():
+        yield _model_header(cfg, True, QUANT_Q4K, 0)
+        yield tokenizer_bytes(tokenizer)
+        for name, shape in layout:
+            if name in LINEAR_KINDS:
+                tensor = torch.stack([state[f"layers.{i}.{name}.weight"] for i in range(cfg.n_layer)])
+            else:
+                tensor = state[name]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
+            is_frame = len(shape) > 1 and not name.startswith("rope_")
+            yield q4k_frame(tensor, quantizer) if is_frame else tensor.numpy().astype("<f4").tobytes()
+            if bar:
+                bar.update(tensor.numel())
+
+    _write_atomically(path, parts())
+    if bar:
+        bar.close()
 
 
 def write_lora(path, lora_state, lora_config, model_config):
@@ -291,9 +531,7 @@ def _read_model_config(cursor, header):
         raise cursor.error("is_shared_classifier", f"{shared}, expected 0 or 1")
     if head_dim * dims["n_head"] != dims["n_embd"]:
         raise cursor.error("head_dim", f"{head_dim} is not n_embd / n_head, which model.py requires")
-    if quant == QUANT_Q4K:
-        raise cursor.error("quant_type", "0x42 (Q4K) is not supported")
-    if quant not in (QUANT_F32, QUANT_Q80):
+    if quant not in (QUANT_F32, QUANT_Q80, QUANT_Q4K):
         raise cursor.error("quant_type", f"unknown value {quant:#x}")
     extensions = _read_extensions(cursor, header)
     try:
@@ -304,7 +542,8 @@ def _read_model_config(cursor, header):
         widths = (cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_hidden)
         if group == 0 or any(w % group for w in widths):
             raise cursor.error("group_size", f"{group} does not divide the matmul widths {widths}")
-    return cfg, bool(shared), quant, group
+    # a Q4K file has no head whatever is_shared_classifier says (the original writes 0 for an untied source)
+    return cfg, bool(shared) or quant == QUANT_Q4K, quant, group
 
 
 def _read_extensions(cursor, header):
@@ -357,14 +596,52 @@ def _read_tokenizer(cursor, vocab_size):
         raise cursor.error("tokenizer", str(e)) from None
 
 
+def _read_q4k_frame(cursor, name, shape):
+    """A Q4K frame's blocks after checking its header and every block against the tensor's expected shape."""
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    per_row = -(-cols // Q4K_BLOCK)
+    frame_bytes = int(cursor.take(1, "<u8", f"{name} frame")[0])
+    marker, ndim, *dims, nblocks = (int(x) for x in cursor.take(9, "<u4", f"{name} frame header"))
+    want_dims = list(shape) + [0] * (Q4K_MAX_NDIM - len(shape))
+    if marker != QUANT_Q4K:
+        raise cursor.error(f"{name} frame", f"type {marker:#x}, expected 0x42 (Q4K)")
+    if ndim != len(shape) or dims != want_dims:
+        raise cursor.error(f"{name} frame", f"ndim {ndim}, shape {dims}, but the header's dims give "
+                                            f"ndim {len(shape)}, shape {want_dims}")
+    if nblocks != rows * per_row:
+        raise cursor.error(f"{name} frame", f"{nblocks} blocks, but {rows} rows of {cols} need {rows * per_row}")
+    if frame_bytes != Q4K_FRAME_HEADER_BYTES + Q4K_BLOCK_DTYPE.itemsize * nblocks:
+        raise cursor.error(f"{name} frame", f"frame_bytes {frame_bytes}, but {nblocks} blocks make "
+                                            f"{Q4K_FRAME_HEADER_BYTES + Q4K_BLOCK_DTYPE.itemsize * nblocks}")
+    blocks = cursor.take(nblocks, Q4K_BLOCK_DTYPE, f"{name} blocks")
+    want_n = np.tile(np.minimum(Q4K_BLOCK, cols - Q4K_BLOCK * np.arange(per_row, dtype=np.int64)), rows)
+    for field, bad in (("type", blocks["marker"] != QUANT_Q4K), ("n", blocks["n"] != want_n),
+                       ("reserved word", blocks["zero"] != 0)):
+        if bad.any():
+            j = int(np.argmax(bad))
+            found = {"type": blocks["marker"][j], "n": blocks["n"][j], "reserved word": blocks["zero"][j]}[field]
+            expected = {"type": QUANT_Q4K, "n": want_n[j], "reserved word": 0}[field]
+            limit = " (a block holds at most 256)" if field == "n" and found > Q4K_BLOCK else ""
+            raise cursor.error(f"{name} block {j}", f"{field} {found}, expected {expected}{limit}")
+    return blocks
+
+
 def read_bin(path):
-    """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array} or, for Q80
-    tensors, {name: (int8 values, float32 scales)}. Also returns quant_type and group_size."""
+    """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array}, for Q80
+    tensors {name: (int8 values, float32 scales)}, for a Q4K file's frames {name: blocks} with the names and
+    shapes of q4k_layout. Also returns quant_type and group_size."""
     cursor = _Cursor(path, _read_file(path))
     header = _read_header(cursor, MODEL_FILE)
     cfg, is_shared_classifier, quant, group = _read_model_config(cursor, header)
     tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
     tensors = {}
+    if quant == QUANT_Q4K:
+        for name, shape in q4k_layout(cfg):
+            is_frame = len(shape) > 1 and not name.startswith("rope_")
+            count = int(np.prod(shape))
+            tensors[name] = _read_q4k_frame(cursor, name, shape) if is_frame else cursor.take(count, "<f4", name)
+        cursor.finish()
+        return cfg, tokenizer, tensors, quant, group
     for name, shape, quantizable in tensor_layout(cfg, is_shared_classifier):
         count = int(np.prod(shape))
         if quant == QUANT_Q80 and quantizable:
@@ -376,6 +653,21 @@ def read_bin(path):
     return cfg, tokenizer, tensors, quant, group
 
 
+def q4k_tensors_dequantized(cfg, tensors):
+    """read_bin's tensors of a Q4K file as float32 arrays under the float32 layout's names."""
+    shapes = dict(q4k_layout(cfg))
+    out = {}
+    for name, data in tensors.items():
+        if data.dtype != Q4K_BLOCK_DTYPE:
+            out[name] = data
+        elif name in LINEAR_KINDS:
+            weights = dequantize_q4k(data, shapes[name][-1]).reshape(shapes[name])
+            out.update({f"layers.{i}.{name}.weight": weights[i] for i in range(cfg.n_layer)})
+        else:
+            out[name] = dequantize_q4k(data, shapes[name][-1])
+    return out
+
+
 def dequantize_q80(q, scales, group_size):
     return (q.astype(np.float32).reshape(-1, group_size) * scales[:, None]).reshape(-1)
 
@@ -384,6 +676,8 @@ def load_bin(path):
     """A .bin model file as (Transformer in eval mode, Tokenizer); Q80 weights are dequantized. The model is
     causal unless the file's flags say full attention (seq2seq)."""
     cfg, tokenizer, tensors, quant, group = read_bin(path)
+    if quant == QUANT_Q4K:
+        tensors = q4k_tensors_dequantized(cfg, tensors)
     model = Transformer(cfg)
     layout = {name: shape for name, shape, _ in tensor_layout(cfg, "output.weight" not in tensors)}
     state = {}
@@ -437,17 +731,147 @@ def load_lora_bin(path, model_config=None):
     return state, {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": targets}
 
 
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_TENSOR_NAMES = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm",
+                     "attn.wq.weight": "attn_q", "attn.wk.weight": "attn_k", "attn.wv.weight": "attn_v",
+                     "attn.wo.weight": "attn_output", "ffn.w1.weight": "ffn_gate", "ffn.w3.weight": "ffn_up",
+                     "ffn.w2.weight": "ffn_down"}
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL = 1, 2, 3   # llama.cpp's token types
+Q8_0_BLOCK = 32   # values per Q8_0 block: rows of another width stay float32
+# infer.py's Conversation for llama.cpp's chat front ends: <|instruct_mark|>q<|response_mark|>a<|eos|> per
+# turn (the SFT template has no system role)
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|instruct_mark|>{{ m['content'] }}"
+                      "<|response_mark|>{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|eos|>{% endif %}"
+                      "{% endfor %}")
+
+
+def gguf_token_text(token):
+    """A token as llama.cpp's rwkv vocabulary stores it: UTF-8 with backslash escapes."""
+    return token.replace("\\", "\\\\")
+
+
+def gguf_lead_bytes(tokenizer):
+    """First bytes of multi-byte characters that begin some token but are no token themselves.
+
+    llama.cpp's rwkv tokenizer walks a byte trie and never backs up past a character: when a character
+    outside the vocabulary shares its first bytes with a token, the walk ends without a match and the
+    tokenizer loops forever. A one-byte token at each such first byte ends every walk on a match."""
+    firsts = {token.encode("utf-8")[0] for token in tokenizer.itos}
+    return sorted(b for b in firsts if b >= 0x80)
+
+
+def gguf_vocabulary(tokenizer):
+    """(token texts, token types) for GGUF: Nano's tokens in id order, then one token per lead byte."""
+    special_ids = set(tokenizer.special_tokens.values())
+    texts, types = [], []
+    for token_id, token in enumerate(tokenizer.itos):
+        texts.append(gguf_token_text(token))
+        types.append(GGUF_UNKNOWN if token_id == UNK_ID else GGUF_CONTROL if token_id in special_ids else GGUF_NORMAL)
+    for byte in gguf_lead_bytes(tokenizer):
+        texts.append(f"\\x{byte:02x}")
+        types.append(GGUF_NORMAL)
+    return texts, types
+
+
+def check_gguf_exportable(cfg):
+    check_exportable(cfg)
+    if not cfg.is_causal:
+        raise ValueError("model cannot be exported to GGUF: llama.cpp's llama architecture is causal only")
+
+
+def gguf_tensors(model, n_extra_tokens):
+    """(GGUF name, float32 array) of each weight. The rows added for the lead-byte tokens repeat the
+    <|unknown|> row, so the model sees an unknown character as unknown in both engines."""
+    state, is_shared_classifier = float_weights(model)
+
+    def with_extra_rows(matrix):
+        return np.concatenate([matrix, np.repeat(matrix[UNK_ID:UNK_ID + 1], n_extra_tokens, axis=0)])
+
+    yield "token_embd.weight", with_extra_rows(state["tok_embeddings.weight"].numpy())
+    if not is_shared_classifier:
+        yield "output.weight", with_extra_rows(state["output.weight"].numpy())
+    yield "output_norm.weight", state["norm.weight"].numpy()
+    for i in range(model.config.n_layer):
+        for ours, theirs in GGUF_TENSOR_NAMES.items():
+            yield f"blk.{i}.{theirs}.weight", state[f"layers.{i}.{ours}"].numpy()
+
+
+def write_gguf(path, model, tokenizer, q8_0=False):
+    """A GGUF file for llama.cpp: architecture llama (its RoPE rotates interleaved pairs, as Nano's
+    does, so q and k need no permutation), Nano's tokens as an rwkv (greedy longest match) vocabulary."""
+    import gguf   # only this exporter needs the format's own library
+
+    cfg = model.config
+    check_gguf_exportable(cfg)
+    texts, types = gguf_vocabulary(tokenizer)
+    tmp = f"{path}.tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(os.path.splitext(os.path.basename(path))[0])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.n_hidden)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(DEFAULT_ROPE_THETA)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(len(texts))
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list(texts)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_add_bos_token(True)   # as every Nano front end; llama.cpp ignores it for rwkv vocabularies
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    for name, array in gguf_tensors(model, len(texts) - tokenizer.vocab_size):
+        if q8_0 and array.ndim == 2 and array.shape[1] % Q8_0_BLOCK == 0:   # else kept float32, as llama.cpp's converter does
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- CLI
 
+def load_float_model(path):
+    """(model, tokenizer) of a checkpoint .pt or of a float32 .bin (which the original's converter reads)."""
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if len(start) < 8 or struct.unpack("<II", start) != MAGIC:
+        return checkpoint.load_full_model(path)
+    quant = read_bin(path)[3]
+    if quant != QUANT_F32:
+        raise ValueError(f"{path}: quant_type {quant:#x}; a .bin source must be float32 (quantizing an already "
+                         "quantized model again would add its error to the new one)")
+    return load_bin(path)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file.")
+    parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file, or a model to GGUF.")
     parser.add_argument("output", help="the .bin file to write")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint .pt to export as float32")
     source.add_argument("--quant", help="checkpoint .pt to export as Q80 (int8 groups)")
+    source.add_argument("--q4k", help="checkpoint .pt, or float32 .bin, to export as Q4K (4-bit)")
     source.add_argument("--lora", help="LoRA checkpoint .pt to export as an adapter file")
+    source.add_argument("--gguf", help="checkpoint .pt (a LoRA run's is merged into its base) or model .bin "
+                                       "to export as a GGUF file for llama.cpp")
     parser.add_argument("--group-size", type=int, default=128,
                         help="Q80 group size; halved until it divides every matmul width (default 128)")
+    parser.add_argument("--q4k-quantizer", choices=Q4K_QUANTIZERS, default="search",
+                        help="search: lower squared error (default); minmax: the original converter's, byte for byte")
+    parser.add_argument("--q8_0", action="store_true", help="with --gguf: matrices as llama.cpp's Q8_0")
     args = parser.parse_args()
     try:
         if args.lora:
@@ -457,6 +881,20 @@ def main():
             print(f"wrote {args.output}: LoRA rank {lora_config['rank']}, alpha {lora_config['alpha']}, "
                   f"targets {lora_config['targets']}")
             return
+        if args.q4k:
+            model, tokenizer = load_float_model(args.q4k)
+            write_model_q4k(args.output, model, tokenizer, args.q4k_quantizer)
+            print(f"wrote {args.output}: Q4K ({args.q4k_quantizer} quantizer), {os.path.getsize(args.output)} bytes")
+            return
+        if args.gguf:
+            model, tokenizer = checkpoint.load_model(args.gguf)
+            model.merge_lora()
+            write_gguf(args.output, model, tokenizer, q8_0=args.q8_0)
+            print(f"wrote {args.output}: GGUF, {'Q8_0' if args.q8_0 else 'float32'}, "
+                  f"{os.path.getsize(args.output)} bytes")
+            return
+        if args.q8_0:
+            raise ValueError("--q8_0 applies to --gguf only (for .bin files, --quant writes Q80)")
         if args.group_size <= 0:
             raise ValueError(f"--group-size must be positive, got {args.group_size}")
         model, tokenizer = checkpoint.load_full_model(args.quant or args.checkpoint)

@@ -1,5 +1,5 @@
 """
-Decode speed of the C engine (float32, Q80) and PyTorch (eager, KV cache) on a Nano-56M-sized model with
+Decode speed of the C engine (float32, Q80, Q4K) and PyTorch (eager, KV cache) on a Nano-56M-sized model with
 random weights, greedy, next to the memory-bandwidth bound (weight bytes per token / read bandwidth
 measured in the same run by a STREAM-like read loop in C). Engines alternate; figures are medians.
 
@@ -36,6 +36,7 @@ from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 NANO_56M = dict(block_size=512, vocab_size=16384, n_layer=16, n_embd=512, n_head=16, n_kv_head=8, n_hidden=1408)
 PROMPT_TOKENS = 16
+C_KINDS = ("f32", "q80", "q4k")   # the weight formats the C engine runs here
 
 # Sums a large float array with every thread, several times; prints the best read bandwidth in GB/s.
 BANDWIDTH_SOURCE = r"""
@@ -77,7 +78,7 @@ def build_tools(workdir):
     return os.path.join(ROOT, "infer_c", "infer"), binary
 
 
-def make_model(workdir, config=NANO_56M, kinds=("f32", "q80")):
+def make_model(workdir, config=NANO_56M, kinds=C_KINDS):
     """Random Nano-56M-sized model (or of config) written as each kind of file; <|padding|> and <|eos|> get
     zero embeddings (logit 0) so greedy decoding of random weights never stops early."""
     torch.manual_seed(0)
@@ -87,8 +88,11 @@ def make_model(workdir, config=NANO_56M, kinds=("f32", "q80")):
     with torch.no_grad():
         model.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0  # the stop tokens
     paths = {kind: os.path.join(workdir, f"nano56m_{kind}.bin") for kind in kinds}
+    writers = {"f32": lambda path: export.write_model(path, model, tokenizer, progress=False),
+               "q80": lambda path: export.write_model(path, model, tokenizer, quant=True, progress=False),
+               "q4k": lambda path: export.write_model_q4k(path, model, tokenizer, progress=False)}
     for kind, path in paths.items():
-        export.write_model(path, model, tokenizer, quant=kind == "q80", progress=False)
+        writers[kind](path)
     return model, tokenizer, paths
 
 
@@ -152,13 +156,13 @@ def main():
         prompt = prompt_text(tokenizer)
         prompt_ids = tokenizer.encode(prompt)
         weight_bytes = {kind: weight_bytes_per_token(path, model.config, tokenizer) for kind, path in paths.items()}
-        samples = {v: {k: [] for k in ("bandwidth", "torch", "c_f32", "c_q80")} for v in variants}
+        samples = {v: {k: [] for k in ("bandwidth", "torch") + tuple(f"c_{kind}" for kind in C_KINDS)} for v in variants}
         for round_index in range(args.rounds):
             for threads, policy in variants:   # alternate engines and variants inside each round: the machine is shared
                 s, env = samples[threads, policy], openmp_env(threads, policy)
                 s["bandwidth"].append(bandwidth(bandwidth_binary, env))
-                s["c_f32"].append(c_decode(infer, paths["f32"], prompt, env, args.tokens))
-                s["c_q80"].append(c_decode(infer, paths["q80"], prompt, env, args.tokens))
+                for kind in C_KINDS:
+                    s[f"c_{kind}"].append(c_decode(infer, paths[kind], prompt, env, args.tokens))
                 if policy == "default":
                     s["torch"].append(torch_decode(model, prompt_ids, threads, args.tokens))
                 print(f"round {round_index + 1}, {threads} thread(s), {policy} wait policy: " +
@@ -167,26 +171,29 @@ def main():
     rows = []
     for threads, policy in variants:
         med = {k: statistics.median(v) if v else None for k, v in samples[threads, policy].items()}
-        bound_f32 = med["bandwidth"] * 1e9 / weight_bytes["f32"]
-        bound_q80 = med["bandwidth"] * 1e9 / weight_bytes["q80"]
-        rows.append({"threads": threads, "omp_wait_policy": policy, "bandwidth_gb_s": med["bandwidth"],
-                     "torch_f32_tok_s": med["torch"], "c_f32_tok_s": med["c_f32"], "c_q80_tok_s": med["c_q80"],
-                     "bound_f32_tok_s": bound_f32, "bound_q80_tok_s": bound_q80,
-                     "c_f32_of_bound": med["c_f32"] / bound_f32, "c_q80_of_bound": med["c_q80"] / bound_q80,
-                     "samples": samples[threads, policy]})
+        row = {"threads": threads, "omp_wait_policy": policy, "bandwidth_gb_s": med["bandwidth"],
+               "torch_f32_tok_s": med["torch"], "samples": samples[threads, policy]}
+        for kind in C_KINDS:
+            bound = med["bandwidth"] * 1e9 / weight_bytes[kind]
+            row.update({f"c_{kind}_tok_s": med[f"c_{kind}"], f"bound_{kind}_tok_s": bound,
+                        f"c_{kind}_of_bound": med[f"c_{kind}"] / bound})
+        row["q4k_over_q80"] = med["c_q4k"] / med["c_q80"]
+        rows.append(row)
 
     print(f"\n{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average after the run {os.getloadavg()[0]:.1f}")
     print(f"\nDecode tokens/s, Nano-56M-sized model (random weights, greedy, {args.tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds\n")
-    print("| threads | OMP_WAIT_POLICY | read GB/s | PyTorch f32 | C f32 | f32 bound | C f32 / bound | C Q80 | "
-          "Q80 bound | C Q80 / bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    names = {"f32": "f32", "q80": "Q80", "q4k": "Q4K"}
+    print("| threads | OMP_WAIT_POLICY | read GB/s | PyTorch f32 | " +
+          " | ".join(f"C {names[k]} | {names[k]} bound | C {names[k]} / bound" for k in C_KINDS) + " | Q4K / Q80 |")
+    print("|---|---|---|---|" + "---|---|---|" * len(C_KINDS) + "---|")
     for r in rows:
         torch_rate = "–" if r["torch_f32_tok_s"] is None else f"{r['torch_f32_tok_s']:.1f}"
-        print(f"| {r['threads']} | {r['omp_wait_policy']} | {r['bandwidth_gb_s']:.1f} | {torch_rate} | "
-              f"{r['c_f32_tok_s']:.1f} | {r['bound_f32_tok_s']:.1f} | {100 * r['c_f32_of_bound']:.0f} % | "
-              f"{r['c_q80_tok_s']:.1f} | {r['bound_q80_tok_s']:.1f} | {100 * r['c_q80_of_bound']:.0f} % |")
+        print(f"| {r['threads']} | {r['omp_wait_policy']} | {r['bandwidth_gb_s']:.1f} | {torch_rate} | " +
+              " | ".join(f"{r[f'c_{k}_tok_s']:.1f} | {r[f'bound_{k}_tok_s']:.1f} | {100 * r[f'c_{k}_of_bound']:.0f} %"
+                         for k in C_KINDS) + f" | {r['q4k_over_q80']:.2f} |")
+    print("\nWeight bytes read per token: " + ", ".join(f"{names[k]} {weight_bytes[k] / 1e6:.1f} MB" for k in C_KINDS))
     result = {
         "benchmark": "bench_infer", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),

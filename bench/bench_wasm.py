@@ -2,7 +2,7 @@
 Decode speed of the browser page (infer/index.html, WebAssembly SIMD, headless Chromium) next to the
 native C engine (infer_c/infer) on one thread, on the same Nano-56M-sized random model, in one run.
 
-    python bench/bench_wasm.py [--config config/nano-56m.json] [--tokens 128] [--repeats 3] [--no-q80] [--page P]
+    python bench/bench_wasm.py [--config config/nano-56m.json] [--tokens 128] [--repeats 3] [--formats float32 Q80 Q4K] [--page P]
 
 Each round runs native then browser (alternating, so drifts of a shared machine hit both alike) for each
 weight format; the figures are medians over rounds of the decode tokens/s that each engine measures
@@ -36,7 +36,10 @@ PAGE = os.path.join(ROOT, "infer", "index.html")
 PROMPT = "你好世界"
 
 
-def make_model(config_path, directory, quant):
+EXPORT_FLAGS = {"float32": "--checkpoint", "Q80": "--quant", "Q4K": "--q4k"}
+
+
+def make_model(config_path, directory, formats):
     """A random model of the config's size with a CJK vocabulary, exported by export.py. Stop tokens get a
     zero embedding row, so greedy decoding never picks them and every run decodes the full length."""
     cfg = ModelConfig.from_json(config_path)
@@ -49,10 +52,10 @@ def make_model(config_path, directory, quant):
     torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "tokenizer": tokenizer.to_dict()},
                checkpoint)
     files = {}
-    for name in ["float32"] + (["Q80"] if quant else []):
+    for name in formats:
         path = os.path.join(directory, f"model-{name}.bin")
-        flag = "--quant" if name == "Q80" else "--checkpoint"
-        subprocess.run([sys.executable, "export.py", path, flag, checkpoint], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "export.py", path, EXPORT_FLAGS[name], checkpoint], cwd=ROOT, check=True,
+                       capture_output=True)
         files[name] = path
     return cfg, files, model.num_params()
 
@@ -108,13 +111,14 @@ def main():
     parser.add_argument("--config", default=os.path.join(ROOT, "config", "nano-56m.json"))
     parser.add_argument("--tokens", type=int, default=128, help="decode steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are taken over them")
-    parser.add_argument("--no-q80", action="store_true", help="float32 only")
+    parser.add_argument("--formats", nargs="+", choices=tuple(EXPORT_FLAGS), default=list(EXPORT_FLAGS),
+                        help="weight formats to measure (default: all)")
     parser.add_argument("--page", default=PAGE, help="the built page to measure (to compare builds)")
     args = parser.parse_args()
 
     subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
     with tempfile.TemporaryDirectory() as directory, sync_playwright() as playwright:
-        cfg, files, n_params = make_model(args.config, directory, quant=not args.no_q80)
+        cfg, files, n_params = make_model(args.config, directory, args.formats)
         browser = BrowserPage(playwright, args.page)
         rates = {name: {"native": [], "wasm": []} for name in files}
         same_text = {name: True for name in files}

@@ -112,7 +112,7 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, int size, const char *name)
 /* The model's config as JSON, for the page to show. */
 EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
     const NanoConfig *c = &engine.model.config;
-    const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : "float32";
+    const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : c->quant_type == NANO_QUANT_Q4K ? "Q4K" : "float32";
     snprintf(engine.info, sizeof engine.info,
              "{\"block_size\":%d,\"vocab_size\":%d,\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,"
              "\"n_hidden\":%d,\"head_dim\":%d,\"is_shared_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,"

@@ -1,7 +1,8 @@
 /* libFuzzer harness for the loaders. Any byte string must load cleanly or be refused with a message.
  * Inputs whose model_type word is 10 go to the LoRA loader (against a small built-in base model, with
- * one forward step when they load); the rest to the model loader, and a model that loads must tokenize
- * and run a forward step without touching memory outside its buffers. */
+ * one forward step when they load); the rest to the model loader (float32, Q80 and Q4K files), and a model
+ * that loads must dequantize every embedding row, tokenize and run a forward step without touching memory
+ * outside its buffers. Without clang, fuzz_replay.c runs the same harness over files (make fuzz-replay). */
 #include "nano.h"
 
 #include <stdlib.h>
@@ -60,6 +61,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     } else {
         NanoModel model;
         if (nano_model_load(&model, copy, size, "fuzz", err, sizeof err) == 0) {
+            float *row = malloc(sizeof(float) * model.config.n_embd);
+            for (int r = 0; row && r < model.embedding.rows; r++) nano_matrix_row(&model, &model.embedding, r, row);
+            free(row);
             run_one_step(&model, NULL);
             nano_model_free(&model);
         }

@@ -36,6 +36,7 @@ static void usage(void) {
         "  --encode     print the prompt's token ids and exit\n"
         "  --logits F   append the float32 logits of every step to file F\n"
         "  --dump-scales F  write every Q80 weight scale (file order) as float32 to F and exit\n"
+        "  --dump-weights F write every weight matrix as the engine dequantizes it (file order) as float32 to F and exit\n"
         "threads: OMP_NUM_THREADS (default: one per core; a pass opens one parallel region, so the wait\n"
         "policy does not matter)\n",
         (double)NANO_DEFAULT_TEMPERATURE, NANO_DEFAULT_TOP_K, (double)NANO_DEFAULT_TOP_P,
@@ -137,30 +138,45 @@ static int on_token(void *user, int token, const float *logits, int vocab_size) 
     return o->answer && list_append(o->answer, &token, 1);   /* out of memory ends the answer */
 }
 
-/* Every Q80 scale in file order, so a test can compare them with the writer's. */
-static int dump_scales(const NanoModel *m, const char *path) {
-    if (m->config.quant_type != NANO_QUANT_Q80) {
+/* The weight matrices in file order: the embedding, each kind over the layers, the untied head. */
+static int file_order_matrices(const NanoModel *m, const NanoMatrix **out) {
+    size_t kinds[] = {offsetof(NanoLayer, wq), offsetof(NanoLayer, wk), offsetof(NanoLayer, wv), offsetof(NanoLayer, wo),
+                      offsetof(NanoLayer, w1), offsetof(NanoLayer, w2), offsetof(NanoLayer, w3)};
+    int count = 0;
+    out[count++] = &m->embedding;
+    for (int k = 0; k < 7; k++)
+        for (int l = 0; l < m->config.n_layer; l++) out[count++] = (const NanoMatrix *)((const char *)&m->layers[l] + kinds[k]);
+    if (!m->config.is_shared_classifier) out[count++] = &m->classifier;
+    return count;
+}
+
+/* Every Q80 scale (scales_only) or every weight as the engine dequantizes it, in file order, as float32, so a
+ * test can compare them with the writer's. */
+static int dump_weights(const NanoModel *m, const char *path, int scales_only) {
+    if (scales_only && m->config.quant_type != NANO_QUANT_Q80) {
         fprintf(stderr, "error: --dump-scales: the model is not Q80\n");
         return -1;
     }
-    FILE *f = fopen(path, "wb");
-    if (!f) { fprintf(stderr, "error: %s: cannot open for writing\n", path); return -1; }
-    size_t kinds[] = {offsetof(NanoLayer, wq), offsetof(NanoLayer, wk), offsetof(NanoLayer, wv), offsetof(NanoLayer, wo),
-                      offsetof(NanoLayer, w1), offsetof(NanoLayer, w2), offsetof(NanoLayer, w3)};
-    int group = m->config.group_size, ok = 1;
-    const NanoMatrix *e = &m->embedding;
-    ok &= fwrite(e->scale, 4, (size_t)e->rows * e->cols / group, f) == (size_t)e->rows * e->cols / group;
-    for (int k = 0; k < 7; k++)
-        for (int l = 0; l < m->config.n_layer; l++) {
-            const NanoMatrix *w = (const NanoMatrix *)((const char *)&m->layers[l] + kinds[k]);
-            ok &= fwrite(w->scale, 4, (size_t)w->rows * w->cols / group, f) == (size_t)w->rows * w->cols / group;
+    const NanoMatrix **matrices = malloc(sizeof *matrices * (2 + 7 * (size_t)m->config.n_layer));
+    int widest = m->config.n_embd > m->q_dim ? m->config.n_embd : m->q_dim;
+    if (m->config.n_hidden > widest) widest = m->config.n_hidden;
+    float *row = malloc(sizeof(float) * widest);
+    FILE *f = matrices && row ? fopen(path, "wb") : NULL;
+    int ok = f != NULL;
+    if (!f) fprintf(stderr, "error: %s: cannot open for writing\n", path);
+    for (int i = 0, count = f ? file_order_matrices(m, matrices) : 0; ok && i < count; i++) {
+        const NanoMatrix *w = matrices[i];
+        size_t scales = (size_t)w->rows * w->cols / (scales_only ? m->config.group_size : 1);
+        if (scales_only) { ok &= fwrite(w->scale, 4, scales, f) == scales; continue; }
+        for (int r = 0; ok && r < w->rows; r++) {
+            nano_matrix_row(m, w, r, row);
+            ok &= fwrite(row, 4, w->cols, f) == (size_t)w->cols;
         }
-    if (!m->config.is_shared_classifier) {
-        const NanoMatrix *c = &m->classifier;
-        ok &= fwrite(c->scale, 4, (size_t)c->rows * c->cols / group, f) == (size_t)c->rows * c->cols / group;
     }
-    ok &= fclose(f) == 0;
-    if (!ok) fprintf(stderr, "error: %s: write failed\n", path);
+    if (f && fclose(f) != 0) ok = 0;
+    if (f && !ok) fprintf(stderr, "error: %s: write failed\n", path);
+    free(matrices);
+    free(row);
     return ok ? 0 : -1;
 }
 
@@ -399,7 +415,7 @@ static int interactive(Session *s, int raw) {
 /* ---------------------------------------------------------------------------- main */
 
 typedef struct {
-    const char *model_path, *lora_path, *prompt, *prompt_file, *logits_path, *scales_path;
+    const char *model_path, *lora_path, *prompt, *prompt_file, *logits_path, *scales_path, *weights_path;
     int instruct, top_k, max_new, raw, seq2seq, profile, print_ids, encode_only;
     float temperature, top_p, penalty;
     unsigned long long seed;
@@ -429,6 +445,7 @@ static int parse_options(Options *o, int argc, char **argv) {
             else if (!strcmp(a, "-f")) o->prompt_file = v;
             else if (!strcmp(a, "--logits")) o->logits_path = v;
             else if (!strcmp(a, "--dump-scales")) o->scales_path = v;
+            else if (!strcmp(a, "--dump-weights")) o->weights_path = v;
             else if (!strcmp(a, "-t")) o->temperature = strtof(v, &end);
             else if (!strcmp(a, "-p")) o->top_p = strtof(v, &end);
             else if (!strcmp(a, "-r")) o->penalty = strtof(v, &end);
@@ -476,7 +493,10 @@ int main(int argc, char **argv) {
             goto done_model;
         }
     }
-    if (opt.scales_path) { status = dump_scales(&model, opt.scales_path) ? 1 : 0; goto done_model; }
+    if (opt.scales_path || opt.weights_path) {
+        status = dump_weights(&model, opt.scales_path ? opt.scales_path : opt.weights_path, opt.scales_path != NULL) ? 1 : 0;
+        goto done_model;
+    }
     int seq2seq = opt.seq2seq || !model.config.is_causal;
     PromptKind kind = seq2seq ? PROMPT_AS_TYPED : opt.instruct ? PROMPT_INSTRUCT : PROMPT_CONTINUATION;
     if (opt.prompt_file) {

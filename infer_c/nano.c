@@ -174,8 +174,10 @@ static int read_config(FileCursor *c, NanoConfig *cfg) {
     cfg->head_dim = (int)head_dim;
     cfg->quant_type = (int)quant;
     cfg->group_size = 0;
-    if (quant == NANO_QUANT_Q4K) return fail(c, "quant_type: 0x42 (Q4K) is not supported by this engine");
-    if (quant != NANO_QUANT_F32 && quant != NANO_QUANT_Q80) return fail(c, "quant_type: unknown value 0x%x", quant);
+    if (quant != NANO_QUANT_F32 && quant != NANO_QUANT_Q80 && quant != NANO_QUANT_Q4K)
+        return fail(c, "quant_type: unknown value 0x%x", quant);
+    /* a Q4K file has no head whatever word 13 says (the original's converter writes 0 for an untied source) */
+    if (quant == NANO_QUANT_Q4K) cfg->is_shared_classifier = 1;
     if (quant == NANO_QUANT_Q80) {
         if (group == 0 || group > MAX_DIM) return fail(c, "group_size: %u is out of range", group);
         uint32_t widths[] = {(uint32_t)cfg->n_embd, (uint32_t)cfg->n_head * head_dim, (uint32_t)cfg->n_hidden};
@@ -278,19 +280,104 @@ static void tokenizer_free(NanoTokenizer *t) {
 
 /* ---------------------------------------------------------------------------- parameters */
 
+/* Q4K block: u32 0x42, u32 n, u32 0, f32 d, f32 dmin, 12 bytes of 6-bit scales and mins, 128 code bytes. */
+#define Q4K_FRAME_HEADER_BYTES 44   /* u64 frame_bytes, u32 0x42, u32 ndim, 6 x u32 shape, u32 nblocks */
+#define Q4K_MAX_NDIM 6
+#define Q4K_GROUPS 8                /* groups of 32 elements in a block, each with a scale and a min */
+#define Q4K_SCALES_OFFSET 20
+#define Q4K_CODES_OFFSET 32
+
+static int q4k_blocks_per_row(int cols) { return (cols + NANO_Q4K_BLOCK - 1) / NANO_Q4K_BLOCK; }
+
+/* Valid elements of block j of a row of width cols: 256, or what is left for the row's last block. */
+static int q4k_block_length(int cols, int j) {
+    int left = cols - j * NANO_Q4K_BLOCK;
+    return left < NANO_Q4K_BLOCK ? left : NANO_Q4K_BLOCK;
+}
+
+static float read_f32(const uint8_t *p) {
+    uint32_t bits = read_u32(p);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* The blocks of one Q4K frame holding a tensor of ndim dims `shape` (rows of the last dim's width), after
+ * checking its header against the tensor and every block's type, n and scales; NULL with a message if not. */
+static const uint8_t *take_q4k_frame(FileCursor *c, int ndim, const uint32_t *shape, const char *field) {
+    const uint8_t *h = take(c, Q4K_FRAME_HEADER_BYTES, 1, field);
+    if (!h) return NULL;
+    uint64_t frame_bytes = read_u32(h) | (uint64_t)read_u32(h + 4) << 32, rows = 1;
+    uint32_t cols = shape[ndim - 1], nblocks = read_u32(h + 40);
+    if (read_u32(h + 8) != NANO_QUANT_Q4K) { fail(c, "%s frame: type 0x%x, expected 0x42 (Q4K)", field, read_u32(h + 8)); return NULL; }
+    if (read_u32(h + 12) != (uint32_t)ndim) {
+        fail(c, "%s frame: ndim %u but the header's dims give %d", field, read_u32(h + 12), ndim);
+        return NULL;
+    }
+    for (int i = 0; i < Q4K_MAX_NDIM; i++) {
+        uint32_t got = read_u32(h + 16 + 4 * i), want = i < ndim ? shape[i] : 0;
+        if (got != want) { fail(c, "%s frame: shape[%d] is %u but the header's dims give %u", field, i, got, want); return NULL; }
+        if (i < ndim - 1) rows *= want;
+    }
+    int per_row = q4k_blocks_per_row((int)cols);
+    if (nblocks != rows * per_row) {
+        fail(c, "%s frame: %u blocks, but %llu rows of %u need %llu", field, nblocks, (unsigned long long)rows, cols,
+             (unsigned long long)(rows * per_row));
+        return NULL;
+    }
+    if (frame_bytes != Q4K_FRAME_HEADER_BYTES + (uint64_t)NANO_Q4K_BLOCK_BYTES * nblocks) {
+        fail(c, "%s frame: frame_bytes %llu, but %u blocks make %llu", field, (unsigned long long)frame_bytes, nblocks,
+             (unsigned long long)(Q4K_FRAME_HEADER_BYTES + (uint64_t)NANO_Q4K_BLOCK_BYTES * nblocks));
+        return NULL;
+    }
+    const uint8_t *blocks = take(c, nblocks, NANO_Q4K_BLOCK_BYTES, field);
+    if (!blocks) return NULL;
+    for (uint32_t b = 0; b < nblocks; b++) {
+        const uint8_t *block = blocks + (size_t)b * NANO_Q4K_BLOCK_BYTES;
+        uint32_t n = read_u32(block + 4), want = (uint32_t)q4k_block_length((int)cols, (int)(b % per_row));
+        float d = read_f32(block + 12), dmin = read_f32(block + 16);
+        const char *problem = read_u32(block) != NANO_QUANT_Q4K ? "type is not 0x42"
+                            : n > NANO_Q4K_BLOCK ? "n is more than 256"
+                            : n != want ? "n does not match the row width"
+                            : read_u32(block + 8) ? "reserved word is not 0"
+                            : !isfinite(d) || !isfinite(dmin) ? "d or dmin is not finite" : NULL;
+        if (problem) {
+            fail(c, "%s block %u: %s (type 0x%x, n %u, expected n %u)", field, b, problem, read_u32(block), n, want);
+            return NULL;
+        }
+    }
+    return blocks;
+}
+
 static int take_matrix(FileCursor *c, NanoMatrix *w, int rows, int cols, const NanoConfig *cfg, const char *field) {
     w->rows = rows;
     w->cols = cols;
-    w->f32 = NULL; w->q = NULL; w->scale = NULL;
+    w->f32 = NULL; w->q = NULL; w->scale = NULL; w->q4k = NULL;
     uint64_t count = (uint64_t)rows * (uint64_t)cols;
+    if (cfg->quant_type == NANO_QUANT_Q4K) {
+        uint32_t shape[] = {(uint32_t)rows, (uint32_t)cols};
+        return (w->q4k = take_q4k_frame(c, 2, shape, field)) ? 0 : -1;
+    }
     if (cfg->quant_type == NANO_QUANT_F32)
         return (w->f32 = take(c, count, 4, field)) ? 0 : -1;
     if (!(w->q = take(c, count, 1, field))) return -1;
     return (w->scale = take(c, count / cfg->group_size, 4, field)) ? 0 : -1;
 }
 
-/* Per-layer tensors of one kind, layers 0..L-1, at a fixed offset inside NanoLayer. */
+/* Per-layer tensors of one kind, layers 0..L-1, at a fixed offset inside NanoLayer; in a Q4K file they are
+ * one frame [L, rows, cols]. */
 static int take_layer_matrices(FileCursor *c, NanoModel *m, size_t member, int rows, int cols, const char *field) {
+    if (m->config.quant_type == NANO_QUANT_Q4K) {
+        uint32_t shape[] = {(uint32_t)m->config.n_layer, (uint32_t)rows, (uint32_t)cols};
+        const uint8_t *blocks = take_q4k_frame(c, 3, shape, field);
+        if (!blocks) return -1;
+        size_t layer_bytes = (size_t)rows * q4k_blocks_per_row(cols) * NANO_Q4K_BLOCK_BYTES;
+        for (int l = 0; l < m->config.n_layer; l++) {
+            NanoMatrix *w = (NanoMatrix *)((char *)&m->layers[l] + member);
+            *w = (NanoMatrix){NULL, NULL, NULL, blocks + l * layer_bytes, rows, cols};
+        }
+        return 0;
+    }
     for (int l = 0; l < m->config.n_layer; l++) {
         char name[64];
         snprintf(name, sizeof name, "layer %d %s", l, field);
@@ -568,13 +655,235 @@ static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const fl
     return dot_q80_scalar(w, ws, x, xs, n, group);
 }
 
+/* Q4K row dot, 4-bit weights x 8-bit activations: per block, sum over groups of sc * (codes . x) and
+ * m * (sum of the group's x), all in integers, then w = q (sc d) - m dmin gives
+ * x_scale * (d * that - dmin * this). The activations of a block are stored in the order the kernel reads
+ * the code bytes: per chunk of Q4K_ACT_CHUNK code bytes, the elements of their low nibbles (the even ones),
+ * then those of their high nibbles (the odd ones), so that a vector of codes meets its activations in
+ * two plain loads. The chunk is the widest kernel's vector. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q4K_ACT_CHUNK 64
+#elif defined(__AVX2__) && defined(__FMA__)
+#define Q4K_ACT_CHUNK 32
+#else
+#define Q4K_ACT_CHUNK 16
+#endif
+
+typedef struct { float d, dmin; uint8_t scales[2 * Q4K_GROUPS]; /* the 8 scales sc, then the 8 mins m */ } Q4KScales;
+
+/* The 6-bit scales and mins of a block (ggml's K-quant packing, FORMAT.md) as four little-endian words of
+ * bytes: sc[0..3], sc[4..7], m[0..3], m[4..7]. Per byte j < 4: sc[j] = b[j] & 63, m[j] = b[j+4] & 63,
+ * sc[j+4] = (b[j+8] & 15) | (b[j] >> 6) << 4, m[j+4] = (b[j+8] >> 4) | (b[j+4] >> 6) << 4, done four bytes
+ * at a time (a block is unpacked for every row of every matmul; little-endian, as the file's floats). */
+static inline void q4k_scale_words(const uint8_t *block, uint32_t words[4]) {
+    uint32_t b[3];
+    memcpy(b, block + Q4K_SCALES_OFFSET, 12);
+    words[0] = b[0] & 0x3F3F3F3Fu;
+    words[1] = (b[2] & 0x0F0F0F0Fu) | (b[0] >> 6 & 0x03030303u) << 4;
+    words[2] = b[1] & 0x3F3F3F3Fu;
+    words[3] = (b[2] >> 4 & 0x0F0F0F0Fu) | (b[1] >> 6 & 0x03030303u) << 4;
+}
+
+static inline Q4KScales q4k_scales(const uint8_t *block) {
+    Q4KScales s;
+    uint32_t words[4];
+    memcpy(&s.d, block + 12, 4);
+    memcpy(&s.dmin, block + 16, 4);
+    q4k_scale_words(block, words);
+    memcpy(s.scales, words, sizeof words);
+    return s;
+}
+
+#if Q4K_ACT_CHUNK != 64   /* the AVX-512 kernel computes it in vector lanes */
+/* The min term of a block: sum over groups of m * (sum of the group's quantized activations). */
+static int32_t q4k_min_sum(const Q4KScales *s, const int32_t *group_sum) {
+    int32_t total = 0;
+    for (int g = 0; g < Q4K_GROUPS; g++) total += s->scales[Q4K_GROUPS + g] * group_sum[g];
+    return total;
+}
+#endif
+
+/* the portable path, for builds without a vector kernel (`make portable` on x86) */
+#if Q4K_ACT_CHUNK == 16 && !defined(__wasm_simd128__)
+static float dot_q4k_scalar(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
+    float sum = 0.0f;
+    for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
+        Q4KScales s = q4k_scales(w);
+        const uint8_t *codes = w + Q4K_CODES_OFFSET;
+        int32_t total = 0;
+        for (int g = 0; g < Q4K_GROUPS; g++) {
+            int32_t acc = 0;
+            for (int k = 16 * g; k < 16 * g + 16; k++) {
+                const int8_t *chunk = x + k / Q4K_ACT_CHUNK * 2 * Q4K_ACT_CHUNK;
+                acc += (codes[k] & 15) * chunk[k % Q4K_ACT_CHUNK] + (codes[k] >> 4) * chunk[Q4K_ACT_CHUNK + k % Q4K_ACT_CHUNK];
+            }
+            total += acc * s.scales[g];
+        }
+        sum += xs[b] * (s.d * (float)total - s.dmin * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b));
+    }
+    return sum;
+}
+#endif
+
+#if Q4K_ACT_CHUNK == 64
+/* q4k_scale_words in one vector register, computed in its four lanes at once (the scalar version's moves
+ * between registers cost as much as the block's dot products). */
+static inline __m128i q4k_scale_vector(const uint8_t *block) {
+    __m128i b = _mm_loadu_si128((const __m128i *)(block + Q4K_SCALES_OFFSET));   /* b0 b1 b2, then 4 code bytes */
+    __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(b, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    low = _mm_and_si128(low, _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    __m128i high = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(b, _MM_SHUFFLE(1, 1, 0, 0)), 6),
+                                                _mm_set1_epi32(0x03030303)), 4);
+    return _mm_or_si128(low, _mm_and_si128(high, _mm_setr_epi32(0, -1, 0, -1)));
+}
+
+static float dot_q4k_avx512(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
+    const __m512i nibble = _mm512_set1_epi8(15);
+    /* the scale of each 32-bit lane: a lane sums 4 code bytes, a group is 16 bytes, a vector 4 groups */
+    const __m512i lane_group[2] = {_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
+    __m512 sum = _mm512_setzero_ps();   /* the scale terms, less the min terms: one reduction at the end */
+    for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
+        __m512i scales_mins = _mm512_cvtepu8_epi32(q4k_scale_vector(w));   /* 8 sc, then 8 m */
+        float d, dmin;
+        memcpy(&d, w + 12, 4);
+        memcpy(&dmin, w + 16, 4);
+        __m512i acc = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m512i v = _mm512_loadu_si512(w + Q4K_CODES_OFFSET + 64 * h);
+            __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(x + 128 * h));
+            dots = _mm512_dpbusd_epi32(dots, high, _mm512_loadu_si512(x + 128 * h + 64));
+            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dots, _mm512_permutexvar_epi32(lane_group[h], scales_mins)));
+        }
+        /* lanes 8-15 hold the mins: m * (group sum of x) there, 0 in lanes 0-7 */
+        __m512i mins = _mm512_mullo_epi32(scales_mins, _mm512_inserti32x8(_mm512_setzero_si512(),
+                                          _mm256_loadu_si256((const __m256i *)(xsum + Q4K_GROUPS * b)), 1));
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(d * xs[b]), sum);
+        sum = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_set1_ps(dmin * xs[b]), sum);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+#if Q4K_ACT_CHUNK == 32
+static float dot_q4k_avx2(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256 sum = _mm256_setzero_ps();
+    float min_sum = 0.0f;
+    for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
+        Q4KScales s = q4k_scales(w);
+        __m256i acc = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {   /* 32 code bytes: groups 2c (lanes 0-3 of acc) and 2c+1 (lanes 4-7) */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + Q4K_CODES_OFFSET + 32 * c));
+            __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)(x + 64 * c))),
+                                             _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32))));
+            __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(s.scales[2 * c])),
+                                                     _mm_set1_epi16(s.scales[2 * c + 1]), 1);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scales));
+        }
+        sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s.d * xs[b]), sum);
+        min_sum += s.dmin * xs[b] * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b);
+    }
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half))) - min_sum;
+}
+#endif
+
+#if defined(__wasm_simd128__)
+/* Codes 0..15 are valid signed bytes, so signed widening multiplies serve; a group's four 8-lane products
+ * (each |.| <= 15 * 127) add up in 16 bits, and one dot with the group's scale widens them to 32. */
+static float dot_q4k_wasm(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
+    const v128_t nibble = wasm_i8x16_splat(15);
+    v128_t sum = wasm_f32x4_splat(0.0f);
+    float min_sum = 0.0f;
+    for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
+        Q4KScales s = q4k_scales(w);
+        v128_t acc = wasm_i32x4_splat(0);
+        for (int g = 0; g < Q4K_GROUPS; g++) {   /* a group's 16 code bytes, its 32 activations */
+            v128_t v = wasm_v128_load(w + Q4K_CODES_OFFSET + 16 * g);
+            v128_t low = wasm_v128_and(v, nibble), high = wasm_u8x16_shr(v, 4);
+            v128_t xa = wasm_v128_load(x + 32 * g), xb = wasm_v128_load(x + 32 * g + 16);
+            v128_t products = wasm_i16x8_add(
+                wasm_i16x8_add(wasm_i16x8_extmul_low_i8x16(low, xa), wasm_i16x8_extmul_high_i8x16(low, xa)),
+                wasm_i16x8_add(wasm_i16x8_extmul_low_i8x16(high, xb), wasm_i16x8_extmul_high_i8x16(high, xb)));
+            acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(products, wasm_i16x8_splat(s.scales[g])));
+        }
+        sum = wasm_f32x4_add(sum, wasm_f32x4_mul(wasm_f32x4_convert_i32x4(acc), wasm_f32x4_splat(s.d * xs[b])));
+        min_sum += s.dmin * xs[b] * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b);
+    }
+    return wasm_f32x4_extract_lane(sum, 0) + wasm_f32x4_extract_lane(sum, 1) + wasm_f32x4_extract_lane(sum, 2) +
+           wasm_f32x4_extract_lane(sum, 3) - min_sum;
+}
+#endif
+
+static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int nblocks) {
+#if Q4K_ACT_CHUNK == 64
+    return dot_q4k_avx512(w, x, xs, xsum, nblocks);
+#elif Q4K_ACT_CHUNK == 32
+    return dot_q4k_avx2(w, x, xs, xsum, nblocks);
+#elif defined(__wasm_simd128__)
+    return dot_q4k_wasm(w, x, xs, xsum, nblocks);
+#else
+    return dot_q4k_scalar(w, x, xs, xsum, nblocks);
+#endif
+}
+
+/* The largest |x| of n values, and x rounded to the nearest integer, ties to even, as lrintf does for
+ * |x| <= 127; both inline, where the C99 library calls cost as much as a small matmul. */
+static inline float max_abs_of(const float *x, int n) {
+    float max_abs = 0.0f;
+    for (int i = 0; i < n; i++) max_abs = fabsf(x[i]) > max_abs ? fabsf(x[i]) : max_abs;
+    return max_abs;
+}
+
+static inline int8_t round_to_int8(float x) {
+    const float shift = 12582912.0f;   /* 1.5 * 2^23: adding it leaves no fraction bits, so the FPU rounds */
+    return (int8_t)(int)((x + shift) - shift);
+}
+
 /* Quantize one group of activations like the weights: scale = max|x| / 127. */
 static void quantize_group(int8_t *q, float *scale, const float *x, int group) {
-    float max_abs = 0.0f;
-    for (int j = 0; j < group; j++) max_abs = fmaxf(max_abs, fabsf(x[j]));
+    float max_abs = max_abs_of(x, group);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
-    for (int j = 0; j < group; j++) q[j] = (int8_t)lrintf(x[j] * inverse);
+    for (int j = 0; j < group; j++) q[j] = round_to_int8(x[j] * inverse);
+}
+
+/* Quantize the n activations of one Q4K block (zeros past n): scale = max|x| / 127, the sum of each group,
+ * values in the kernels' order (see Q4K_ACT_CHUNK). */
+static void quantize_block_q4k(int8_t *q, float *scale, int32_t *group_sum, const float *x, int n) {
+    float max_abs = max_abs_of(x, n);
+    *scale = max_abs / 127.0f;
+    float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
+    memset(group_sum, 0, sizeof(int32_t) * Q4K_GROUPS);
+    for (int i = 0; i < NANO_Q4K_BLOCK; i++) {
+        int8_t v = i < n ? round_to_int8(x[i] * inverse) : 0;
+        int byte = i / 2;
+        q[byte / Q4K_ACT_CHUNK * 2 * Q4K_ACT_CHUNK + (i & 1) * Q4K_ACT_CHUNK + byte % Q4K_ACT_CHUNK] = v;
+        group_sum[i / 32] += v;
+    }
+}
+
+/* Row `row` (of width cols) of the quantized activations from x: Q80 groups or Q4K blocks; nothing for float32. */
+static void quantize_row(NanoState *s, size_t row, const float *x, int cols) {
+    const NanoConfig *c = &s->model->config;
+    if (c->quant_type == NANO_QUANT_Q80) {
+        int group = c->group_size;
+        for (int g = 0; g < cols / group; g++) {
+            size_t at = row * cols + (size_t)g * group;
+            quantize_group(s->act_q + at, s->act_scale + at / group, x + (size_t)g * group, group);
+        }
+    } else if (c->quant_type == NANO_QUANT_Q4K) {
+        int blocks = q4k_blocks_per_row(cols);
+        for (int b = 0; b < blocks; b++) {
+            size_t at = row * blocks + b;
+            quantize_block_q4k(s->act_q + at * NANO_Q4K_BLOCK, s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS,
+                               x + (size_t)b * NANO_Q4K_BLOCK, q4k_block_length(cols, b));
+        }
+    }
 }
 
 /* ============================================================================ threads */
@@ -625,12 +934,10 @@ static void barrier_wait(Barrier *b) {
  * (a static schedule, so each row is done by one thread with the same code whatever the thread count) and
  * has no barrier of its own; the caller waits at one before a step that reads what another thread wrote. */
 
-/* act_q, act_scale = count values of x quantized, a group per iteration (Q80 weights only). */
-static void quantize_input(NanoState *s, const float *x, size_t count) {
-    int group = s->model->config.group_size;
+/* The quantized activations of n rows of x of width cols, a row per iteration (quantized weights only). */
+static void quantize_input(NanoState *s, const float *x, int n, int cols) {
 #pragma omp for schedule(static) nowait
-    for (size_t g = 0; g < count / group; g++)
-        quantize_group(s->act_q + g * group, s->act_scale + g, x + g * group, group);
+    for (int t = 0; t < n; t++) quantize_row(s, t, x + (size_t)t * cols, cols);
 }
 
 typedef struct {
@@ -638,26 +945,35 @@ typedef struct {
     float *out;   /* [n, w->rows] */
 } MatmulJob;
 
+/* Output `row` of W for input row t: float32 weights read x, quantized ones its activations in act_q & co. */
+static float row_dot(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x) {
+    int cols = w->cols;
+    if (w->q4k) {
+        int blocks = q4k_blocks_per_row(cols);
+        size_t at = (size_t)t * blocks;
+        return dot_q4k(w->q4k + (size_t)row * blocks * NANO_Q4K_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
+                       s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks);
+    }
+    size_t offset = (size_t)row * cols;
+    if (w->q) {
+        int group = s->model->config.group_size;
+        return dot_q80(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
+                       s->act_scale + (size_t)t * cols / group, cols, group);
+    }
+    return dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
+}
+
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their output rows. Q80 weights read x as quantized beforehand into act_q, act_scale. */
+ * all their output rows. Quantized weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
-    int cols = jobs[0].w->cols, total_rows = 0, group = s->model->config.group_size;
-    int quantized = jobs[0].w->q != NULL;
+    int total_rows = 0;
     for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
 #pragma omp for schedule(static) nowait
     for (int r = 0; r < total_rows; r++) {
         int j = 0, row = r;
         while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
         const NanoMatrix *w = jobs[j].w;
-        size_t offset = (size_t)row * cols;
-        for (int t = 0; t < n; t++) {
-            float *out = jobs[j].out + (size_t)t * w->rows + row;
-            if (quantized)
-                *out = dot_q80(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
-                               s->act_scale + (size_t)t * cols / group, cols, group);
-            else
-                *out = dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
-        }
+        for (int t = 0; t < n; t++) jobs[j].out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
     }
 }
 
@@ -689,21 +1005,17 @@ static void softmax(float *x, int n) {
 }
 
 /* Rows of x, a row per iteration: x += xb (the previous branch) when asked, then out = rmsnorm(x); out = xb
- * is the next matmuls' input, and is quantized for Q80 weights too (each row is read before it is written). */
+ * is the next matmuls' input, and is quantized for quantized weights too (each row is read before it is written). */
 static void residual_norm(NanoState *s, int n, int add_branch, const float *weight, float *out) {
     const NanoConfig *c = &s->model->config;
-    int E = c->n_embd, group = c->group_size;
+    int E = c->n_embd;
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < n; t++) {
         float *x = s->x + (size_t)t * E, *row = out + (size_t)t * E;
         if (add_branch)
             for (int i = 0; i < E; i++) x[i] += s->xb[(size_t)t * E + i];
         rmsnorm(row, x, weight, E, c->norm_eps);
-        if (group && out == s->xb)
-            for (int g = 0; g < E / group; g++) {
-                size_t at = (size_t)t * E + (size_t)g * group;
-                quantize_group(s->act_q + at, s->act_scale + at / group, out + at, group);
-            }
+        if (out == s->xb) quantize_row(s, t, row, E);
     }
 }
 
@@ -800,23 +1112,36 @@ static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
     }
 }
 
-/* SwiGLU, hb = silu(hb) * hb2, a group per iteration (a row for float32), quantized as it is made for Q80. */
+/* SwiGLU, hb = silu(hb) * hb2, a Q80 group per iteration (else a row), quantized as it is made. */
 static void swiglu(NanoState *s, int n) {
     int F = s->model->config.n_hidden, group = s->model->config.group_size, chunk = group ? group : F;
 #pragma omp for schedule(static) nowait
     for (size_t k = 0; k < (size_t)n * F / chunk; k++) {
         float *gate = s->hb + k * chunk, *up = s->hb2 + k * chunk;
         for (int i = 0; i < chunk; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        if (group) quantize_group(s->act_q + k * chunk, s->act_scale + k, gate, group);
+        quantize_row(s, k, gate, chunk);
     }
 }
 
-static void embed(const NanoModel *m, float *out, int token) {
-    const NanoMatrix *e = &m->embedding;
-    int E = m->config.n_embd, group = m->config.group_size;
-    size_t offset = (size_t)token * E;
-    if (e->f32) { memcpy(out, e->f32 + offset, sizeof(float) * E); return; }
-    for (int i = 0; i < E; i++) out[i] = e->q[offset + i] * e->scale[(offset + i) / group];
+/* A row of Q4K blocks as float32: w = q (sc d) - m dmin, each product rounded to float32 as export.py does. */
+static void dequantize_row_q4k(const uint8_t *blocks, int cols, float *out) {
+    for (int b = 0; b < q4k_blocks_per_row(cols); b++, blocks += NANO_Q4K_BLOCK_BYTES) {
+        Q4KScales s = q4k_scales(blocks);
+        const uint8_t *codes = blocks + Q4K_CODES_OFFSET;
+        for (int i = 0; i < q4k_block_length(cols, b); i++) {
+            float step = (float)s.scales[i / 32] * s.d, offset = (float)s.scales[Q4K_GROUPS + i / 32] * s.dmin;
+            float scaled = (float)(codes[i / 2] >> 4 * (i & 1) & 15) * step;
+            out[b * NANO_Q4K_BLOCK + i] = scaled - offset;
+        }
+    }
+}
+
+void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *out) {
+    size_t offset = (size_t)row * w->cols;
+    if (w->f32) memcpy(out, w->f32 + offset, sizeof(float) * w->cols);
+    else if (w->q)
+        for (int i = 0; i < w->cols; i++) out[i] = w->q[offset + i] * w->scale[(offset + i) / m->config.group_size];
+    else dequantize_row_q4k(w->q4k + (size_t)row * q4k_blocks_per_row(w->cols) * NANO_Q4K_BLOCK_BYTES, w->cols, out);
 }
 
 /* The forward pass of n rows, row t being tokens[t] as rows[t] describes, in the activation buffers of s (so
@@ -825,9 +1150,10 @@ static void embed(const NanoModel *m, float *out, int token) {
 static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int E = c->n_embd, kv_dim = m->kv_dim, quantized = c->quant_type == NANO_QUANT_Q80;
+    int E = c->n_embd, kv_dim = m->kv_dim, quantized = c->quant_type != NANO_QUANT_F32;
     /* copy the token embeddings into x */
-    for (int t = 0; t < n; t++) embed(m, s->x + (size_t)t * E, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN);
+    for (int t = 0; t < n; t++)
+        nano_matrix_row(m, &m->embedding, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN, s->x + (size_t)t * E);
     Barrier barrier = {0, 0};
     /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
      * model; threads only when a layer's matmuls (these multiply-adds) reach PARALLEL_MIN_WORK */
@@ -854,7 +1180,7 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
             barrier_wait(&barrier);
             /* output projection of the attention */
             if (quantized) {
-                quantize_input(s, s->xb2, (size_t)n * m->q_dim);
+                quantize_input(s, s->xb2, n, m->q_dim);
                 barrier_wait(&barrier);
             }
             matmul(s, s->xb, s->xb2, n, &layer->wo);
@@ -900,8 +1226,8 @@ static void classify(NanoState *s, int first, int n, float *out) {
     /* a team of its own: the classifier is the largest matmul of a step */
 #pragma omp parallel if((size_t)n * w->rows * w->cols >= PARALLEL_MIN_WORK)
     {
-        if (w->q) {
-            quantize_input(s, x, (size_t)n * w->cols);
+        if (w->q || w->q4k) {
+            quantize_input(s, x, n, w->cols);
             barrier_wait(&barrier);
         }
         matmul(s, out, x, n, w);
@@ -946,23 +1272,25 @@ const size_t nano_model_size = sizeof(NanoModel), nano_lora_size = sizeof(NanoLo
              nano_sampler_size = sizeof(NanoSampler);
 
 /* Buffer sizes in elements; nano_state_bytes and nano_state_init share them. */
-typedef struct { size_t x, xb, q, kv, hidden, att, logits, cache, act_q, act_scale; } StateSizes;
+typedef struct { size_t x, xb, q, kv, hidden, att, logits, cache, act_q, act_scale, act_group_sum; } StateSizes;
 
 static StateSizes state_sizes(const NanoModel *m) {
     const NanoConfig *c = &m->config;
     size_t B = c->block_size, widest = c->n_embd;
     if ((size_t)m->q_dim > widest) widest = m->q_dim;
     if ((size_t)c->n_hidden > widest) widest = c->n_hidden;
-    int quantized = c->quant_type == NANO_QUANT_Q80;
-    StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * m->kv_dim, B * c->n_hidden, (size_t)c->n_head * B, c->vocab_size,
-                    (size_t)c->n_layer * B * m->kv_dim, quantized ? B * widest : 0,
-                    quantized ? B * widest / c->group_size : 0};
+    size_t q4k_blocks = c->quant_type == NANO_QUANT_Q4K ? B * q4k_blocks_per_row((int)widest) : 0;
+    StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * m->kv_dim, B * c->n_hidden, (size_t)c->n_head * B,
+                    c->vocab_size, (size_t)c->n_layer * B * m->kv_dim, 0, 0, q4k_blocks * Q4K_GROUPS};
+    if (c->quant_type == NANO_QUANT_Q80) { z.act_q = B * widest; z.act_scale = B * widest / c->group_size; }
+    if (q4k_blocks) { z.act_q = q4k_blocks * NANO_Q4K_BLOCK; z.act_scale = q4k_blocks; }
     return z;
 }
 
 size_t nano_state_bytes(const NanoModel *m) {
     StateSizes z = state_sizes(m);
-    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.kv + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale) + z.act_q;
+    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.kv + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale +
+                z.act_group_sum) + z.act_q;
 }
 
 int nano_state_init(NanoState *s, const NanoModel *m) {
@@ -983,8 +1311,10 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
     s->value_cache = calloc(z.cache, sizeof(float));
     s->act_q = z.act_q ? calloc(z.act_q, 1) : NULL;
     s->act_scale = z.act_scale ? calloc(z.act_scale, sizeof(float)) : NULL;
-    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->att || !s->logits || !s->key_cache ||
-        !s->value_cache || (z.act_q && (!s->act_q || !s->act_scale))) {
+    s->act_group_sum = z.act_group_sum ? calloc(z.act_group_sum, sizeof(int32_t)) : NULL;
+    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->att || !s->logits ||
+        !s->key_cache || !s->value_cache || (z.act_q && (!s->act_q || !s->act_scale)) ||
+        (z.act_group_sum && !s->act_group_sum)) {
         nano_state_free(s);
         return -1;
     }
@@ -992,8 +1322,9 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
 }
 
 void nano_state_free(NanoState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2); free(s->att); free(s->logits);
-    free(s->key_cache); free(s->value_cache); free(s->act_q); free(s->act_scale); free(s->lora_hidden);
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2); free(s->att);
+    free(s->logits); free(s->key_cache); free(s->value_cache); free(s->act_q); free(s->act_scale); free(s->act_group_sum);
+    free(s->lora_hidden);
     memset(s, 0, sizeof *s);
 }
 

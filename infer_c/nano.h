@@ -36,11 +36,15 @@ typedef struct {
     float norm_eps;           /* RMSNorm eps, the file's or the default */
 } NanoConfig;
 
-/* A weight matrix [rows, cols]: float32 data, or Q80 int8 values with one scale per group. */
+#define NANO_Q4K_BLOCK 256         /* elements of a Q4K block; a row is ceil(cols / 256) blocks */
+#define NANO_Q4K_BLOCK_BYTES 160
+
+/* A weight matrix [rows, cols]: float32 data, Q80 int8 values with one scale per group, or Q4K blocks. */
 typedef struct {
     const float *f32;
     const int8_t *q;
     const float *scale;
+    const uint8_t *q4k;
     int rows, cols;
 } NanoMatrix;
 
@@ -87,8 +91,9 @@ typedef struct {
     int pos;                  /* positions held in the KV cache */
     float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;
     float *k, *v;             /* a pass's keys and values, before they go to the caches of their sequences */
-    int8_t *act_q;            /* activations quantized for Q80 matmuls */
+    int8_t *act_q;            /* activations quantized for Q80 and Q4K matmuls */
     float *act_scale;
+    int32_t *act_group_sum;   /* Q4K: the sum of each group of 32 quantized activations */
     float *key_cache, *value_cache;   /* [n_layer, block_size, kv_dim] */
     float *lora_hidden;       /* [block_size, rank] */
     int lora_capacity;
@@ -142,6 +147,9 @@ float *nano_logits(NanoState *s, int t);
  * one model, every sequence fits its context and the counts sum to at most block_size; otherwise returns -1
  * and does nothing. */
 int nano_forward_batch(NanoState **states, const int *tokens, const int *counts, int n, float *logits);
+
+/* Row `row` of a weight matrix as float32 (dequantized as the matmuls see it) into out[cols]. */
+void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *out);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */
 int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap);

@@ -261,7 +261,7 @@ BAD_MODEL_FILES = [
     ("version 2024.10", {"offset": 3, "word": 10, "_major": 2024}, r"version 2024.10 not supported"),
     ("version 2025.12", {"offset": 3, "word": 12, "_major": 2025}, r"version 2025.12 not supported"),
     ("unknown version", {"offset": 3, "word": 7}, r"unknown version 2026.7"),
-    ("Q4K", {"offset": 15, "word": 0x42}, r"quant_type: 0x42 \(Q4K\) is not supported"),
+    ("float32 labelled Q4K", {"offset": 15, "word": 0x42}, r"tok_embeddings.weight frame: type 0x[0-9a-f]+, expected 0x42"),
     ("unknown quant", {"offset": 15, "word": 5}, r"quant_type: unknown value 0x5"),
     ("dims too large", {"offset": 7, "word": 4000}, r"tokenizer vocab_size"),
     ("extra bytes", {"append": b"\0" * 8}, r"file length"),

@@ -380,7 +380,7 @@ def bad_inputs(tmp_path_factory, tok):
         "old version": (corrupt(corrupt(good, out / "v.bin", offset=2, word=2025), out / "old.bin", offset=3, word=8),
                         "version 2025.8 is not supported"),
         "unknown version": (corrupt(good, out / "unknown.bin", offset=2, word=2031), "unknown version"),
-        "Q4K": (corrupt(good, out / "q4k.bin", offset=15, word=0x42), "quant_type"),
+        "float32 labelled Q4K": (corrupt(good, out / "q4k.bin", offset=15, word=0x42), "expected 0x42 (Q4K)"),
         "quant type": (corrupt(good, out / "quant.bin", offset=15, word=3), "quant_type"),
         "dims": (corrupt(good, out / "dims.bin", offset=12, word=model.config.n_hidden * 2), "wrong dims"),
         "extra bytes": (corrupt(good, out / "extra.bin", append=b"\1" * 4), "file length"),

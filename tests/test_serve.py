@@ -43,11 +43,12 @@ def files(tmp_path_factory):
     subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c")], check=True, capture_output=True)
     tokenizer = Tokenizer(SPECIAL_TOKENS + list(CHARSET))
     model, cfg = random_model(tokenizer, seed=0, block_size=64)
-    paths = {name: directory / name for name in ("model.pt", "model.bin", "q80.bin", "lora.pt", "lora.bin",
+    paths = {name: directory / name for name in ("model.pt", "model.bin", "q80.bin", "q4k.bin", "lora.pt", "lora.bin",
                                                  "slow.bin", "seq2seq.bin")}
     save_checkpoint(paths["model.pt"], model, tokenizer)
     export.write_model(str(paths["model.bin"]), model, tokenizer, progress=False)
     export.write_model(str(paths["q80.bin"]), model, tokenizer, quant=True, group_size=32, progress=False)
+    export.write_model_q4k(str(paths["q4k.bin"]), model, tokenizer, progress=False)
     save_lora(paths["lora.pt"], model, cfg, tokenizer, paths["model.pt"], seed=2)
     subprocess.run([sys.executable, "export.py", str(paths["lora.bin"]), "--lora", str(paths["lora.pt"])],
                    cwd=ROOT, check=True, capture_output=True)
@@ -429,7 +430,7 @@ def make_engine(files, kind):
     return serve.CEngine(str(files[kind]), {"style": str(files["lora.bin"])}, slots=6)
 
 
-@pytest.mark.parametrize("kind", ["model.bin", "q80.bin", "torch"])
+@pytest.mark.parametrize("kind", ["model.bin", "q80.bin", "q4k.bin", "torch"])
 def test_batched_step_equals_each_sequence_alone(files, kind):
     """A decoding step of sequences at different positions, some with an adapter, gives each the logits it
     gets alone: on the C core bit for bit (nano_forward_batch runs the same kernels on the same rows), on

@@ -131,8 +131,9 @@ def files(tmp_path_factory):
     save_lora(directory / "lora.pt", model, cfg, tokenizer, directory / "model.pt", seed=2)
     other, other_cfg = save_model(directory / "other.pt", tokenizer, seed=3, n_layer=3)
     save_lora(directory / "other_lora.pt", other, other_cfg, tokenizer, directory / "other.pt", seed=4)
-    paths = {name: directory / f"{name}.bin" for name in ("model", "lora", "other_lora", "truncated")}
+    paths = {name: directory / f"{name}.bin" for name in ("model", "lora", "other_lora", "truncated", "q4k")}
     export(paths["model"], "--checkpoint", directory / "model.pt")
+    export(paths["q4k"], "--q4k", directory / "model.pt")
     export(paths["lora"], "--lora", directory / "lora.pt")
     export(paths["other_lora"], "--lora", directory / "other_lora.pt")
     data = paths["model"].read_bytes()
@@ -240,6 +241,20 @@ def test_greedy_matches_c_engine(browser_page, files):
     assert len(text) > 0
     answer = generate(page, "hi 🎉", "instruct")
     assert answer == c_engine(files, "-i", "hi 🎉")
+
+
+def test_q4k_model_is_labelled_and_matches_c_engine(browser_page, files):
+    """A Q4K file in the page (the wasm SIMD kernel) against the native engine (its own kernel); the float32
+    model is loaded back for the tests after this one."""
+    page = browser_page
+    pick_file(page, "#model-file", files["q4k"])
+    assert error_text(page) == "" and "Q4K" in page.inner_text("#model-config")
+    set_greedy(page)
+    prompt = "hello 你好 world"
+    native, _ = run_c(files["q4k"], "-g", prompt, "-t", "0", "-n", str(NEW_TOKENS))
+    assert generate(page, prompt, "continue") == native[:-1]
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
 
 
 def test_emoji_survive_the_round_trip(browser_page, files):
