@@ -5,6 +5,7 @@ Train a Nano model: pretraining, SFT (loss on the answers only) or LoRA (base fr
     python train.py -t config/sft.json                 # from_checkpoint in the config gives the base
     python train.py -c checkpoint/pretrain/latest.pt   # resume exactly where it stopped
     python train.py -m ... -t ... --set max_iters=20 --set learning_rate=3e-4
+    python train.py -m ... -t ... --set optimizer=adamw --set lr_schedule=cosine   # the recipe before Muon
     torchrun --nproc_per_node 2 train.py -m ... -t ... # DDP: gloo on CPU, nccl on GPU
     deepspeed train.py -m ... -t ... --deepspeed config/ds_zero2.json  # DeepSpeed ZeRO (or with torchrun)
 
@@ -13,6 +14,9 @@ with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA
 base and saves only them. `dataset_path` is a list whose entries are either a prepared dataset
 directory ("dataset/news") or a [train_bin, val_bin] pair; batches draw from the datasets in
 proportion to their size, or to `dataset_weights` (one positive number per entry) to mix them.
+`optimizer` muon trains the blocks' matrices with torch.optim.Muon at muon_learning_rate and the rest
+(embedding and head, norms) with AdamW at learning_rate; `lr_schedule` wsd warms up, holds the peak and
+decays linearly over the last decay_fraction of the run. The schedule scales both peaks alike.
 Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/): latest.pt, best.pt and
 train_<run>.log (one JSON object per line; plot_loss.py draws it). From Python: train(train_config,
 model_config) runs the same loop in the calling process.
