@@ -497,3 +497,9 @@ def test_dataset_weights_set_the_mix(data, tmp_path, monkeypatch):
     config = write_train_config(tmp_path / "bad.json", dataset_path=[str(data / "pretrain")], dataset_weights=[1, 2])
     with pytest.raises(ValueError, match="dataset_weights must be one positive number per dataset_path entry"):
         run_main(monkeypatch, "-m", MODEL, "-t", config)
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "lora"])
+def test_the_shipped_training_configs_train_with_muon_and_wsd(name):
+    config = train.TrainConfig.from_dict(data_module.read_json(f"config/{name}.json"), source=name)
+    assert (config.optimizer, config.lr_schedule) == ("muon", "wsd")  # the measured winner (README)
