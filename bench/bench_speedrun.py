@@ -4,8 +4,9 @@ wall-clock budget per run and equal tokens per step, two seeds each:
 
 - GPT-2 (nanoGPT's recipe): a model written here, learned positions, LayerNorm, GELU MLP, tied head,
   with the MLP widened until it has the parameter count of the Nano model; AdamW + cosine;
-- Nano, AdamW + cosine: model.py with the recipe Nano trained with before Muon;
-- Nano, Muon + WSD: Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay.
+- Nano, AdamW + cosine: model.py with the recipe Nano trained with before Muon (AdamW 2e-3 to 2e-4);
+- Nano, Muon + WSD: Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay, at
+  config/pretrain.json's learning rates (the main job's recipe).
 
 Model: config/nano-small.json (the main job's); data, batch and AdamW settings: config/pretrain.json.
 Training time excludes the evaluations, which read the same batches of held-out news text
@@ -42,9 +43,10 @@ from tokenizer import Tokenizer  # noqa: E402
 
 BASELINE, ADAMW, MUON = "GPT-2 (nanoGPT recipe)", "Nano, AdamW + cosine", "Nano, Muon + WSD"
 TARGETS = {BASELINE: "baseline", ADAMW: "adamw"}  # the recipes whose final loss the others race to
-RECIPES = {BASELINE: {"optimizer": "adamw", "lr_schedule": "cosine"},
-           ADAMW: {"optimizer": "adamw", "lr_schedule": "cosine"},
-           MUON: {"optimizer": "muon", "lr_schedule": "wsd"}}
+# config/pretrain.json's recipe before Muon
+ADAMW_COSINE = {"optimizer": "adamw", "lr_schedule": "cosine", "learning_rate": 2e-3, "min_lr": 2e-4}
+RECIPES = {BASELINE: ADAMW_COSINE, ADAMW: ADAMW_COSINE,
+           MUON: {"optimizer": "muon", "lr_schedule": "wsd"}}  # with pretrain.json's learning rates
 
 
 # ----------------------------------------------------------------------------- the GPT-2 baseline
