@@ -33,7 +33,8 @@ def parameter_groups(model, config, exclude=()):
 def muon_parameters(model):
     """The 2-D weights inside the blocks (their LoRA adapters in a LoRA run): Muon orthogonalises the updates
     of hidden matrices; the embedding (tied with the head) and the vectors are no such matrices."""
-    return [p for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and name.startswith("layers.")]
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("layers.")]
 
 
 def make_optimizers(model, config, device):

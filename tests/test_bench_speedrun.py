@@ -52,7 +52,8 @@ def test_time_to_reach_interpolates_between_evaluations():
 
 def test_summary_times_each_recipe_to_the_references_final_loss():
     def runs(recipe, *curves):
-        return [{"recipe": recipe, "seed": seed, "params": 100, "steps": 3, "curve": c} for seed, c in enumerate(curves)]
+        return [{"recipe": recipe, "seed": seed, "params": 100, "steps": 3, "curve": c}
+                for seed, c in enumerate(curves)]
     results = (runs(speedrun.BASELINE, curve((0, 9), (50, 7), (100, 6.2)), curve((0, 9), (50, 7), (100, 5.8)))
                + runs(speedrun.ADAMW, curve((0, 9), (50, 6), (100, 5.0)), curve((0, 9), (50, 6), (100, 5.0)))
                + runs(speedrun.MUON, curve((0, 9), (20, 6), (100, 4.0)), curve((0, 9), (40, 6), (100, 4.0))))
