@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in corpus, about 16 minutes on 2 CPU cores:
+# The main job on the built-in corpus, about 18 minutes on 2 CPU cores:
 # prepare data -> pretrain (10 min) -> SFT (3 min) on review sentiment -> LoRA from the pretrained base ->
 # held-out accuracy of all three next to the majority baseline, SFT and LoRA beside TF-IDF logistic
 # regression (bench/bench_sentiment.py) on the same split -> loss plots -> generated samples ->
