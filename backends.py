@@ -22,26 +22,47 @@ from data import read_json
 from model import Transformer
 
 
-def parameter_groups(model, config):
+def parameter_groups(model, config, exclude=()):
     """Weight decay on the matrices only: norms and biases are not pulled towards zero."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    excluded = {id(p) for p in exclude}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
     return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def make_optimizer(model, config, device):
-    return torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate,
-                             betas=(config.beta1, config.beta2), fused=device.startswith("cuda"))
+def muon_parameters(model):
+    """The 2-D weights inside the blocks (their LoRA adapters in a LoRA run): Muon orthogonalises the updates
+    of hidden matrices; the embedding (tied with the head) and the vectors are no such matrices."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("layers.")]
+
+
+def make_optimizers(model, config, device):
+    """[(optimizer, peak learning rate)]: AdamW over everything, or Muon over the blocks' matrices and AdamW
+    over the rest, each at its own learning rate, which the schedule scales."""
+    muon = []
+    if config.optimizer == "muon":
+        muon = muon_parameters(model)
+    adamw = torch.optim.AdamW(parameter_groups(model, config, exclude=muon), lr=config.learning_rate,
+                              betas=(config.beta1, config.beta2), fused=device.startswith("cuda"))
+    if not muon:
+        return [(adamw, config.learning_rate)]
+    return [(adamw, config.learning_rate),
+            (torch.optim.Muon(muon, lr=config.muon_learning_rate, weight_decay=config.weight_decay,
+                              momentum=config.muon_momentum), config.muon_learning_rate)]
+
+
+OPTIMIZER_KEYS = ("optimizer", "muon_optimizer")  # the checkpoint entries of make_optimizers' states, in order
 
 
 class PlainBackend:
-    """One process, or DDP under torchrun: AdamW over the module, autocast, a GradScaler for fp16."""
+    """One process, or DDP under torchrun: AdamW (and Muon) over the module, autocast, a GradScaler for fp16."""
 
     collective_checkpoints = False  # rank 0 alone evaluates and saves
 
     def __init__(self, model, config, device, dtype, world_size):
         self.config, self.world_size = config, world_size
-        self.optimizer = make_optimizer(model, config, device)
+        self.optimizers = make_optimizers(model, config, device)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.autocast = torch.autocast(device_type, dtype=dtype) if dtype else nullcontext()
@@ -53,7 +74,12 @@ class PlainBackend:
     def load(self, saved, path):
         if "deepspeed_tag" in saved:
             raise ValueError(f"checkpoint {path} was written by a DeepSpeed run: resume it with --deepspeed")
-        self.optimizer.load_state_dict(saved["optimizer"])
+        trained_with = saved["train_config"].get("optimizer", "adamw")
+        if trained_with != self.config.optimizer:
+            raise ValueError(f"checkpoint {path} was trained with optimizer {trained_with!r}: resume it with that "
+                             f"optimizer, not {self.config.optimizer!r}")
+        for (optimizer, _), key in zip(self.optimizers, OPTIMIZER_KEYS):
+            optimizer.load_state_dict(saved[key])
 
     def forward_backward(self, x, y, mask, last_micro_step):
         """The loss of one micro-batch, its gradient accumulated; DDP synchronises after the last one only."""
@@ -64,19 +90,25 @@ class PlainBackend:
         self.scaler.scale(loss / self.config.gradient_accumulation_steps).backward()
         return loss
 
-    def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, lr_scale):
+        """One step of each optimizer at its peak learning rate times the schedule's lr_scale; the gradient
+        clipped over all parameters together."""
+        for optimizer, peak_lr in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = peak_lr * lr_scale
         if self.config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer, _ in self.optimizers:
+                self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer, _ in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer, _ in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def checkpoint_entries(self, model, run_dir, step, resumable):
         """The weights (a LoRA run: its adapters and the path of its base) and the optimizer state."""
-        entries = {"optimizer": self.optimizer.state_dict()}
+        entries = {key: optimizer.state_dict() for (optimizer, _), key in zip(self.optimizers, OPTIMIZER_KEYS)}
         if self.config.use_lora:
             entries.update(lora=model.lora_state_dict(), lora_config=model.lora_config,
                            base_checkpoint=self.config.from_checkpoint)
@@ -104,6 +136,9 @@ class DeepSpeedBackend:
     def __init__(self, model, config, device, dtype, world_size, ds_path):
         if config.use_lora or config.compile:
             raise ValueError("--deepspeed trains full models without torch.compile: set use_lora and compile to false")
+        if config.optimizer != "adamw":
+            raise ValueError("--deepspeed partitions AdamW's state only: Muon with DeepSpeed is not supported, "
+                             "set optimizer to adamw (or train Muon without --deepspeed, under torchrun for DDP)")
         if not device.startswith("cuda"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for a GPU first
         import deepspeed
@@ -127,9 +162,9 @@ class DeepSpeedBackend:
         self.engine.backward(loss / self.config.gradient_accumulation_steps, scale_wrt_gas=False)
         return loss
 
-    def step(self, lr):
+    def step(self, lr_scale):
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.config.learning_rate * lr_scale
         self.engine.step()  # clips at gradient_clipping (our grad_clip) across the shards, steps, zeroes the grads
 
     def checkpoint_entries(self, model, run_dir, step, resumable):

@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors and plain values that torch.load(weights_only=
     model_config, train_config, tokenizer   the configs and the vocabulary, as dicts
     model                                   the full weights (absent from a LoRA run's checkpoints)
     lora, lora_config, base_checkpoint      a LoRA run: its adapters and the path of its frozen base
-    optimizer | deepspeed_tag               the optimizer state, or the tag of DeepSpeed's sharded checkpoint
+    optimizer | deepspeed_tag               AdamW's state, or the tag of DeepSpeed's sharded checkpoint
+    muon_optimizer                          Muon's state (a run with optimizer muon)
     rng, step, tokens_seen, train_seconds, best_val_loss, planned_iters   where the run stands
 
     save(payload, path)               atomically: a crash leaves the old file or the new one, never a torn one

@@ -30,7 +30,10 @@ How each task is scored:
               while they leave less than a quarter of the context for the review. The default for
               pretraining runs (the train_config's dataset_path leads to a meta.json of kind
               "pretrain"). The shared examples are prefilled once into a KV cache that every batch
-              reuses.
+              reuses. A base model's prompt favours one label whatever the review says, so its
+              accuracy is contextually calibrated (Zhao et al. 2021, "Calibrate Before Use"): each
+              review's two label probabilities are divided by their mean over content-free reviews
+              ("N/A", "", "[MASK]") in the same prompt; uncalibrated_accuracy is the raw comparison.
 """
 
 import argparse
@@ -51,6 +54,7 @@ from model import KVCache
 
 SENTIMENT_LABELS = ("正面", "负面")
 PROMPTED_SUFFIX = "。情感："
+CONTENT_FREE_REVIEWS = ("N/A", "", "[MASK]")  # what the prompted method calibrates on
 BATCH_TOKENS = 4096  # tokens per forward pass: bounds the [batch, time, vocab] logits in memory
 BATCH_ROWS = 64  # sequences per forward pass: bounds the KV cache, allocated for the whole context
 
@@ -295,7 +299,16 @@ def sentiment_prompts(tokenizer, reviews, method, examples, block_size):
     if room < 1:
         raise ValueError(f"the {block_size}-token context has no room for a review")
     bodies = [ids[-room:] + suffix for ids in encode_all(tokenizer, reviews, "sentiment test reviews")]
-    return prefix, bodies, examples
+    content_free = [tokenizer.encode(text)[-room:] + suffix for text in CONTENT_FREE_REVIEWS]
+    return prefix, bodies, content_free, examples
+
+
+def calibrated_choices(label_logits, content_free_logits):
+    """The index of each row's winning label once the prompt's own bias is divided out: the labels'
+    probabilities (softmax over the labels) over their mean probabilities on content-free inputs."""
+    probabilities = torch.tensor(label_logits).softmax(-1)
+    bias = torch.tensor(content_free_logits).softmax(-1).mean(0)
+    return (probabilities / bias).argmax(-1).tolist()
 
 
 def evaluate_sentiment(model, tokenizer, path, method, few_shot):
@@ -307,17 +320,25 @@ def evaluate_sentiment(model, tokenizer, path, method, few_shot):
     if label_ids[0] == label_ids[1]:
         raise ValueError(f"the labels {SENTIMENT_LABELS} start with the same token in this vocabulary")
     examples = few_shot_examples(tokenizer, os.path.dirname(path), few_shot) if method == "prompted" else []
-    prefix, bodies, examples = sentiment_prompts(tokenizer, [r["question"] for r in records], method,
-                                                 examples, model.config.block_size)
-    correct = strict = 0
-    for record, (label_logits, argmax) in zip(records, next_token_choices(model, prefix, bodies, label_ids)):
-        right = SENTIMENT_LABELS.index(record["answer"])
-        correct += label_logits.index(max(label_logits)) == right
-        strict += argmax == label_ids[right]
-    majority = Counter(r["answer"] for r in records).most_common(1)[0][1]
-    return {"n": len(records), "method": method, "few_shot": len(examples),
-            "accuracy": correct / len(records), "strict_accuracy": strict / len(records),
-            "majority_baseline": majority / len(records)}
+    prefix, bodies, content_free, examples = sentiment_prompts(tokenizer, [r["question"] for r in records], method,
+                                                               examples, model.config.block_size)
+    choices = next_token_choices(model, prefix, bodies + content_free, label_ids)
+    label_logits, argmaxes = zip(*choices[:len(bodies)])
+    raw = [logits.index(max(logits)) for logits in label_logits]
+    answers = [SENTIMENT_LABELS.index(r["answer"]) for r in records]
+    majority = Counter(answers).most_common(1)[0][1]
+    result = {"n": len(records), "method": method, "few_shot": len(examples)}
+    if method == "prompted":
+        calibrated = calibrated_choices(label_logits, [logits for logits, _ in choices[len(bodies):]])
+        result.update(accuracy=share_equal(calibrated, answers), uncalibrated_accuracy=share_equal(raw, answers))
+    else:
+        result.update(accuracy=share_equal(raw, answers))
+    strict = share_equal(argmaxes, [label_ids[answer] for answer in answers])
+    return {**result, "strict_accuracy": strict, "majority_baseline": majority / len(records)}
+
+
+def share_equal(predictions, answers):
+    return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
 
 
 # ---------------------------------------------------------------- command line

@@ -5,6 +5,7 @@ Train a Nano model: pretraining, SFT (loss on the answers only) or LoRA (base fr
     python train.py -t config/sft.json                 # from_checkpoint in the config gives the base
     python train.py -c checkpoint/pretrain/latest.pt   # resume exactly where it stopped
     python train.py -m ... -t ... --set max_iters=20 --set learning_rate=3e-4
+    python train.py -m ... -t ... --set optimizer=adamw --set lr_schedule=cosine   # the recipe before Muon
     torchrun --nproc_per_node 2 train.py -m ... -t ... # DDP: gloo on CPU, nccl on GPU
     deepspeed train.py -m ... -t ... --deepspeed config/ds_zero2.json  # DeepSpeed ZeRO (or with torchrun)
 
@@ -13,6 +14,9 @@ with the loss on answer tokens only (its *_mask.bin), and `use_lora` trains LoRA
 base and saves only them. `dataset_path` is a list whose entries are either a prepared dataset
 directory ("dataset/news") or a [train_bin, val_bin] pair; batches draw from the datasets in
 proportion to their size, or to `dataset_weights` (one positive number per entry) to mix them.
+`optimizer` muon trains the blocks' matrices with torch.optim.Muon at muon_learning_rate and the rest
+(embedding and head, norms) with AdamW at learning_rate; `lr_schedule` wsd warms up, holds the peak and
+decays linearly over the last decay_fraction of the run. The schedule scales both peaks alike.
 Checkpoints and the log go to `save_checkpoint_to` (checkpoint/<run>/): latest.pt, best.pt and
 train_<run>.log (one JSON object per line; plot_loss.py draws it). From Python: train(train_config,
 model_config) runs the same loop in the calling process.
@@ -53,11 +57,16 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     grad_clip: float = 1.0              # 0 disables clipping
     dropout: float = 0.0                # replaces the model config's dropout
-    learning_rate: float = 1e-3
+    optimizer: str = "adamw"            # adamw, or muon: Muon on the blocks' matrices, AdamW on the rest
+    learning_rate: float = 1e-3         # AdamW's peak (with muon: the embedding/head's, the norms')
+    muon_learning_rate: float = 0.02    # Muon's peak
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     decay_lr: bool = True
+    lr_schedule: str = "cosine"         # cosine, or wsd: warmup, stable, then linear decay to min_lr
+    decay_fraction: float = 0.2         # wsd: the share of the run that decays
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
     min_lr: float = 1e-4
@@ -95,7 +104,15 @@ class TrainConfig:
                 ok = type(value) is type(default)
             if not ok:
                 raise ValueError(f"{source}: {name} must be {type(default).__name__}, got {value!r}")
+        for name, choices in CHOICES.items():
+            if getattr(config, name) not in choices:
+                raise ValueError(f"{source}: {name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+        if not 0 < config.decay_fraction <= 1:
+            raise ValueError(f"{source}: decay_fraction must be in (0, 1], got {config.decay_fraction!r}")
         return config
+
+
+CHOICES = {"optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
 
 
 def parse_override(text):
@@ -249,7 +266,7 @@ def last_step(progress, config):
 
 
 def decay_end(progress, config):
-    """The step the cosine reaches min_lr at: lr_decay_iters, or the time budget's last step when sooner,
+    """The step the schedule reaches min_lr at: lr_decay_iters, or the time budget's last step when sooner,
     so that a time-bounded run ends annealed on a slow machine too."""
     return min(config.lr_decay_iters, progress.time_planned_iters or config.lr_decay_iters)
 
@@ -271,14 +288,21 @@ def plan_time_budget(progress, config):
         progress.time_planned_iters = progress.step + int(remaining / seconds_per_step)
 
 
-def learning_rate_at(step, config, decay_iters):
-    """Linear warmup, then cosine decay to min_lr at step decay_iters."""
+def lr_scale_at(step, config, decay_iters):
+    """The schedule: the factor every optimizer's peak learning rate is multiplied by at this step. Linear
+    warmup, then cosine decay (or, wsd, a stable stretch and a linear decay over the last decay_fraction)
+    down to min_lr / learning_rate at step decay_iters."""
     if not config.decay_lr:
-        return config.learning_rate
+        return 1.0
     if step < config.warmup_iters:
-        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+        return (step + 1) / (config.warmup_iters + 1)
+    floor = config.min_lr / config.learning_rate
+    if config.lr_schedule == "wsd":
+        decay_start = max(config.warmup_iters, decay_iters - config.decay_fraction * decay_iters)
+        progress = min(1.0, max(0.0, step - decay_start) / max(1.0, decay_iters - decay_start))
+        return 1.0 - progress * (1.0 - floor)
     progress = min(1.0, (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters))
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -487,12 +511,12 @@ def train(config, model_config=None, resume_path=None, deepspeed_path=None):
 
         # one step
         step_start = time.perf_counter()
-        lr = learning_rate_at(progress.step, config, decay_end(progress, config))
+        lr_scale = lr_scale_at(progress.step, config, decay_end(progress, config))
         with sdp_kernel_context(config.sdp_kernel):
             for micro_step in range(config.gradient_accumulation_steps):
                 x, y, mask = to_device(run.sampler.next_batch(), run.device)
                 loss = run.backend.forward_backward(x, y, mask, micro_step == config.gradient_accumulation_steps - 1)
-        run.backend.step(lr)
+        run.backend.step(lr_scale)
         progress.step += 1
         progress.tokens_seen += run.tokens_per_step
         progress.train_seconds = from_rank0(time.perf_counter() - run_start, run.world_size, run.device)
@@ -505,6 +529,7 @@ def train(config, model_config=None, resume_path=None, deepspeed_path=None):
             # the loss of the last micro-batch, as nanoGPT logs it: no extra synchronisation
             tokens_per_s = interval_tokens / interval_seconds
             mfu = tokens_per_s / run.world_size * flops_per_token_over_peak
+            lr = config.learning_rate * lr_scale  # AdamW's; Muon's is muon_learning_rate * lr_scale
             run.log.write(kind="train", step=progress.step, epoch=epoch(run), loss=loss.item(), lr=lr,
                           tokens_per_s=tokens_per_s, mfu=mfu)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{mfu:.0%}")

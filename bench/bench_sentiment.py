@@ -3,17 +3,20 @@ Classical baselines for the built-in sentiment task, on the same train / val / t
 data.py`: what accuracy a model that reads no context beyond character n-grams reaches, to put the main
 job's SFT figure in proportion.
 
-    python bench/bench_sentiment.py [--ngram 3]
+    python bench/bench_sentiment.py [--ngram 3] [--beside SFT=checkpoint/sft/sentiment.json ...]
 
 - majority: the most frequent training label.
 - naive Bayes: multinomial over character uni- and bigram counts, add-one smoothing.
 - logistic regression: character 1..N-gram TF-IDF (sublinear tf, L2-normalised rows), L2 penalty; the
   penalty is chosen on validation, the chosen one's test accuracy is the figure to compare.
 
+--beside NAME=FILE adds a row for a model measured by `eval.py --sentiment --json > FILE` on the same
+test split (the main job's SFT and LoRA models), so that they are read side by side.
 Prints a markdown table and writes bench/results/bench_sentiment.json.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -103,11 +106,29 @@ def logistic_regression(features, targets, penalty):
     return weights.detach(), bias.detach()
 
 
+def measured_row(text):
+    """(name, test accuracy) from NAME=FILE, FILE the JSON eval.py --sentiment --json prints."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        raise ValueError(f"--beside expects NAME=FILE, got {text!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return name, json.load(f)["sentiment"]["accuracy"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: not the output of eval.py --sentiment --json") from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--ngram", type=int, default=3, help="longest character n-gram for logistic regression")
     parser.add_argument("--seed", type=int, default=1337, help="the split's seed (data.py's --seed)")
+    parser.add_argument("--beside", action="append", default=[], metavar="NAME=FILE",
+                        help="a model's test accuracy from eval.py --sentiment --json, as a row of the table")
     args = parser.parse_args()
+    try:
+        measured = [measured_row(text) for text in args.beside]
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
 
     start = time.perf_counter()
     train, val, test = data.split_reviews(data.read_reviews(), args.seed)
@@ -145,6 +166,8 @@ def main():
     print("|---|---:|---:|")
     for name, scores in rows:
         print(f"| {name} | {scores['val']:.1%} | {scores['test']:.1%} |")
+    for name, test_accuracy in measured:
+        print(f"| {name} | | {test_accuracy:.1%} |")
     print(f"\nchosen on validation: L2 {chosen_penalty:g}, test accuracy {chosen['test']:.1%}")
     write_results("bench_sentiment", {
         "machine": machine_info(), "ngram": args.ngram, "features": len(tfidf.index),

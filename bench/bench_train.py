@@ -61,7 +61,7 @@ class Variant:
         self.name, self.dtype, self.full_logits = name, dtype, full_logits
         torch.manual_seed(0)  # the same initial weights for every variant
         self.model = Transformer(model_config)
-        self.optimizer = backends.make_optimizer(self.model, train_config, "cpu")
+        ((self.optimizer, _),) = backends.make_optimizers(self.model, train_config, "cpu")
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.sampler = train.BatchSampler([dataset], "train", model_config.block_size, train_config.batch_size, seed=0)
         self.autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
@@ -71,7 +71,7 @@ class Variant:
     def step(self, step):
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
-            group["lr"] = train.learning_rate_at(step, self.config, self.config.lr_decay_iters)
+            group["lr"] = self.config.learning_rate * train.lr_scale_at(step, self.config, self.config.lr_decay_iters)
         x, y, _ = self.sampler.next_batch()
         with self.autocast:
             if self.full_logits:

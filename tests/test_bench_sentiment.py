@@ -1,8 +1,11 @@
 """The sentiment baselines in bench/bench_sentiment.py learn what they should on a toy task."""
 
+import json
+
+import pytest
 import torch
 
-from bench.bench_sentiment import TfidfFeatures, char_ngrams, logistic_regression, naive_bayes
+from bench.bench_sentiment import TfidfFeatures, char_ngrams, logistic_regression, measured_row, naive_bayes
 
 TRAIN = [("很好很满意", "正面"), ("质量好", "正面"), ("满意，好用", "正面"), ("物流快，好", "正面"),
          ("很差很失望", "负面"), ("质量差", "负面"), ("失望，难用", "负面"), ("物流慢，差", "负面")]
@@ -30,3 +33,14 @@ def test_logistic_regression_separates_the_toy_task():
     weights, bias = logistic_regression(features.transform([text for text, _ in TRAIN]), targets, 1e-3)
     scores = torch.sparse.mm(features.transform([text for text, _ in HELD_OUT]), weights).squeeze(1) + bias
     assert scores[0] > 0 > scores[1]
+
+
+def test_a_measured_model_row_is_read_from_eval_json(tmp_path):
+    good, bad = tmp_path / "sft.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"sentiment": {"n": 3, "accuracy": 0.875}}))
+    bad.write_text(json.dumps({"text": {}}))
+    assert measured_row(f"SFT={good}") == ("SFT", 0.875)
+    with pytest.raises(ValueError, match="not the output of eval.py --sentiment --json"):
+        measured_row(f"x={bad}")
+    with pytest.raises(ValueError, match="--beside expects NAME=FILE"):
+        measured_row(str(good))

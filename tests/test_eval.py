@@ -109,6 +109,18 @@ def test_sentiment_command_line_picks_the_method_from_the_run(tmp_path, kind, me
     assert sentiment["few_shot"] == (2 if method == "prompted" else 0)
     assert sentiment["majority_baseline"] == pytest.approx(max(positives, 1 - positives))
     assert sentiment["accuracy"] == 1.0 and sentiment["strict_accuracy"] == 1.0
+    assert ("uncalibrated_accuracy" in sentiment) == (method == "prompted")
+
+
+def test_calibration_divides_out_the_prompts_bias():
+    """Both reviews favour label 0, but the content-free inputs favour it more than the second review does:
+    calibrated, the second review is label 1 (Zhao et al. 2021, eq. 1 with W = diag(p_cf)^-1, b = 0)."""
+    reviews, content_free = [[3.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [2.5, 0.0], [1.5, 0.0]]
+    assert nano_eval.calibrated_choices(reviews, content_free) == [0, 1]
+    assert nano_eval.calibrated_choices(reviews, [[0.0, 0.0]]) == [0, 0]  # an unbiased prompt changes nothing
+    # p(label 0) of the second review, 0.731, falls below p_cf(0) = mean softmax = 0.878, p(1) 0.269 above 0.122
+    p_cf = np.mean([1 / (1 + np.exp(-d)) for d in (2.0, 2.5, 1.5)])
+    assert 0.731 / p_cf < 0.269 / (1 - p_cf)
 
 
 def test_sentiment_cuts_long_reviews_and_prints_a_table(tmp_path):

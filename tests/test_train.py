@@ -2,6 +2,7 @@
 numpy in the layout data.py writes: exact resume after a SIGKILL during a save, DDP on two processes,
 SFT masking, LoRA adapter-only checkpoints, clear errors, the loss plot."""
 
+import dataclasses
 import json
 import os
 import random
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import backends
 import checkpoint
 import data as data_module
 import train
+from backends import PlainBackend
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
 
@@ -104,24 +107,16 @@ def train_losses(run_dir):
     return {r["step"]: r["loss"] for r in read_log(run_dir, "train")}
 
 
-@pytest.fixture(scope="module")
-def straight_run(data, tmp_path_factory):
-    """20 uninterrupted pretraining steps; also the base model of the SFT and LoRA tests."""
-    root = tmp_path_factory.mktemp("straight")
-    out = str(root / "straight")
-    config = write_train_config(root / "pretrain.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out)
-    run_train("-m", MODEL, "-t", config)
-    return out
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed_run(data, tmp_path_factory):
-    """The same run, SIGKILLed while it saves at step 20 (after latest.pt of step 10), then resumed with -c."""
-    root = tmp_path_factory.mktemp("killed")
-    out = str(root / "killed")
-    config = write_train_config(root / "pretrain.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=out)
+def straight_and_killed_runs(data, root, **overrides):
+    """20 pretraining steps run straight, and the same run SIGKILLed while it saves at step 20 (after latest.pt
+    of step 10), then resumed with -c: (straight dir, resumed dir, the step latest.pt held at the kill)."""
+    straight, out = str(root / "straight"), str(root / "killed")
+    for name, run_dir in (("straight", straight), ("killed", out)):
+        write_train_config(root / f"{name}.json", dataset_path=[str(data / "pretrain")], save_checkpoint_to=run_dir,
+                           **overrides)
+    run_train("-m", MODEL, "-t", str(root / "straight.json"))
     env = {**os.environ, "NANO_DEBUG_PAUSE_IN_SAVE_AT_STEP": "20"}
-    process = subprocess.Popen(train_command("-m", MODEL, "-t", config), env=env,
+    process = subprocess.Popen(train_command("-m", MODEL, "-t", str(root / "killed.json")), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
 
@@ -137,21 +132,88 @@ def killed_and_resumed_run(data, tmp_path_factory):
     process.wait()
     saved = checkpoint.load(os.path.join(out, "latest.pt"))
     run_train("-c", os.path.join(out, "latest.pt"))
-    return out, saved["step"]
+    return straight, out, saved["step"]
+
+
+@pytest.fixture(scope="module")
+def adamw_runs(data, tmp_path_factory):
+    return straight_and_killed_runs(data, tmp_path_factory.mktemp("adamw"))
+
+
+@pytest.fixture(scope="module")
+def muon_runs(data, tmp_path_factory):
+    return straight_and_killed_runs(data, tmp_path_factory.mktemp("muon"), optimizer="muon", lr_schedule="wsd",
+                                    muon_learning_rate=0.02, decay_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def straight_run(adamw_runs):
+    """20 uninterrupted pretraining steps; also the base model of the SFT and LoRA tests."""
+    return adamw_runs[0]
+
+
+@pytest.fixture(scope="module", params=["adamw_runs", "muon_runs"])
+def killed_and_resumed_run(request):
+    """(straight dir, resumed dir, the step latest.pt held at the kill), AdamW + cosine and Muon + WSD."""
+    return request.getfixturevalue(request.param)
 
 
 def test_kill_during_save_leaves_the_previous_latest_checkpoint(killed_and_resumed_run):
-    _, step_at_kill = killed_and_resumed_run
+    _, _, step_at_kill = killed_and_resumed_run
     assert step_at_kill == 10  # the torn save of step 20 never replaced latest.pt
 
 
-def test_resume_after_kill_repeats_the_straight_losses(straight_run, killed_and_resumed_run):
-    resumed_dir, _ = killed_and_resumed_run
+def test_resume_after_kill_repeats_the_straight_losses(killed_and_resumed_run):
+    straight_run, resumed_dir, _ = killed_and_resumed_run
     straight, resumed = train_losses(straight_run), train_losses(resumed_dir)
     assert sorted(straight) == sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
     assert checkpoint.load(os.path.join(resumed_dir, "latest.pt"))["step"] == 20
+
+
+def test_muon_checkpoint_holds_both_optimizers_and_the_wsd_schedule_drives_them(muon_runs):
+    _, resumed_dir, _ = muon_runs
+    saved = checkpoint.load(os.path.join(resumed_dir, "latest.pt"))
+    adamw_state, muon_state = saved["optimizer"]["state"].values(), saved["muon_optimizer"]["state"].values()
+    assert adamw_state and all("exp_avg" in s for s in adamw_state)
+    assert muon_state and all("momentum_buffer" in s for s in muon_state)
+    # 20 steps, warmup 2, the last 30 % decaying: the lr logged after step s is the one step s - 1 used
+    lrs = {r["step"]: r["lr"] for r in read_log(resumed_dir, "train")}
+    assert [lrs[s] for s in (1, 2)] == pytest.approx([3e-3 / 3, 3e-3 * 2 / 3])
+    assert all(lrs[s] == pytest.approx(3e-3) for s in range(3, 15))
+    assert all(lrs[s + 1] < lrs[s] for s in range(15, 20))
+
+
+def test_wsd_schedule_and_both_optimizers_at_their_own_peaks():
+    config = train.TrainConfig(optimizer="muon", lr_schedule="wsd", learning_rate=1e-3, muon_learning_rate=0.02,
+                               min_lr=1e-4, warmup_iters=10, decay_fraction=0.2)
+    scales = [train.lr_scale_at(step, config, 110) for step in range(111)]
+    assert scales[:10] == pytest.approx([(step + 1) / 11 for step in range(10)])
+    assert scales[10:89] == [1.0] * 79  # stable until the last 22 steps
+    assert scales[99] == pytest.approx(1 - 11 / 22 * 0.9) and scales[110] == pytest.approx(0.1)
+    assert train.lr_scale_at(110, dataclasses.replace(config, lr_schedule="cosine"), 110) == pytest.approx(0.1)
+
+    model = Transformer(ModelConfig.from_json(MODEL))
+    backend = PlainBackend(model, config, "cpu", None, 1)
+    (adamw, adamw_peak), (muon, muon_peak) = backend.optimizers
+    assert isinstance(muon, torch.optim.Muon) and (adamw_peak, muon_peak) == (1e-3, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    on_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert on_muon == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert on_adamw == set(names.values()) - on_muon and "tok_embeddings.weight" in on_adamw
+    x = torch.randint(0, 100, (2, 16))
+    backend.forward_backward(x, x, None, True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backend.step(0.5)
+    assert [g["lr"] for g in adamw.param_groups] == [5e-4, 5e-4] and muon.param_groups[0]["lr"] == 0.01
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # both optimizers stepped
+
+    model.attach_lora(4, 8.0)  # a LoRA run: Muon takes the adapters' matrices, nothing else is trained
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in backends.muon_parameters(model)} == lora
 
 
 def kill_when(command, ready, extra_delay=0.0):
@@ -239,7 +301,7 @@ def test_learning_rate_anneals_by_the_planned_end():
     progress.step, progress.train_seconds = 30, 15.0
     train.plan_time_budget(progress, config)  # 0.5 s a step since the mark: 85 s left allow 170 more
     assert progress.time_planned_iters == 200 and train.last_step(progress, config) == 200
-    assert train.learning_rate_at(200, config, train.decay_end(progress, config)) == pytest.approx(1e-4)
+    assert 1e-3 * train.lr_scale_at(200, config, train.decay_end(progress, config)) == pytest.approx(1e-4)
     progress.step, progress.train_seconds = 100, 30.0
     train.plan_time_budget(progress, config)  # planned once, never again
     assert progress.time_planned_iters == 200
@@ -267,10 +329,12 @@ def test_checkpoint_contents_load_with_weights_only(straight_run):
     assert {"time", "step", "epoch", "loss", "lr", "tokens_per_s", "mfu"} <= set(line)
 
 
-def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path, optimizer):
     out = str(tmp_path / "ddp")
     config = write_train_config(tmp_path / "pretrain.json", dataset_path=[str(data / "pretrain")],
-                                save_checkpoint_to=out, max_iters=6, eval_interval=3, save_interval=3)
+                                save_checkpoint_to=out, max_iters=6, eval_interval=3, save_interval=3,
+                                optimizer=optimizer)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "train.py", "-m", MODEL, "-t", config]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -280,8 +344,10 @@ def test_ddp_two_processes_end_with_identical_parameters(data, tmp_path):
     assert first == second
     assert read_log(out, "start")[0]["world_size"] == 2
     # each rank draws its own stream: both rank's data positions are in the checkpoint, and differ
-    rank0, rank1 = checkpoint.load(os.path.join(out, "latest.pt"))["rng"]["sampler"]
+    saved = checkpoint.load(os.path.join(out, "latest.pt"))
+    rank0, rank1 = saved["rng"]["sampler"]
     assert not torch.equal(rank0, rank1)
+    assert ("muon_optimizer" in saved) == (optimizer == "muon")
 
 
 def test_sft_batches_count_only_answer_tokens(data):
@@ -383,6 +449,25 @@ def test_clear_errors(data, straight_run, tmp_path, monkeypatch):
                  "--set", f"from_checkpoint={os.path.join(straight_run, 'latest.pt')}")
 
 
+def test_optimizer_errors(data, muon_runs, tmp_path, monkeypatch):
+    config = write_train_config(tmp_path / "adamw.json", dataset_path=[str(data / "pretrain")],
+                                save_checkpoint_to=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, muon, got 'sgd'"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config, "--set", "optimizer=sgd")
+    with pytest.raises(ValueError, match="lr_schedule must be one of cosine, wsd, got 'linear'"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config, "--set", "lr_schedule=linear")
+    with pytest.raises(ValueError, match=r"decay_fraction must be in \(0, 1\], got 0"):
+        run_main(monkeypatch, "-m", MODEL, "-t", config, "--set", "decay_fraction=0")
+    muon_latest = os.path.join(muon_runs[1], "latest.pt")
+    with pytest.raises(ValueError, match="trained with optimizer 'muon': resume it with that optimizer, not 'adamw'"):
+        run_main(monkeypatch, "-c", muon_latest, "-t", config)
+    result = subprocess.run(train_command("-m", MODEL, "-t", config, "--set", "optimizer=muon",
+                                          "--deepspeed", "config/ds_zero1.json"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Muon with DeepSpeed is not supported, set optimizer to adamw" in result.stderr
+
+
 def test_plot_loss_writes_a_png(straight_run, tmp_path):
     log = os.path.join(straight_run, "train_straight.log")
     png = tmp_path / "loss.png"
@@ -412,3 +497,10 @@ def test_dataset_weights_set_the_mix(data, tmp_path, monkeypatch):
     config = write_train_config(tmp_path / "bad.json", dataset_path=[str(data / "pretrain")], dataset_weights=[1, 2])
     with pytest.raises(ValueError, match="dataset_weights must be one positive number per dataset_path entry"):
         run_main(monkeypatch, "-m", MODEL, "-t", config)
+
+
+@pytest.mark.parametrize("name, recipe", [("pretrain", ("muon", "wsd")), ("sft", ("muon", "wsd")),
+                                          ("lora", ("adamw", "cosine"))])
+def test_the_shipped_training_configs_load_with_the_measured_recipes(name, recipe):
+    config = train.TrainConfig.from_dict(data_module.read_json(f"config/{name}.json"), source=name)
+    assert (config.optimizer, config.lr_schedule) == recipe  # the measured winners (README)
