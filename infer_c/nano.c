@@ -538,6 +538,14 @@ int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap) {
 
 /* ============================================================================ matrix kernels */
 
+#if defined(__AVX__)
+static inline float sum_of_lanes_avx(__m256 sum) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
 static float dot_f32(const float *a, const float *b, int n) {
     int i = 0;
     float sum = 0.0f;
@@ -557,10 +565,7 @@ static float dot_f32(const float *a, const float *b, int n) {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
     }
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    sum = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+    sum = sum_of_lanes_avx(_mm256_add_ps(acc0, acc1));
 #elif defined(__wasm_simd128__)
     v128_t acc = wasm_f32x4_splat(0.0f);
     for (; i + 4 <= n; i += 4) acc = wasm_f32x4_add(acc, wasm_f32x4_mul(wasm_v128_load(a + i), wasm_v128_load(b + i)));
@@ -607,20 +612,41 @@ static float dot_q80_avx512(const int8_t *w, const float *ws, const int8_t *x, c
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* Sums of the products of 32 int8 pairs in 8 int32 lanes: lanes 0-3 from bytes 0-15, lanes 4-7 from 16-31. */
+static inline __m256i dot_i8_avx2(__m256i w, __m256i x) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
 static float dot_q80_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
     __m256 sum = _mm256_setzero_ps();
     for (int g = 0; g < n / group; g++) {
         __m256i acc = _mm256_setzero_si256();
-        for (int j = g * group; j < (g + 1) * group; j += 32) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j)), xv = _mm256_loadu_si256((const __m256i *)(x + j));
-            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-        }
+        for (int j = g * group; j < (g + 1) * group; j += 32)
+            acc = _mm256_add_epi32(acc, dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + j)),
+                                                    _mm256_loadu_si256((const __m256i *)(x + j))));
         sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(ws[g] * xs[g]), sum);
     }
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+    return sum_of_lanes_avx(sum);
+}
+
+/* Groups of 16, the most a width such as 688 allows: each half of a vector is one group with its own
+ * scale; an odd last group fills the low half alone. */
+static float dot_q80_avx2_16(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n) {
+    __m256 sum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 32 <= n; j += 32) {
+        int g = j / 16;
+        __m256 scale = _mm256_setr_m128(_mm_set1_ps(ws[g] * xs[g]), _mm_set1_ps(ws[g + 1] * xs[g + 1]));
+        __m256i dots = dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + j)), _mm256_loadu_si256((const __m256i *)(x + j)));
+        sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, sum);
+    }
+    if (j < n) {
+        __m256i dots = dot_i8_avx2(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(w + j))),
+                                   _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(x + j))));
+        sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(ws[j / 16] * xs[j / 16]), sum);
+    }
+    return sum_of_lanes_avx(sum);
 }
 #endif
 
@@ -648,6 +674,7 @@ static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const fl
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (group % 32 == 0) return dot_q80_avx2(w, ws, x, xs, n, group);
+    if (group == 16) return dot_q80_avx2_16(w, ws, x, xs, n);
 #endif
 #if defined(__wasm_simd128__)
     if (group % 16 == 0) return dot_q80_wasm(w, ws, x, xs, n, group);
@@ -786,9 +813,7 @@ static float dot_q4k_avx2(const uint8_t *w, const int8_t *x, const float *xs, co
         sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s.d * xs[b]), sum);
         min_sum += s.dmin * xs[b] * (float)q4k_min_sum(&s, xsum + Q4K_GROUPS * b);
     }
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half))) - min_sum;
+    return sum_of_lanes_avx(sum) - min_sum;
 }
 #endif
 

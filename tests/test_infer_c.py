@@ -150,6 +150,28 @@ def test_trained_model_float32_and_q80(infer, tmp_path, trained):
     assert q80_agree >= 0.95 * len(prompts)
 
 
+def test_q80_groups_of_16_in_every_kernel(infer, tmp_path, tok):
+    """n_hidden 48 allows Q80 groups of 16 only (as 688 does in nano-small): the AVX2 kernel's 16-wide
+    path, used by the native build too, against PyTorch on the dequantized weights and the scalar build."""
+    model = tiny_model(tok, n_embd=64, n_hidden=48)
+    path = str(tmp_path / "q80.bin")
+    assert export.write_model(path, model, tok, quant=True) == 16
+    q80_model, _ = export.load_bin(path)
+    subprocess.run(["make", "-C", ENGINE_DIR, "portable"], check=True, capture_output=True)
+    avx2 = str(tmp_path / "infer-avx2")
+    subprocess.run(["cc", "-std=c99", "-O2", "-mavx2", "-mfma", "-fopenmp", "-o", avx2, "nano.c", "main.c", "-lm"],
+                   cwd=ENGINE_DIR, check=True, capture_output=True)
+    prompt = "hello 世界"
+    native_ids, native_logits = c_greedy(infer, path, prompt, 8, tmp_path)
+    prompt_ids = [BOS_ID] + tok.encode(prompt)
+    reference = torch_step_logits(q80_model, prompt_ids, native_ids, len(native_logits) // tok.vocab_size)
+    assert np.abs(native_logits.reshape(reference.shape) - reference).max() / np.abs(reference).max() < Q80_LOGITS_TOL
+    for binary in (avx2, os.path.join(ENGINE_DIR, "infer-portable")):
+        ids, logits = c_greedy(binary, path, prompt, 8, tmp_path)
+        assert ids == native_ids, binary
+        assert np.abs(logits - native_logits).max() < 1e-4 * np.abs(native_logits).max(), binary
+
+
 def test_generation_past_the_context_slides_like_pytorch(infer, tmp_path, trained):
     model, tok, f32, _ = trained
     prompt = TRAIN_TEXT[:20]
