@@ -546,34 +546,62 @@ static inline float sum_of_lanes_avx(__m256 sum) {
 }
 #endif
 
-static float dot_f32(const float *a, const float *b, int n) {
+/* Matmuls read a weight row once for up to TOKEN_BLOCK activation rows (a prefill's tokens, a server's
+ * sequences): the row stays in registers and L1 while it meets each of them. Every kernel sums each row in
+ * the order of its one-row case, so a batched pass gives bit for bit the logits of token after token. */
+#define TOKEN_BLOCK 4
+/* the block kernels are specialized for each row count they are called with (kept in registers) */
+#define BLOCK_KERNEL static inline __attribute__((always_inline))
+
+/* out[k] = w . x_k for the rows x_k = x + k * stride, k < rows <= TOKEN_BLOCK (float32). */
+BLOCK_KERNEL void dot_f32_rows(const float *w, const float *x, size_t stride, int n, int rows, float *out) {
     int i = 0;
-    float sum = 0.0f;
+    float sum[TOKEN_BLOCK] = {0};
 #if defined(__AVX512F__)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-    for (; i + 64 <= n; i += 64) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
-        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
-    }
-    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m512 acc[TOKEN_BLOCK][4];
+    for (int k = 0; k < rows; k++)
+        for (int a = 0; a < 4; a++) acc[k][a] = _mm512_setzero_ps();
+    for (; i + 64 <= n; i += 64)
+        for (int a = 0; a < 4; a++) {
+            __m512 wv = _mm512_loadu_ps(w + i + 16 * a);
+            for (int k = 0; k < rows; k++) acc[k][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k * stride + i + 16 * a), acc[k][a]);
+        }
     for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        __m512 wv = _mm512_loadu_ps(w + i);
+        for (int k = 0; k < rows; k++) acc[k][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k * stride + i), acc[k][0]);
     }
-    sum = sum_of_lanes_avx(_mm256_add_ps(acc0, acc1));
+    for (int k = 0; k < rows; k++)
+        sum[k] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]), _mm512_add_ps(acc[k][2], acc[k][3])));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[TOKEN_BLOCK][2];
+    for (int k = 0; k < rows; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16)
+        for (int a = 0; a < 2; a++) {
+            __m256 wv = _mm256_loadu_ps(w + i + 8 * a);
+            for (int k = 0; k < rows; k++) acc[k][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k * stride + i + 8 * a), acc[k][a]);
+        }
+    for (int k = 0; k < rows; k++) sum[k] = sum_of_lanes_avx(_mm256_add_ps(acc[k][0], acc[k][1]));
 #elif defined(__wasm_simd128__)
-    v128_t acc = wasm_f32x4_splat(0.0f);
-    for (; i + 4 <= n; i += 4) acc = wasm_f32x4_add(acc, wasm_f32x4_mul(wasm_v128_load(a + i), wasm_v128_load(b + i)));
-    sum = wasm_f32x4_extract_lane(acc, 0) + wasm_f32x4_extract_lane(acc, 1) +
-          wasm_f32x4_extract_lane(acc, 2) + wasm_f32x4_extract_lane(acc, 3);
+    v128_t acc[TOKEN_BLOCK];
+    for (int k = 0; k < rows; k++) acc[k] = wasm_f32x4_splat(0.0f);
+    for (; i + 4 <= n; i += 4) {
+        v128_t wv = wasm_v128_load(w + i);
+        for (int k = 0; k < rows; k++) acc[k] = wasm_f32x4_add(acc[k], wasm_f32x4_mul(wv, wasm_v128_load(x + k * stride + i)));
+    }
+    for (int k = 0; k < rows; k++)
+        sum[k] = wasm_f32x4_extract_lane(acc[k], 0) + wasm_f32x4_extract_lane(acc[k], 1) +
+                 wasm_f32x4_extract_lane(acc[k], 2) + wasm_f32x4_extract_lane(acc[k], 3);
 #endif
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
+    for (int k = 0; k < rows; k++) {
+        for (int j = i; j < n; j++) sum[k] += w[j] * x[k * stride + j];
+        out[k] = sum[k];
+    }
+}
+
+static float dot_f32(const float *a, const float *b, int n) {
+    float out;
+    dot_f32_rows(a, b, 0, n, 1, &out);
+    return out;
 }
 
 /* Q80 row dot: sum over groups of (int8 . int8) * w_scale * x_scale. Each variant needs group % width == 0. */
@@ -588,26 +616,36 @@ static float dot_q80_scalar(const int8_t *w, const float *ws, const int8_t *x, c
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* u8 x s8 products need an unsigned operand: use |w| and move w's sign onto x (x is never -128). */
-static inline __m512i dot_i8_avx512(__m512i acc, __m512i w, __m512i x) {
-    __m512i w_abs = _mm512_abs_epi8(w);
-    __m512i x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+/* acc + the products of u8 x s8 pairs, summed four by four into int32 lanes */
+static inline __m512i dot_u8s8_avx512(__m512i acc, __m512i u, __m512i s) {
 #if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, w_abs, x_signed);
+    return _mm512_dpbusd_epi32(acc, u, s);
 #else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w_abs, x_signed), _mm512_set1_epi16(1)));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 #endif
 }
 
-static float dot_q80_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
-    __m512 sum = _mm512_setzero_ps();
+/* out[k] = the Q80 dot of w with activation row k (values x + k * stride, scales xs + k * stride / group).
+ * u8 x s8 products need an unsigned operand: |w|, with w's sign moved onto x (x is never -128). */
+BLOCK_KERNEL void dot_q80_avx512_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
+                                int n, int group, int rows, float *out) {
+    __m512 sum[TOKEN_BLOCK];
+    for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
     for (int g = 0; g < n / group; g++) {
-        __m512i acc = _mm512_setzero_si512();
-        for (int j = g * group; j < (g + 1) * group; j += 64)
-            acc = dot_i8_avx512(acc, _mm512_loadu_si512(w + j), _mm512_loadu_si512(x + j));
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(ws[g] * xs[g]), sum);
+        __m512i acc[TOKEN_BLOCK];
+        for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
+        for (int j = g * group; j < (g + 1) * group; j += 64) {
+            __m512i wv = _mm512_loadu_si512(w + j), w_abs = _mm512_abs_epi8(wv);
+            __mmask64 negative = _mm512_movepi8_mask(wv);
+            for (int k = 0; k < rows; k++) {
+                __m512i xv = _mm512_loadu_si512(x + k * stride + j);
+                acc[k] = dot_u8s8_avx512(acc[k], w_abs, _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv));
+            }
+        }
+        for (int k = 0; k < rows; k++)
+            sum[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k]), _mm512_set1_ps(ws[g] * xs[k * stride / group + g]), sum[k]);
     }
-    return _mm512_reduce_add_ps(sum);
+    for (int k = 0; k < rows; k++) out[k] = _mm512_reduce_add_ps(sum[k]);
 }
 #endif
 
@@ -618,16 +656,24 @@ static inline __m256i dot_i8_avx2(__m256i w, __m256i x) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-static float dot_q80_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
-    __m256 sum = _mm256_setzero_ps();
+BLOCK_KERNEL void dot_q80_avx2_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
+                              int n, int group, int rows, float *out) {
+    __m256 sum[TOKEN_BLOCK];
+    for (int k = 0; k < rows; k++) sum[k] = _mm256_setzero_ps();
     for (int g = 0; g < n / group; g++) {
-        __m256i acc = _mm256_setzero_si256();
-        for (int j = g * group; j < (g + 1) * group; j += 32)
-            acc = _mm256_add_epi32(acc, dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + j)),
-                                                    _mm256_loadu_si256((const __m256i *)(x + j))));
-        sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(ws[g] * xs[g]), sum);
+        __m256i acc[TOKEN_BLOCK];
+        for (int k = 0; k < rows; k++) acc[k] = _mm256_setzero_si256();
+        for (int j = g * group; j < (g + 1) * group; j += 32) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j)), w_abs = _mm256_abs_epi8(wv);
+            for (int k = 0; k < rows; k++) {
+                __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + k * stride + j)), wv));
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+            }
+        }
+        for (int k = 0; k < rows; k++)
+            sum[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), _mm256_set1_ps(ws[g] * xs[k * stride / group + g]), sum[k]);
     }
-    return sum_of_lanes_avx(sum);
+    for (int k = 0; k < rows; k++) out[k] = sum_of_lanes_avx(sum[k]);
 }
 
 /* Groups of 16, the most a width such as 688 allows: each half of a vector is one group with its own
@@ -668,18 +714,34 @@ static float dot_q80_wasm(const int8_t *w, const float *ws, const int8_t *x, con
 }
 #endif
 
-static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+/* out[k] = the Q80 dot of w with activation row k, k < rows <= TOKEN_BLOCK (see dot_q80_avx512_rows). */
+BLOCK_KERNEL void dot_q80_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride, int n,
+                         int group, int rows, float *out) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (group % 64 == 0) return dot_q80_avx512(w, ws, x, xs, n, group);
+    if (group % 64 == 0) {   /* a constant row count for a full block lets the compiler keep acc in registers */
+        if (rows == TOKEN_BLOCK) dot_q80_avx512_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out);
+        else for (int k = 0; k < rows; k++) dot_q80_avx512_rows(w, ws, x + k * stride, xs + k * stride / group, 0, n, group, 1, out + k);
+        return;
+    }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (group % 32 == 0) return dot_q80_avx2(w, ws, x, xs, n, group);
-    if (group == 16) return dot_q80_avx2_16(w, ws, x, xs, n);
+    if (group % 32 == 0) {
+        if (rows == TOKEN_BLOCK) dot_q80_avx2_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out);
+        else for (int k = 0; k < rows; k++) dot_q80_avx2_rows(w, ws, x + k * stride, xs + k * stride / group, 0, n, group, 1, out + k);
+        return;
+    }
+#endif
+    for (int k = 0; k < rows; k++) {
+        const int8_t *xk = x + k * stride;
+        const float *xsk = xs + k * stride / group;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (group == 16) { out[k] = dot_q80_avx2_16(w, ws, xk, xsk, n); continue; }
 #endif
 #if defined(__wasm_simd128__)
-    if (group % 16 == 0) return dot_q80_wasm(w, ws, x, xs, n, group);
+        if (group % 16 == 0) { out[k] = dot_q80_wasm(w, ws, xk, xsk, n, group); continue; }
 #endif
-    return dot_q80_scalar(w, ws, x, xs, n, group);
+        out[k] = dot_q80_scalar(w, ws, xk, xsk, n, group);
+    }
 }
 
 /* Q4K row dot, 4-bit weights x 8-bit activations: per block, sum over groups of sc * (codes . x) and
@@ -970,26 +1032,33 @@ typedef struct {
     float *out;   /* [n, w->rows] */
 } MatmulJob;
 
-/* Output `row` of W for input row t: float32 weights read x, quantized ones its activations in act_q & co. */
-static float row_dot(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x) {
+/* out[k] = output `row` of W for input row t + k, k < rows <= TOKEN_BLOCK: float32 weights read x, quantized
+ * ones its activations in act_q & co. */
+BLOCK_KERNEL void row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, int rows, const float *x, float *out) {
     int cols = w->cols;
     if (w->q4k) {
         int blocks = q4k_blocks_per_row(cols);
-        size_t at = (size_t)t * blocks;
-        return dot_q4k(w->q4k + (size_t)row * blocks * NANO_Q4K_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
-                       s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks);
+        for (int k = 0; k < rows; k++) {
+            size_t at = (size_t)(t + k) * blocks;
+            out[k] = dot_q4k(w->q4k + (size_t)row * blocks * NANO_Q4K_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
+                             s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks);
+        }
+        return;
     }
     size_t offset = (size_t)row * cols;
     if (w->q) {
         int group = s->model->config.group_size;
-        return dot_q80(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
-                       s->act_scale + (size_t)t * cols / group, cols, group);
+        dot_q80_rows(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
+                     s->act_scale + (size_t)t * cols / group, cols, cols, group, rows, out);
+        return;
     }
-    return dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
+    if (rows == TOKEN_BLOCK) dot_f32_rows(w->f32 + offset, x + (size_t)t * cols, cols, cols, TOKEN_BLOCK, out);
+    else for (int k = 0; k < rows; k++) out[k] = dot_f32(w->f32 + offset, x + (size_t)(t + k) * cols, cols);
 }
 
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their output rows. Quantized weights read x as quantized beforehand into act_q & co. */
+ * all their output rows, each meeting the inputs TOKEN_BLOCK at a time. Quantized weights read x as
+ * quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
     int total_rows = 0;
     for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
@@ -998,7 +1067,12 @@ static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, 
         int j = 0, row = r;
         while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
         const NanoMatrix *w = jobs[j].w;
-        for (int t = 0; t < n; t++) jobs[j].out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
+        for (int t = 0; t < n; t += TOKEN_BLOCK) {
+            int rows = n - t < TOKEN_BLOCK ? n - t : TOKEN_BLOCK;
+            float dots[TOKEN_BLOCK];
+            row_dots(s, w, row, t, rows, x, dots);
+            for (int k = 0; k < rows; k++) jobs[j].out[(size_t)(t + k) * w->rows + row] = dots[k];
+        }
     }
 }
 
