@@ -369,6 +369,54 @@ def test_c_encodes_bytes_that_are_not_utf8(c_bpe):
         assert b"".join(c_bpe.token_bytes(i) for i in ids) == data
 
 
+SANITIZED_RUN = """
+import ctypes, random, struct, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import test_bpe
+from tokenizer import BPETokenizer
+tokenizer = BPETokenizer.from_tokenizer_json(sys.argv[3])
+section = tokenizer.to_section()
+lib = test_bpe.bind(ctypes.CDLL(sys.argv[4]))
+c_bpe = test_bpe.CBPE(lib, section, tokenizer.vocab_size)
+for s in test_bpe.make_strings()[::10]:
+    assert "\\x00" in s or c_bpe.encode(s) == tokenizer.encode(s), s
+rng = random.Random(1)
+for _ in range(2000):
+    data = bytes(rng.randrange(1, 256) for _ in range(rng.randint(0, 40)))
+    c_bpe.encode_bytes(data)
+    lib.nano_utf8_complete(data, len(data))
+for cut in rng.sample(range(8, len(section)), 100):
+    try:
+        test_bpe.CBPE(lib, struct.pack("<I", cut) + section[4:cut], tokenizer.vocab_size)
+    except ValueError:
+        pass
+for _ in range(100):
+    corrupt = bytearray(section)
+    for _ in range(5):
+        corrupt[rng.randrange(8, len(corrupt))] = rng.randrange(256)
+    try:
+        test_bpe.CBPE(lib, bytes(corrupt), tokenizer.vocab_size).encode("hello 你好<|im_end|>  ")
+    except ValueError:
+        pass
+print("clean")
+"""
+
+
+def test_c_tokenizer_under_address_sanitizer(qwen_dir):
+    """Encoding, random bytes, truncated and corrupted sections with AddressSanitizer and UBSan watching every
+    read (Python's allocator off, so section copies are malloc'ed blocks of their exact size)."""
+    runtime = subprocess.run(["cc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    ubsan = subprocess.run(["cc", "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(runtime) or not os.path.isabs(ubsan):
+        pytest.skip("the compiler has no AddressSanitizer / UBSan runtime")
+    subprocess.run(["make", "-C", ENGINE_DIR, "libnano-asan.so"], check=True, capture_output=True)
+    env = dict(os.environ, LD_PRELOAD=f"{runtime}:{ubsan}", PYTHONMALLOC="malloc", ASAN_OPTIONS="detect_leaks=0")
+    result = subprocess.run([sys.executable, "-c", SANITIZED_RUN, os.path.dirname(__file__), ROOT,
+                             str(qwen_dir / "tokenizer.json"), os.path.join(ENGINE_DIR, "libnano-asan.so")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- the .bin section
 
 
