@@ -212,6 +212,7 @@ QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
                      r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PIECE_CACHE_SIZE = 1 << 16       # pieces whose ids are remembered (text repeats words)
 MAX_VOCAB_SIZE = 1 << 24         # ranks as float32 scores stay exact below this
+MAX_TOKEN_BYTES = 1 << 16        # a longer record is corrupt (as in bpe.h)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -481,10 +482,11 @@ class BPETokenizer:
                 raise ValueError(f"{source}: tokenizer record {i} of {vocab_size} runs past the section's "
                                  f"end (T = {size})")
             score, n = struct.unpack_from("<fI", data, offset)
-            if n > max_token_bytes or offset + 8 + n > size:
+            if n > max_token_bytes or n > MAX_TOKEN_BYTES or offset + 8 + n > size:
                 raise ValueError(f"{source}: tokenizer record {i}: length {n} "
                                  + (f"exceeds max_token_bytes = {max_token_bytes}" if n > max_token_bytes
-                                    else f"runs past the section's end (T = {size})"))
+                                    else f"is more than any token's (at most {MAX_TOKEN_BYTES} bytes)"
+                                    if n > MAX_TOKEN_BYTES else f"runs past the section's end (T = {size})"))
             if not (math.isfinite(score) and score <= 0):
                 raise ValueError(f"{source}: tokenizer record {i}: score {score} is not 0 or negative")
             token_bytes.append(bytes(data[offset + 8:offset + 8 + n]))

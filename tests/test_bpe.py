@@ -509,6 +509,9 @@ def test_malformed_sections_are_refused(section, from_section, libnano):
     refused_by_both(libnano, with_record(section, offsets[7], n=0xFFFFFFFF), v, "record 7.*length 4294967295")
     refused_by_both(libnano, with_record(section, offsets[9], score=float("nan")), v, "record 9: score nan")
     refused_by_both(libnano, with_record(section, offsets[9], score=2.0), v, "record 9: score 2")
+    long_token = bytearray(with_token(section, offsets[-1], b"a" * 70000))
+    struct.pack_into("<I", long_token, 4, 70000)   # max_token_bytes
+    refused_by_both(libnano, bytes(long_token), v, "record %d: length 70000 is more than any token's" % (v - 1))
     refused_by_both(libnano, with_token(section, offsets[nul], b""), v, "byte 0x00")
     refused_by_both(libnano, with_token(section, offsets[im_end], b"<|im_end\xff"), v,
                     "(token|record) %d: an added token .*not UTF-8" % im_end)
