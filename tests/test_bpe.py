@@ -436,9 +436,8 @@ def test_padding_to_the_model_vocab_size(from_section, libnano, strings):
     c_padded = CBPE(libnano, padded, from_section.vocab_size + 300)
     assert tokenizer.vocab_size == from_section.vocab_size + 300
     assert tokenizer.token_bytes[-300:] == [b""] * 300
-    for s in strings[:500:7]:
-        assert tokenizer.encode(s) == c_padded.encode(s.replace("\x00", "")) or "\x00" in s
-        assert tokenizer.encode(s) == from_section.encode(s)
+    for s in [s for s in strings[::20] if "\x00" not in s]:
+        assert tokenizer.encode(s) == c_padded.encode(s) == from_section.encode(s)
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         from_section.to_section(vocab_size=10)
 
