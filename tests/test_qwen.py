@@ -1,0 +1,314 @@
+"""Qwen2 / Qwen3 in the PyTorch side: model.py's options against transformers' forward, export.py --hf (own
+safetensors reader, F32 / Q80 / Q4K, sharded and bf16 checkpoints, refusals, bounded memory), reading the files
+back, and infer.py's chat on a Qwen file."""
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the Qwen tests compare against transformers' models")
+pytest.importorskip("tokenizers", reason="the Qwen tests train a tokenizer with the tokenizers package")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import export  # noqa: E402
+import hf  # noqa: E402
+from model import KVCache, ModelConfig, Transformer  # noqa: E402
+
+VOCAB = 700   # the trained tokenizer's ids, Qwen3's 26 added tokens after them, then unused ids (as Qwen's)
+
+# (architecture, config overrides): GQA everywhere; head_dim != hidden / heads; tied and untied heads
+QWEN3 = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+QWEN3_UNTIED = dict(QWEN3, head_dim=16, tie_word_embeddings=False)
+QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+QWEN2_TIED = dict(QWEN2, tie_word_embeddings=True)
+CASES = {"qwen3": ("Qwen3", QWEN3), "qwen3-untied": ("Qwen3", QWEN3_UNTIED),
+         "qwen2": ("Qwen2", QWEN2), "qwen2-tied": ("Qwen2", QWEN2_TIED)}
+
+
+def make_hf_model(family, overrides, seed=0):
+    """A random transformers Qwen model in float32 whose every tensor matters: norm weights away from 1, Qwen2's
+    biases and Qwen3's q/k norm weights nonzero and not 1, theta and eps not transformers' defaults."""
+    torch.manual_seed(seed)
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    config = config_class(vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
+                          rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **overrides)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:   # transformers' init (std 0.02) gives near-uniform logits that hide mistakes
+                p.normal_(0.0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from qwen_tokenizer import train_qwen_style_tokenizer
+    directory = tmp_path_factory.mktemp("qwen-tokenizer")
+    train_qwen_style_tokenizer(directory, vocab_size=VOCAB - 26 - 40)
+    return directory
+
+
+def save_checkpoint(model, directory, tokenizer_dir, **save_options):
+    model.save_pretrained(directory, **save_options)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(tokenizer_dir, name), "rb") as src, open(os.path.join(directory, name), "wb") as dst:
+            dst.write(src.read())
+    return directory
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory, tokenizer_dir):
+    """(name, transformers model, checkpoint directory) for each architecture case."""
+    family, overrides = CASES[request.param]
+    model = make_hf_model(family, overrides)
+    directory = save_checkpoint(model, tmp_path_factory.mktemp(request.param), tokenizer_dir)
+    return request.param, model, directory
+
+
+def model_from_checkpoint(directory):
+    """Our Transformer with the weights of a checkpoint directory, through hf.py's reader (no .bin file)."""
+    with hf.HFCheckpoint(directory) as source:
+        model = Transformer(source.config).eval()
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if model.config.tie_embeddings and name == "output.weight":
+                continue
+            state[name] = torch.from_numpy(np.concatenate(list(source.chunks(name, tuple(tensor.shape)))))
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def reference_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def relative_error(ours, theirs):
+    return float((ours.detach() - theirs).abs().max() / theirs.abs().max())
+
+
+PROMPT = [5, 77, 300, 12, 650, 9, 41, 199, 3, 500, 18, 260, 33, 71, 2, 400]
+
+
+# ----------------------------------------------------------------------------- model.py against transformers
+
+def test_config_mapping_of_what_save_pretrained_writes(case):
+    name, hf_model, directory = case
+    with open(os.path.join(directory, "config.json")) as f:
+        written = json.load(f)
+    model_type, cfg = hf.model_config_from_hf(written, "config.json")
+    c = hf_model.config
+    assert model_type == (3 if name.startswith("qwen3") else 2)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_hidden, cfg.vocab_size, cfg.block_size) == \
+        (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+         VOCAB, 128)
+    assert cfg.head_dim == getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert (cfg.norm_eps, cfg.rope_theta, cfg.rope_style) == (1e-5, 50000.0, "half")
+    assert cfg.tie_embeddings == c.tie_word_embeddings
+    assert (cfg.qk_norm, cfg.qkv_bias) == ((True, False) if model_type == 3 else (False, True))
+
+
+def test_forward_matches_transformers(case):
+    name, hf_model, directory = case
+    ours = model_from_checkpoint(directory)
+    error = relative_error(ours(torch.tensor([PROMPT]))[0][0], reference_logits(hf_model, PROMPT))
+    print(f"{name}: F32 forward error {error:.2e}")
+    assert error < 1e-5, f"{name}: largest logit difference {error:.2e} of the largest logit"
+
+
+def test_each_option_matters(case):
+    """Turning any Qwen option off moves the logits far from the reference: the test above can fail."""
+    name, hf_model, directory = case
+    reference = reference_logits(hf_model, PROMPT)
+    ours = model_from_checkpoint(directory)
+    cfg = ours.config
+    changes = [dict(rope_style="interleaved"), dict(rope_theta=10000.0), dict(norm_eps=1e-2)]
+    for change in changes:
+        other = Transformer(ModelConfig(**{**cfg.to_dict(), **change})).eval()
+        other.load_state_dict(ours.state_dict())
+        assert relative_error(other(torch.tensor([PROMPT]))[0][0], reference) > 1e-3, f"{name}: {change}"
+    with torch.no_grad():
+        for layer in ours.layers:
+            if cfg.qk_norm:
+                layer.attn.q_norm.weight.fill_(1.0)
+            else:
+                layer.attn.wq.bias.zero_()
+    assert relative_error(ours(torch.tensor([PROMPT]))[0][0], reference) > 1e-3
+
+
+def test_cached_greedy_generation_matches_transformers_generate(case):
+    name, hf_model, directory = case
+    ours = model_from_checkpoint(directory)
+    generated = list(ours.generate(PROMPT, 24, stop_ids=()))
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                                   pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert generated == theirs
+
+
+def test_kv_cache_steps_equal_one_pass_and_rows_of_their_own(case):
+    """Chunked prefill and per-row cache lengths (serve.py's batching) give the full pass's logits."""
+    _, _, directory = case
+    ours = model_from_checkpoint(directory)
+    full = ours(torch.tensor([PROMPT]))[0][0]
+    cache = KVCache(ours.config, 1, "cpu", capacity=len(PROMPT))
+    first = ours(torch.tensor([PROMPT[:9]]), kv_cache=cache)[0][0]
+    rest = ours(torch.tensor([PROMPT[9:]]), kv_cache=cache)[0][0]
+    torch.testing.assert_close(torch.cat([first, rest]), full, atol=1e-4, rtol=1e-4)
+    rows = KVCache(ours.config, 2, "cpu", capacity=len(PROMPT))
+    rows.length = torch.tensor([0, 0])
+    for position in range(len(PROMPT)):
+        step = ours(torch.tensor([[PROMPT[position]], [PROMPT[min(position, 4)]]]), kv_cache=rows)[0]
+        torch.testing.assert_close(step[0, 0], full[position], atol=1e-4, rtol=1e-4)
+        if position == 4:
+            rows.length[1] = 4   # the second row stops advancing: it holds its own, shorter sequence
+    with pytest.raises(ValueError, match="KV cache"):
+        ours(torch.tensor([[1]]), kv_cache=cache)
+
+
+def test_training_step_and_lora_on_a_qwen_model(case):
+    _, _, directory = case
+    ours = model_from_checkpoint(directory).train()
+    ids = torch.tensor([PROMPT])
+    _, loss = ours(ids[:, :-1], targets=ids[:, 1:])
+    loss.backward()
+    named = dict(ours.named_parameters())
+    grads = [p.grad for n, p in named.items() if "norm" in n or "bias" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    ours.zero_grad()
+    ours.attach_lora(4, 8)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {n for n in dict(ours.named_parameters())
+                                                                         if "lora_" in n}
+
+
+def test_old_configs_without_the_new_fields_load():
+    cfg = ModelConfig.from_dict({"block_size": 16, "vocab_size": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1,
+                                 "n_embd": 16, "n_hidden": 32})
+    assert (cfg.head_dim, cfg.rope_style, cfg.rope_theta, cfg.tie_embeddings) == (8, "interleaved", 10000.0, True)
+    model = Transformer(cfg)
+    assert model.output.weight is model.tok_embeddings.weight
+    with pytest.raises(ValueError, match="rope_style"):
+        ModelConfig(rope_style="other")
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelConfig(head_dim=7)
+
+
+# ----------------------------------------------------------------------------- export.py --hf, read back
+
+def export_hf(directory, path, quant=export.QUANT_F32, **options):
+    export.write_hf(str(path), str(directory), quant, progress=False, **options)
+    return export.load_bin(str(path))
+
+
+def header_words(path):
+    with open(path, "rb") as f:
+        data = f.read(256)
+    return struct.unpack("<64I", data), struct.unpack("<64f", data)
+
+
+def test_f32_file_header_tokenizer_and_logits(case, tmp_path):
+    name, hf_model, directory = case
+    path = tmp_path / f"{name}.bin"
+    model, tokenizer = export_hf(directory, path)
+    words, floats = header_words(path)
+    c = hf_model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert words[4] == (3 if name.startswith("qwen3") else 2)
+    assert words[6:15] == (128, VOCAB, c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+                           c.num_key_value_heads, c.intermediate_size, int(c.tie_word_embeddings), head_dim)
+    assert (words[15], words[16], words[17]) == (0, 0, 0)
+    assert floats[18] == np.float32(1e-5) and floats[19] == 50000.0
+    # every tensor, biases and q/k norms included, and the RoPE tables [B, HD/2]: the length adds up
+    layout = export.tensor_layout(model.config, c.tie_word_embeddings)
+    section = struct.unpack_from("<I", path.read_bytes(), 256)[0]
+    assert os.path.getsize(path) == 256 + section + 4 * sum(math.prod(shape) for _, shape, _ in layout)
+    assert dict((n, s) for n, s, _ in layout)["rope_cos"] == (128, head_dim // 2)
+    import tokenizers
+    reference = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    text = "Hello, world! 你好，世界。<|im_start|>user\n  x = 42\n<|im_end|>"
+    assert tokenizer.encode(text) == reference.encode(text).ids
+    error = relative_error(model(torch.tensor([PROMPT]))[0][0], reference_logits(hf_model, PROMPT))
+    print(f"{name}: F32 file, logits within {error:.1e} of the largest")
+    assert error < 1e-5
+    generated = list(model.generate(PROMPT, 12, stop_ids=()))
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                   pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert generated == theirs
+
+
+def quantized_reference(directory, quantize):
+    """Our model with the checkpoint's weights passed through quantize(name, array) -> array (dequantized)."""
+    model = model_from_checkpoint(directory)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(quantize(name, p.detach().numpy().copy())).reshape(p.shape))
+    return model
+
+
+def test_q80_file_holds_the_quantized_weights_and_stays_close(case, tmp_path):
+    name, hf_model, directory = case
+    model, _ = export_hf(directory, tmp_path / f"{name}-q80.bin", export.QUANT_Q80)
+    group = header_words(tmp_path / f"{name}-q80.bin")[0][16]
+    assert group == export.choose_group_size(model.config)
+
+    def q80(param, array):   # matrices and the embedding in int8 groups; norms, biases, q/k norms float32
+        if array.ndim < 2:
+            return array
+        return export.dequantize_q80(*export.quantize_q80(torch.from_numpy(array), group), group)
+    expected = quantized_reference(directory, q80)
+    logits = model(torch.tensor([PROMPT]))[0][0]
+    torch.testing.assert_close(logits, expected(torch.tensor([PROMPT]))[0][0], atol=1e-5, rtol=1e-5)
+    error = relative_error(logits, reference_logits(hf_model, PROMPT))
+    print(f"{name}: Q80 group {group}, logits within {error:.1e} of the largest")
+    assert error < 0.06
+
+
+def test_q4k_file_layout_and_quantized_weights(case, tmp_path):
+    name, hf_model, directory = case
+    path = tmp_path / f"{name}-q4k.bin"
+    if not hf_model.config.tie_word_embeddings:
+        with pytest.raises(ValueError, match="untied"):
+            export.write_hf(str(path), str(directory), export.QUANT_Q4K, progress=False)
+        assert not path.exists()
+        return
+    model, _ = export_hf(directory, path, export.QUANT_Q4K)
+    cfg = model.config
+    layout = export.q4k_layout(cfg)
+    names = [n for n, _ in layout]
+    frames = [n for n, s in layout if export.is_q4k_frame(n, s)]
+    extras = ["attn.q_norm.weight", "attn.k_norm.weight"] if cfg.qk_norm else ["attn.wq.bias", "attn.wk.bias",
+                                                                                "attn.wv.bias"]
+    # FORMAT.md: the frames, then Qwen3's q/k norms and no RoPE tables, or Qwen2's biases and then the tables
+    assert names[names.index(frames[-1]) + 1] == f"layers.0.{extras[0]}"
+    assert ("rope_cos" in names) == (not cfg.qk_norm)
+
+    def q4k(param, array):
+        if array.ndim < 2:
+            return array
+        blocks = export.quantize_q4k(torch.from_numpy(array))
+        return export.dequantize_q4k(blocks, array.shape[-1])
+    expected = quantized_reference(directory, q4k)
+    logits = model(torch.tensor([PROMPT]))[0][0]
+    torch.testing.assert_close(logits, expected(torch.tensor([PROMPT]))[0][0], atol=1e-5, rtol=1e-5)
+    error = relative_error(logits, reference_logits(hf_model, PROMPT))
+    agreement = float((logits.argmax(-1) == reference_logits(hf_model, PROMPT).argmax(-1)).float().mean())
+    print(f"{name}: Q4K logits within {error:.2f} of the largest, top-1 agreement {agreement:.2f}")
+    assert error < 0.8
