@@ -24,7 +24,7 @@ from model import ModelConfig, rope_tables
 ARCHITECTURES = {"Qwen3ForCausalLM": 3, "Qwen2ForCausalLM": 2}   # architecture -> .bin model_type
 DTYPES = {"BF16": 2, "F16": 2, "F32": 4}                          # bytes per element
 QWEN_NORM_EPS, QWEN_ROPE_THETA = 1e-6, 1e6                        # the released models' (and FORMAT.md's defaults)
-CHUNK_ELEMENTS = 1 << 20                                          # rows converted at a time: about 4 MB of float32
+CHUNK_ELEMENTS = 1 << 18                                          # rows converted at a time: about 1 MB of float32
 
 # model.py's names for a layer's tensors -> the checkpoint's, after "model.layers.{i}."
 LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -201,15 +201,15 @@ class SafetensorsFile:
         else:
             values = raw.copy()
         del raw
-        self._release(begin, count * DTYPES[dtype])
+        self._release()
         return values.reshape((stop - start,) + shape[1:]) if len(shape) > 1 else values
 
-    def _release(self, begin, length):
-        """Drop the pages just converted from this process's memory (they stay in the page cache), so that the
-        resident size of an export stays a few chunks, not the checkpoint's size."""
-        if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            aligned = begin - begin % mmap.PAGESIZE
-            self.map.madvise(mmap.MADV_DONTNEED, aligned, begin + length - aligned)
+    def _release(self):
+        """Drop the file's pages from this process's memory once a chunk is converted (they stay in the page
+        cache), so that the resident size of an export stays a few chunks, not the checkpoint's size. The whole
+        mapping, not the chunk's range: the kernel maps neighbouring pages too (fault-around, large folios)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED)
 
     def close(self):
         self.map.close()
