@@ -457,3 +457,130 @@ def test_export_memory_does_not_grow_with_the_model(tmp_path, tokenizer_dir):
               f"memory {small_peak / 2**20:.1f} and {large_peak / 2**20:.1f} MiB")
         assert large_peak - small_peak < 0.5 * (large_size - small_size)
         assert large_peak < large_size
+
+
+# ----------------------------------------------------------------------------- infer.py and eval.py
+
+@pytest.fixture(scope="module")
+def qwen3_file(tmp_path_factory, tokenizer_dir):
+    """(transformers model, checkpoint directory, F32 .bin) of a Qwen3 model."""
+    hf_model = make_hf_model("Qwen3", QWEN3)
+    directory = save_checkpoint(hf_model, tmp_path_factory.mktemp("qwen3-file"), tokenizer_dir)
+    path = directory / "qwen3.bin"
+    export.write_hf(str(path), str(directory), progress=False)
+    return hf_model, directory, path
+
+
+def reference_tokenizer(directory):
+    import tokenizers
+    return tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+
+def test_chatml_template_and_stop_ids(qwen3_file, tmp_path, tokenizer_dir):
+    import checkpoint
+    import infer
+    _, directory, path = qwen3_file
+    model, tokenizer = checkpoint.load_model(str(path))
+    reference = reference_tokenizer(directory)
+    question = "用一句话介绍你自己"
+    opening = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    template = infer.prompt_template(model, tokenizer)
+    assert template.question(question) == reference.encode(opening + "<think>\n\n</think>\n\n").ids
+    assert infer.prompt_template(model, tokenizer, think=True).question(question) == reference.encode(opening).ids
+    assert template.stop_ids == (reference.token_to_id("<|endoftext|>"), reference.token_to_id("<|im_end|>"))
+    assert template.continuation("Hello") == reference.encode("Hello").ids   # no BOS
+    conversation = infer.Conversation(tokenizer, 128, 32, template)
+    first = conversation.ask(question)
+    conversation.add_answer([300, 301, template.stop_ids[1]])
+    second = conversation.ask("再说一遍")
+    assert second == first + [300, 301] + reference.encode("<|im_end|>\n").ids + template.question("再说一遍")
+    qwen2_dir = save_checkpoint(make_hf_model("Qwen2", QWEN2), tmp_path / "qwen2", tokenizer_dir)
+    qwen2, qwen2_tokenizer = export_hf(qwen2_dir, tmp_path / "qwen2.bin")
+    assert infer.prompt_template(qwen2, qwen2_tokenizer).question(question) == reference.encode(opening).ids
+
+
+def reference_greedy(hf_model, ids, count):
+    with torch.no_grad():
+        return hf_model.generate(torch.tensor([ids]), max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+
+
+def chat_turn(reference, question):
+    return reference.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+                            "<think>\n\n</think>\n\n").ids
+
+
+def test_infer_chats_over_two_turns_like_transformers(tmp_path, tokenizer_dir):
+    """infer.py -i, greedy: each answer is transformers' greedy continuation of the ChatML conversation so far,
+    stopped at <|im_end|>, the first answer closed with <|im_end|>\n, streamed as whole characters. The model's
+    head is changed to say <|im_end|> where it would first say some token, so that the first answer ends early."""
+    questions, limit = ["你好", "What is 2+2?"], 120
+    hf_model = make_hf_model("Qwen3", QWEN3_UNTIED)
+    directory = save_checkpoint(hf_model, tmp_path / "chat", tokenizer_dir)
+    reference = reference_tokenizer(directory)
+    im_end = reference.token_to_id("<|im_end|>")
+    first = reference_greedy(hf_model, chat_turn(reference, questions[0]), 20)
+    stop_at = next(k for k in range(6, 20) if first[k] not in first[:k])
+    with torch.no_grad():   # a slightly larger logit than first[stop_at]'s wherever that one wins
+        hf_model.lm_head.weight[im_end] = 1.05 * hf_model.lm_head.weight[first[stop_at]]
+    directory = save_checkpoint(hf_model, tmp_path / "chat", tokenizer_dir)
+    export.write_hf(str(tmp_path / "chat.bin"), str(directory), progress=False)
+    result = subprocess.run([sys.executable, "infer.py", "-m", str(tmp_path / "chat.bin"), "-i", "-t", "0", "-r", "1",
+                             "-s", str(limit)], input="\n".join(questions) + "\n", capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    history, expected, lengths = [], [], []
+    for question in questions:
+        prompt = history + chat_turn(reference, question)
+        answer = reference_greedy(hf_model, prompt, limit - len(prompt))
+        answer = answer[:answer.index(im_end)] if im_end in answer else answer
+        expected.append(reference.decode(answer))
+        lengths.append(len(answer))
+        history = prompt + answer + reference.encode("<|im_end|>\n").ids
+    assert lengths[0] == stop_at and lengths[1] > 0   # the first answer stopped at <|im_end|>
+    answers = [line.removeprefix("> ") for line in result.stdout.split("\n")[1:3]]
+    assert answers == expected
+
+
+def test_eval_text_perplexity_and_choices_on_a_qwen_file(qwen3_file, tmp_path):
+    import checkpoint
+    import eval as evaluation
+    hf_model, directory, path = qwen3_file
+    reference = reference_tokenizer(directory)
+    end_of_text = reference.token_to_id("<|endoftext|>")
+    lines = ["今天天气很好。", "The quick brown fox jumps over the lazy dog.", "x = [i * i for i in range(10)]"]
+    (tmp_path / "held_out.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    total, count = 0.0, 0
+    for line in lines:   # documents <|endoftext|>line<|endoftext|>, every token after the first predicted
+        ids = [end_of_text] + reference.encode(line).ids + [end_of_text]
+        log_probs = reference_logits(hf_model, ids[:-1]).log_softmax(-1)
+        total -= float(log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+        count += len(ids) - 1
+    result = subprocess.run([sys.executable, "eval.py", "-m", str(path), "--text", str(tmp_path / "held_out.txt"),
+                             "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)["text"]
+    assert measured["tokens"] == count
+    assert measured["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+    records = [("天气", ["很好", "不好", "一般"]), ("2 + 2 =", [" 4", " 5"]), ("def f(x):", [" return x", " pass"])]
+    best, worst = [], []
+    for question, choices in records:   # log-likelihood of each choice after <|endoftext|>question
+        context = [end_of_text] + reference.encode(question).ids
+        scores = []
+        for choice in choices:
+            ids = context + reference.encode(choice).ids
+            log_probs = reference_logits(hf_model, ids[:-1]).log_softmax(-1)
+            scores.append(float(log_probs[torch.arange(len(context) - 1, len(ids) - 1),
+                                          torch.tensor(ids[len(context):])].sum()))
+        best.append(scores.index(max(scores)))
+        worst.append(scores.index(min(scores)))
+    model, tokenizer = checkpoint.load_model(str(path))
+    for answers, accuracy in ((best, 1.0), (worst, 0.0)):
+        choices_path = tmp_path / "mc.jsonl"
+        choices_path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                        for (q, c), a in zip(records, answers)), encoding="utf-8")
+        assert evaluation.evaluate_choices(model, tokenizer, str(choices_path))["accuracy"] == accuracy
+    result = subprocess.run([sys.executable, "eval.py", "-m", str(path), "--sentiment", str(choices_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0 and "Nano's built-in task" in result.stderr and "Traceback" not in result.stderr
