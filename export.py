@@ -6,9 +6,14 @@ Export Nano models and LoRA adapters to .bin files, and read them back (the layo
     python export.py model.bin --q4k ckpt.pt (or model_f32.bin)      # Q4K: 4-bit blocks of 256, 6-bit group scales
     python export.py lora.bin --lora lora.pt                         # LoRA adapter for wq, wk, wv, wo
     python export.py model.gguf --gguf ckpt.pt|model.bin [--q8_0]    # GGUF for llama.cpp
+    python export.py qwen3.bin --hf ~/models/Qwen3-0.6B [--quant | --q4k]   # a Qwen2 / Qwen2.5 / Qwen3 checkpoint
 
-Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer), Q80 and Q4K weights dequantized;
-load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
+--hf reads config.json, the safetensors file(s) (hf.py, memory-mapped, converted a chunk at a time while the
+output is written, so the export needs little memory beyond the page cache) and tokenizer.json, and writes a
+model_type 3 (Qwen3) or 2 (Qwen2) file: FORMAT.md "Qwen models".
+
+Readers: load_bin(path) -> (model.Transformer, tokenizer.Tokenizer or BPETokenizer for a Qwen file), Q80 and
+Q4K weights dequantized; load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 """
 
 import argparse
@@ -941,6 +946,9 @@ def gguf_vocabulary(tokenizer):
 
 def check_gguf_exportable(cfg):
     check_exportable(cfg)
+    if model_type_of(cfg) != MODEL_TYPE:
+        raise ValueError("Qwen models cannot be exported to GGUF here (llama.cpp's convert_hf_to_gguf.py reads "
+                         "their Hugging Face checkpoints)")
     if not cfg.is_causal:
         raise ValueError("model cannot be exported to GGUF: llama.cpp's llama architecture is causal only")
 

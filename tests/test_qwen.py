@@ -584,3 +584,21 @@ def test_eval_text_perplexity_and_choices_on_a_qwen_file(qwen3_file, tmp_path):
     result = subprocess.run([sys.executable, "eval.py", "-m", str(path), "--sentiment", str(choices_path)],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode != 0 and "Nano's built-in task" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_qwen_files_rewrite_byte_for_byte_from_the_command_line(qwen3_file, tmp_path):
+    """A Qwen file read back and written again (F32, and Q4K from the F32 file) equals what --hf writes."""
+    _, directory, path = qwen3_file
+    model, tokenizer = export.load_bin(str(path))
+    export.write_model(str(tmp_path / "again.bin"), model, tokenizer, progress=False)
+    assert (tmp_path / "again.bin").read_bytes() == path.read_bytes()
+    result = run_export(tmp_path / "direct.bin", "--hf", directory, "--q4k")
+    assert result.returncode == 0 and "Qwen3, Q4K" in result.stdout, result.stderr
+    result = run_export(tmp_path / "from-f32.bin", "--q4k", path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from-f32.bin").read_bytes() == (tmp_path / "direct.bin").read_bytes()
+    result = run_export(tmp_path / "q80.bin", "--hf", directory, "--quant", "--group-size", "16")
+    assert result.returncode == 0 and "Qwen3, Q80, group size 16" in result.stdout, result.stderr
+    assert header_words(tmp_path / "q80.bin")[0][15:17] == (0x80, 16)
+    result = run_export(tmp_path / "q.gguf", "--gguf", path)
+    assert result.returncode != 0 and "Qwen models cannot be exported to GGUF" in result.stderr
