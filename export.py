@@ -104,12 +104,14 @@ def tensor_layout(cfg, is_shared_classifier=True, rope_width=None):
 
 def qwen_extras(cfg):
     """Qwen2's q, k, v biases or Qwen3's q and k norm weights, each kind over all layers (float32 in every file)."""
-    L, hd = cfg.n_layer, cfg.head_dim
-    sizes = {"attn.wq.bias": cfg.n_head * hd, "attn.wk.bias": cfg.n_kv_head * hd, "attn.wv.bias": cfg.n_kv_head * hd}
-    kinds = list(sizes) if cfg.qkv_bias else []
+    hd, kv_dim = cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     if cfg.qk_norm:
-        kinds, sizes = ["attn.q_norm.weight", "attn.k_norm.weight"], {"attn.q_norm.weight": hd, "attn.k_norm.weight": hd}
-    return [(f"layers.{i}.{kind}", (sizes[kind],), False) for kind in kinds for i in range(L)]
+        sizes = {"attn.q_norm.weight": hd, "attn.k_norm.weight": hd}
+    elif cfg.qkv_bias:
+        sizes = {"attn.wq.bias": cfg.n_head * hd, "attn.wk.bias": kv_dim, "attn.wv.bias": kv_dim}
+    else:
+        sizes = {}
+    return [(f"layers.{i}.{kind}", (size,), False) for kind, size in sizes.items() for i in range(cfg.n_layer)]
 
 
 def choose_group_size(cfg, requested=128):
@@ -521,16 +523,10 @@ def write_hf(path, directory, quant_type=QUANT_F32, group_size=128, quantizer="s
         cfg = source.config
         check_exportable(cfg)
         tokenizer = BPETokenizer.from_tokenizer_json(source.tokenizer_path)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise ValueError(f"{source.tokenizer_path}: {tokenizer.vocab_size} token ids, more than config.json's "
-                             f"vocab_size {cfg.vocab_size}")
         if quant_type == QUANT_Q4K:
             _check_q4k(quantizer, cfg.tie_embeddings)
         group = choose_group_size(cfg, group_size) if quant_type == QUANT_Q80 else 0
-        entries = file_entries(cfg, cfg.tie_embeddings, quant_type)
-        source.check([(name, shape) for name, shape, _ in entries if name not in LINEAR_KINDS] +
-                     [(f"layers.{i}.{name}.weight", shape[1:]) for name, shape, _ in entries if name in LINEAR_KINDS
-                      for i in range(cfg.n_layer)])
+        source.check((name, shape) for name, shape, _ in tensor_layout(cfg, cfg.tie_embeddings))
         write_parameters(path, cfg, tokenizer, source, cfg.tie_embeddings, quant_type, group, quantizer, progress)
     return source.model_type, group
 

@@ -37,13 +37,13 @@ CASES = {"qwen3": ("Qwen3", QWEN3), "qwen3-untied": ("Qwen3", QWEN3_UNTIED),
          "qwen2": ("Qwen2", QWEN2), "qwen2-tied": ("Qwen2", QWEN2_TIED)}
 
 
-def make_hf_model(family, overrides, seed=0):
+def make_hf_model(family, overrides, seed=0, vocab_size=VOCAB):
     """A random transformers Qwen model in float32 whose every tensor matters: norm weights away from 1, Qwen2's
     biases and Qwen3's q/k norm weights nonzero and not 1, theta and eps not transformers' defaults."""
     torch.manual_seed(seed)
     config_class = getattr(transformers, f"{family}Config")
     model_class = getattr(transformers, f"{family}ForCausalLM")
-    config = config_class(vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
+    config = config_class(vocab_size=vocab_size, max_position_embeddings=128, rms_norm_eps=1e-5,
                           rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **overrides)
     model = model_class(config).float().eval()
     with torch.no_grad():
@@ -602,3 +602,10 @@ def test_qwen_files_rewrite_byte_for_byte_from_the_command_line(qwen3_file, tmp_
     assert header_words(tmp_path / "q80.bin")[0][15:17] == (0x80, 16)
     result = run_export(tmp_path / "q.gguf", "--gguf", path)
     assert result.returncode != 0 and "Qwen models cannot be exported to GGUF" in result.stderr
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer_dir):
+    directory = save_checkpoint(make_hf_model("Qwen3", QWEN3, vocab_size=600), tmp_path / "small", tokenizer_dir)
+    with pytest.raises(ValueError, match="tokenizer has 660 tokens but the model's vocab_size is 600"):
+        export.write_hf(str(tmp_path / "out.bin"), str(directory), progress=False)
+    assert not (tmp_path / "out.bin").exists()
