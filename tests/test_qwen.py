@@ -609,3 +609,23 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer_d
     with pytest.raises(ValueError, match="tokenizer has 660 tokens but the model's vocab_size is 600"):
         export.write_hf(str(tmp_path / "out.bin"), str(directory), progress=False)
     assert not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("word, value, message", [
+    (4, 5, "model_type: model_type 5 is not supported here"),
+    (4, 2, "truncated or wrong dims"),             # a Qwen3 file read as Qwen2: biases where norms are
+    (17, 1, "flags: 0x1, expected 0 for a Qwen3 model"),
+    (14, 0, "head_dim: 0 is out of range"),
+    (64, 0xFFFFFF, "tokenizer section length"),   # word 64 is the tokenizer section's T
+])
+def test_corrupt_qwen_files_are_refused_naming_the_field(qwen3_file, tmp_path, word, value, message):
+    _, _, path = qwen3_file
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 4 * word, value)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=message):
+        export.load_bin(str(bad))
+    result = subprocess.run([sys.executable, "infer.py", "-m", str(bad), "--prompt", "x"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    assert result.returncode != 0 and "bad.bin" in result.stderr and "Traceback" not in result.stderr
