@@ -101,7 +101,8 @@ def _refuse_unsupported(config, path, architecture):
 
 
 def _int_field(config, path, key, default=None):
-    value = config.get(key, default)
+    value = config.get(key)
+    value = default if value is None else value
     if value is None:
         raise ValueError(f"{path}: {key} is missing")
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -121,22 +122,19 @@ def model_config_from_hf(config, path):
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{path}: rms_norm_eps {eps!r} is not a positive number")
     model_type = ARCHITECTURES[architecture]
+    dims = dict(block_size=_int_field(config, path, "max_position_embeddings"),
+                vocab_size=_int_field(config, path, "vocab_size"),
+                n_layer=_int_field(config, path, "num_hidden_layers"),
+                n_head=n_head,
+                n_kv_head=_int_field(config, path, "num_key_value_heads", n_head),
+                n_embd=n_embd,
+                n_hidden=_int_field(config, path, "intermediate_size"),
+                head_dim=_int_field(config, path, "head_dim", n_embd // n_head))
+    options = dict(norm_eps=float(eps), qkv_bias=model_type == 2, qk_norm=model_type == 3, rope_style="half",
+                   rope_theta=_rope_theta(config, path),
+                   tie_embeddings=bool(config.get("tie_word_embeddings", False)))   # transformers' default for Qwen
     try:
-        cfg = ModelConfig(
-            block_size=_int_field(config, path, "max_position_embeddings"),
-            vocab_size=_int_field(config, path, "vocab_size"),
-            n_layer=_int_field(config, path, "num_hidden_layers"),
-            n_head=n_head,
-            n_kv_head=_int_field(config, path, "num_key_value_heads", n_head),
-            n_embd=n_embd,
-            n_hidden=_int_field(config, path, "intermediate_size"),
-            head_dim=_int_field(config, path, "head_dim", n_embd // n_head),
-            norm_eps=float(eps),
-            qkv_bias=model_type == 2,
-            qk_norm=model_type == 3,
-            rope_style="half",
-            rope_theta=_rope_theta(config, path),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)))   # transformers' default for Qwen
+        cfg = ModelConfig(**dims, **options)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return model_type, cfg

@@ -629,3 +629,25 @@ def test_corrupt_qwen_files_are_refused_naming_the_field(qwen3_file, tmp_path, w
     result = subprocess.run([sys.executable, "infer.py", "-m", str(bad), "--prompt", "x"], capture_output=True,
                             text=True, cwd=ROOT, timeout=60)
     assert result.returncode != 0 and "bad.bin" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_json_as_the_released_models_write_it():
+    """Qwen3-0.6B's config.json (transformers 4 style: rope_theta at the top, rope_scaling null)."""
+    released = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "head_dim": 128,
+                "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
+                "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+                "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+                "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                "use_sliding_window": False, "vocab_size": 151936}
+    model_type, cfg = hf.model_config_from_hf(released, "config.json")
+    assert model_type == 3
+    assert (cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.n_kv_head, cfg.block_size) == (1024, 16, 128, 8, 40960)
+    assert (cfg.norm_eps, cfg.rope_theta, cfg.tie_embeddings, cfg.qk_norm) == (1e-6, 1e6, True, True)
+    assert export.choose_group_size(cfg) == 128
+    qwen25 = dict(released, architectures=["Qwen2ForCausalLM"], sliding_window=32768, head_dim=None,
+                  hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864)
+    del qwen25["rope_theta"]   # absent: FORMAT.md's Qwen default
+    model_type, cfg = hf.model_config_from_hf(qwen25, "config.json")
+    assert (model_type, cfg.head_dim, cfg.qkv_bias, cfg.rope_theta) == (2, 64, True, 1e6)
+    with pytest.raises(ValueError, match="config.json: rope_scaling.rope_type 'linear' is not supported"):
+        hf.model_config_from_hf(dict(released, rope_scaling={"type": "linear", "factor": 2.0}), "config.json")
