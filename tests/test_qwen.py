@@ -456,7 +456,8 @@ def test_export_memory_does_not_grow_with_the_model(tmp_path, tokenizer_dir):
         print(f"quant {quant:#x}: outputs {small_size / 2**20:.1f} and {large_size / 2**20:.1f} MiB, peak extra "
               f"memory {small_peak / 2**20:.1f} and {large_peak / 2**20:.1f} MiB")
         assert large_peak - small_peak < 0.5 * (large_size - small_size)
-        assert large_peak < large_size
+    peak, size = measured[6, export.QUANT_F32]
+    assert peak < 0.25 * size   # a few chunks: the float32 output is written as it is converted
 
 
 # ----------------------------------------------------------------------------- infer.py and eval.py
