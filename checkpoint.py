@@ -12,6 +12,7 @@ A checkpoint is a dict of tensors and plain values that torch.load(weights_only=
     save(payload, path)               atomically: a crash leaves the old file or the new one, never a torn one
     load(path)                        a checkpoint dict, with a clear error for missing or corrupt files
     load_model(path, device)          (Transformer, Tokenizer) from a .pt (full or LoRA) or an exported .bin
+                                      (a Qwen .bin: the Transformer with Qwen's options and a BPETokenizer)
     attach_lora(model, path)          plug a LoRA run's .pt or an exported LoRA .bin into a model
 """
 
