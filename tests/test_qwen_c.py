@@ -562,3 +562,40 @@ def test_malformed_qwen_files_are_refused_clearly(infer, bad_qwen_files):
 def test_malformed_qwen_files_under_address_sanitizer(bad_qwen_files):
     subprocess.run(["make", "-C", ENGINE_DIR, "asan"], check=True, capture_output=True)
     check_qwen_refusals(os.path.join(ENGINE_DIR, "infer-asan"), bad_qwen_files)
+
+
+def qwen_mutations(data, rng, count):
+    """Copies of a Qwen file with a header word or a word of the tokenizer section set to an edge value, bytes
+    flipped, or the end cut off."""
+    edges = [0, 1, 2, 3, 255, 256, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0x7FC00000, len(data)]
+    for k in range(count):
+        out = bytearray(data)
+        kind = k % 4
+        if kind == 0:
+            struct.pack_into("<I", out, 4 * int(rng.integers(0, 20)), edges[rng.integers(len(edges))])
+        elif kind == 1:   # T, max_token_bytes, or a word among the first records
+            struct.pack_into("<I", out, 256 + int(rng.integers(0, 400)), edges[rng.integers(len(edges))])
+        elif kind == 2:
+            for at in rng.integers(0, len(out), 8):
+                out[at] ^= 1 << int(rng.integers(8))
+        else:
+            out = out[:int(rng.integers(0, len(out)))]
+        yield bytes(out)
+
+
+def test_mutated_qwen_files_under_address_sanitizer(tmp_path, vocabulary):
+    """The fuzz harness (fuzz_replay) over mutated Qwen2 float32 and Qwen3 Q4K files, under ASan and UBSan: every
+    input loads, builds a chat prompt, runs a step and streams its text, or is refused, without a memory error."""
+    _, token_bytes, scores = vocabulary
+    subprocess.run(["make", "-C", ENGINE_DIR, "fuzz-replay"], check=True, capture_output=True)
+    rng, paths = np.random.default_rng(0), []
+    for kind, quant in (("qwen2", None), ("qwen3", "q4k")):
+        good = str(tmp_path / f"{kind}.bin")
+        write_qwen_bin(good, random_qwen(kind, tie_word_embeddings=True), token_bytes, scores, quant=quant)
+        paths.append(good)
+        for i, mutated in enumerate(qwen_mutations(open(good, "rb").read(), rng, 100)):
+            paths.append(str(tmp_path / f"{kind}_{i}.bin"))
+            open(paths[-1], "wb").write(mutated)
+    r = subprocess.run([os.path.join(ENGINE_DIR, "fuzz_replay"), *paths], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and f"ran {len(paths)} inputs" in r.stdout, r.stderr[-3000:]
