@@ -34,6 +34,9 @@ How each task is scored:
               accuracy is contextually calibrated (Zhao et al. 2021, "Calibrate Before Use"): each
               review's two label probabilities are divided by their mean over content-free reviews
               ("N/A", "", "[MASK]") in the same prompt; uncalibrated_accuracy is the raw comparison.
+Qwen files (export.py --hf) use their own framing: documents and choice questions open with
+<|endoftext|> (Qwen's document separator; it has no BOS) and documents end with it, --instruct and qa
+use the ChatML template of infer.py. The sentiment task is Nano's (its prompts are Nano's special tokens).
 """
 
 import argparse
@@ -49,13 +52,14 @@ from tqdm import tqdm
 import checkpoint
 import infer
 from data import Split, dataset_files, read_meta
-from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID, UNK_ID
+from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, PAD_ID, UNK_ID, Tokenizer
 from model import KVCache
 
 SENTIMENT_LABELS = ("正面", "负面")
 PROMPTED_SUFFIX = "。情感："
 CONTENT_FREE_REVIEWS = ("N/A", "", "[MASK]")  # what the prompted method calibrates on
 BATCH_TOKENS = 4096  # tokens per forward pass: bounds the [batch, time, vocab] logits in memory
+BATCH_LOGITS = BATCH_TOKENS * 16384  # and at most this many logits (Qwen's 151936-token vocabulary: 441 tokens)
 BATCH_ROWS = 64  # sequences per forward pass: bounds the KV cache, allocated for the whole context
 
 
@@ -100,6 +104,8 @@ def right_padded(sequences, device):
 def encode_all(tokenizer, texts, source):
     """Token ids of each text, with one warning for all characters outside the vocabulary."""
     encoded = [tokenizer.encode(text) for text in texts]
+    if not isinstance(tokenizer, Tokenizer):   # a BPE vocabulary covers every byte: id 1 is a token like others
+        return encoded
     unknown = sum(ids.count(UNK_ID) for ids in encoded)
     if unknown:
         infer.warn(f"{source}: {unknown} character(s) not in the vocabulary are scored as <|unknown|>")
@@ -122,7 +128,8 @@ def scored_log_likelihoods(model, sequences, score_from):
     """For each sequence (at most block_size + 1 ids), the sum of log p(token | tokens before it) over
     the tokens at positions >= its score_from (which must be >= 1)."""
     totals = [0.0] * len(sequences)
-    for batch in progress(batches_by_length(sequences), "scoring"):
+    max_tokens = max(1, min(BATCH_TOKENS, BATCH_LOGITS // model.config.vocab_size))
+    for batch in progress(batches_by_length(sequences, max_tokens), "scoring"):
         tokens = right_padded([sequences[i] for i in batch], model_device(model))
         logits, _ = model(tokens[:, :-1])
         targets = tokens[:, 1:]
@@ -151,9 +158,10 @@ def evaluate_text(model, tokenizer, path):
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no text")
+    template = infer.prompt_template(model, tokenizer)
     windows = []
     for ids in encode_all(tokenizer, lines, path):
-        windows += text_windows([BOS_ID] + ids + [EOS_ID], model.config.block_size)
+        windows += text_windows(template.document_start + ids + template.document_end, infer.context_of(model))
     nll = -sum(scored_log_likelihoods(model, [w for w, _ in windows], [s for _, s in windows]))
     predicted_tokens = sum(len(w) - s for w, s in windows)
     characters = sum(len(line) + 1 for line in lines)
@@ -168,11 +176,12 @@ def evaluate_choices(model, tokenizer, path, instruct=False):
     records = read_jsonl(path, ("question", "choices", "answer"))
     questions = encode_all(tokenizer, [r["question"] for r in records], path)
     choices = iter(encode_all(tokenizer, [c for r in records for c in r["choices"]], path))
-    opening, closing = ([INSTRUCT_ID], [RESPONSE_ID]) if instruct else ([BOS_ID], [])
-    block = model.config.block_size
+    template = infer.prompt_template(model, tokenizer)
+    block = infer.context_of(model)
     sequences, score_from = [], []
     for number, (record, question) in enumerate(zip(records, questions), 1):
-        context = opening + question + closing
+        context = template.wrap_question(record["question"], question) if instruct else \
+            template.document_start + question
         for _ in record["choices"]:
             continuation = next(choices)
             room = block - len(continuation)
@@ -197,14 +206,15 @@ def evaluate_choices(model, tokenizer, path, instruct=False):
 def evaluate_qa(model, tokenizer, path):
     records = read_jsonl(path, ("question", "answer"))
     greedy = infer.make_sampler(temperature=0, repetition_penalty=1.0)
-    block = model.config.block_size
+    template = infer.prompt_template(model, tokenizer)
+    block = infer.context_of(model)
     exact = contains = 0
     for record in records:
         expected = str(record["answer"]).strip()
-        prompt = infer.keep_last_tokens(infer.instruct_prompt(tokenizer, record["question"]), block - 1)
+        prompt = infer.keep_last_tokens(template.question(record["question"]), block - 1)
         max_new = len(tokenizer.encode(expected)) + 16
-        new_ids = list(model.generate(prompt, max_new, sample=greedy, stop_ids=infer.STOP_IDS))
-        output = tokenizer.decode([t for t in new_ids if t not in infer.STOP_IDS]).strip()
+        new_ids = list(model.generate(prompt, max_new, sample=greedy, stop_ids=template.stop_ids))
+        output = tokenizer.decode([t for t in new_ids if t not in template.stop_ids]).strip()
         exact += output == expected
         contains += expected in output
     return {"n": len(records), "exact_match": exact / len(records), "contains": contains / len(records)}
@@ -365,6 +375,9 @@ def evaluate(args):
     if args.qa:
         results["qa"] = evaluate_qa(model, tokenizer, args.qa)
     if args.sentiment:
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"{args.model}: --sentiment is Nano's built-in task (its prompts use Nano's special "
+                             "tokens); this is a Qwen model")
         method = args.sentiment_method
         if method is None:
             method = "prompted" if training_mode(args.model, args.lora) == "pretrain" else "instruct"

@@ -13,6 +13,7 @@ load_lora_bin(path, model_config=None) -> (adapter state dict, lora config).
 
 import argparse
 import math
+import mmap
 import os
 import struct
 from typing import NamedTuple
@@ -21,13 +22,16 @@ import numpy as np
 import torch
 
 import checkpoint
+from hf import QWEN_NORM_EPS, QWEN_ROPE_THETA, HFCheckpoint
 from model import ModelConfig, Transformer, rope_tables
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
 
 MAGIC = (0x42443453, 0x55524C4D)
 HEADER_BYTES = 256
 OLD_VERSIONS = {(2024, 10), (2025, 8), (2025, 12)}
 MODEL_TYPE, LORA_TYPE = 0, 10
+QWEN2_TYPE, QWEN3_TYPE = 2, 3
+QWEN_TYPES = {QWEN2_TYPE: "Qwen2", QWEN3_TYPE: "Qwen3"}
 QUANT_F32, QUANT_Q80, QUANT_Q4K = 0x00, 0x80, 0x42
 FLAG_NON_CAUSAL = 1 << 0   # the flags word: full attention (seq2seq)
 DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA = 1e-5, 10000.0   # what a 0 in the norm_eps and rope_theta words means
@@ -52,7 +56,7 @@ LORA_DIM_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden")   # m
 
 class FileKind(NamedTuple):
     description: str
-    model_type: int
+    model_types: tuple   # the model_type words a reader of this kind accepts; the first is the default
     version: tuple
     config_length: int   # bytes of the config words after the config_length word
     header: tuple        # (field, struct code) in word order
@@ -62,14 +66,20 @@ class FileKind(NamedTuple):
         return struct.Struct("<" + "".join(code for _, code in self.header))
 
 
-MODEL_FILE = FileKind("a model", MODEL_TYPE, (2026, 1), 36, MODEL_HEADER)
-LORA_FILE = FileKind("a LoRA adapter", LORA_TYPE, (2024, 10), 32, LORA_HEADER)
+MODEL_FILE = FileKind("a model", (MODEL_TYPE, QWEN2_TYPE, QWEN3_TYPE), (2026, 1), 36, MODEL_HEADER)
+LORA_FILE = FileKind("a LoRA adapter", (LORA_TYPE,), (2024, 10), 32, LORA_HEADER)
 
 
 # ----------------------------------------------------------------------------- layout
 
-def tensor_layout(cfg, is_shared_classifier=True):
-    """The model file's parameters in order: (state_dict name, shape, quantized in Q80) per tensor."""
+def model_type_of(cfg):
+    """The file's model_type for a config: Qwen3 has q/k norms, Qwen2 q/k/v biases, Nano neither."""
+    return QWEN3_TYPE if cfg.qk_norm else QWEN2_TYPE if cfg.qkv_bias else MODEL_TYPE
+
+
+def tensor_layout(cfg, is_shared_classifier=True, rope_width=None):
+    """The model file's parameters in order: (state_dict name, shape, quantized in Q80) per tensor. A Qwen file's
+    biases or q/k norms follow w3; rope_width (default head_dim / 2) is the RoPE tables' width."""
     L, E, V, F, hd = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_hidden, cfg.head_dim
     q_dim, kv_dim = cfg.n_head * hd, cfg.n_kv_head * hd
     shapes = {"attn.wq": (q_dim, E), "attn.wk": (kv_dim, E), "attn.wv": (kv_dim, E), "attn.wo": (E, q_dim),
@@ -79,10 +89,22 @@ def tensor_layout(cfg, is_shared_classifier=True):
     layout += [("norm.weight", (E,), False), ("tok_embeddings.weight", (V, E), True)]
     for kind in LINEAR_KINDS:
         layout += [(f"layers.{i}.{kind}.weight", shapes[kind], True) for i in range(L)]
-    layout += [("rope_cos", (cfg.block_size, hd // 2), False), ("rope_sin", (cfg.block_size, hd // 2), False)]
+    layout += qwen_extras(cfg)
+    rope_shape = (cfg.block_size, rope_width or hd // 2)
+    layout += [("rope_cos", rope_shape, False), ("rope_sin", rope_shape, False)]
     if not is_shared_classifier:
         layout.append(("output.weight", (V, E), True))
     return layout
+
+
+def qwen_extras(cfg):
+    """Qwen2's q, k, v biases or Qwen3's q and k norm weights, each kind over all layers (float32 in every file)."""
+    L, hd = cfg.n_layer, cfg.head_dim
+    sizes = {"attn.wq.bias": cfg.n_head * hd, "attn.wk.bias": cfg.n_kv_head * hd, "attn.wv.bias": cfg.n_kv_head * hd}
+    kinds = list(sizes) if cfg.qkv_bias else []
+    if cfg.qk_norm:
+        kinds, sizes = ["attn.q_norm.weight", "attn.k_norm.weight"], {"attn.q_norm.weight": hd, "attn.k_norm.weight": hd}
+    return [(f"layers.{i}.{kind}", (sizes[kind],), False) for kind in kinds for i in range(L)]
 
 
 def choose_group_size(cfg, requested=128):
@@ -113,13 +135,22 @@ Q4K_BLOCK_DTYPE = np.dtype([("marker", "<u4"), ("n", "<u4"), ("zero", "<u4"), ("
 Q4K_QUANTIZERS = ("search", "minmax")
 
 
-def q4k_layout(cfg):
+def q4k_layout(cfg, rope_width=None):
     """A Q4K file's parameters in order: (name, shape), where a name of a per-layer kind such as "attn.wq" is
-    one frame [L, rows, cols] over all layers, "tok_embeddings.weight" the frame [V, E], the rest float32."""
-    layout = [(name, shape) for name, shape, _ in tensor_layout(cfg)]
-    norms, embedding, rope = layout[:2 * cfg.n_layer + 1], layout[2 * cfg.n_layer + 1], layout[-2:]
-    per_layer = {name.split(".", 2)[2].rsplit(".", 1)[0]: shape for name, shape in layout if name.startswith("layers.")}
-    return norms + [embedding] + [(kind, (cfg.n_layer, *per_layer[kind])) for kind in LINEAR_KINDS] + rope
+    one frame [L, rows, cols] over all layers, "tok_embeddings.weight" the frame [V, E], the rest float32.
+    Qwen files: the biases or q/k norms after the frames; a Qwen3 file has no RoPE tables."""
+    layout = [(name, shape) for name, shape, _ in tensor_layout(cfg, True, rope_width)]
+    norms, embedding = layout[:2 * cfg.n_layer + 1], layout[2 * cfg.n_layer + 1]
+    matrix_shapes = dict(layout)
+    frames = [(kind, (cfg.n_layer, *matrix_shapes[f"layers.0.{kind}.weight"])) for kind in LINEAR_KINDS]
+    extras = [(name, shape) for name, shape, _ in qwen_extras(cfg)]
+    rope = [] if cfg.qk_norm else layout[-2:]
+    return norms + [embedding] + frames + extras + rope
+
+
+def is_q4k_frame(name, shape):
+    """Whether an entry of q4k_layout is a Q4K frame (else float32)."""
+    return len(shape) > 1 and not name.startswith("rope_")
 
 
 def _blocks_of(rows):
@@ -270,14 +301,19 @@ def dequantize_q4k(blocks, cols):
     return values.reshape(-1, -(-cols // Q4K_BLOCK) * Q4K_BLOCK)[:, :cols]
 
 
+def q4k_frame_header(shape):
+    """A Q4K frame's 44 header bytes for a tensor of shape (ndim, shape, block count, frame length)."""
+    if len(shape) > Q4K_MAX_NDIM:
+        raise ValueError(f"Q4K frames hold at most {Q4K_MAX_NDIM} dimensions, got {len(shape)}")
+    nblocks = math.prod(shape[:-1]) * -(-shape[-1] // Q4K_BLOCK)
+    dims = list(shape) + [0] * (Q4K_MAX_NDIM - len(shape))
+    frame_bytes = Q4K_FRAME_HEADER_BYTES + Q4K_BLOCK_DTYPE.itemsize * nblocks
+    return struct.pack("<QII6II", frame_bytes, QUANT_Q4K, len(shape), *dims, nblocks)
+
+
 def q4k_frame(tensor, quantizer="search"):
     """A tensor as one Q4K frame: its header (ndim, shape, block count), then its blocks."""
-    if tensor.dim() > Q4K_MAX_NDIM:
-        raise ValueError(f"Q4K frames hold at most {Q4K_MAX_NDIM} dimensions, got {tensor.dim()}")
-    blocks = quantize_q4k(tensor, quantizer)
-    shape = list(tensor.shape) + [0] * (Q4K_MAX_NDIM - tensor.dim())
-    header = struct.pack("<QII6II", Q4K_FRAME_HEADER_BYTES + blocks.nbytes, QUANT_Q4K, tensor.dim(), *shape, len(blocks))
-    return header + blocks.tobytes()
+    return q4k_frame_header(tuple(tensor.shape)) + quantize_q4k(tensor, quantizer).tobytes()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -285,14 +321,17 @@ def q4k_frame(tensor, quantizer="search"):
 def header_bytes(kind, fields):
     """The 256-byte header of a file kind from {field: value}: its preamble, then fields in word order."""
     values = {"magic0": MAGIC[0], "magic1": MAGIC[1], "major_version": kind.version[0],
-              "minor_version": kind.version[1], "model_type": kind.model_type,
+              "minor_version": kind.version[1], "model_type": kind.model_types[0],
               "config_length": kind.config_length, **fields}
     words = kind.header_struct.pack(*(values[name] for name, _ in kind.header))
     return words + bytes(HEADER_BYTES - len(words))
 
 
 def extension_words(cfg):
-    """flags, norm_eps and rope_theta of a model config; a default is written as 0, as the original does."""
+    """flags, norm_eps and rope_theta of a model config. A Nano file writes a default as 0, as the original does;
+    a Qwen file states both (the original's engine assumes eps 1e-5, wrongly)."""
+    if model_type_of(cfg) != MODEL_TYPE:
+        return {"flags": 0, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
     norm_eps = 0.0 if np.float32(cfg.norm_eps) == np.float32(DEFAULT_NORM_EPS) else cfg.norm_eps
     return {"flags": 0 if cfg.is_causal else FLAG_NON_CAUSAL, "norm_eps": norm_eps, "rope_theta": 0.0}
 
@@ -309,14 +348,37 @@ def tokenizer_bytes(tokenizer):
     return struct.pack("<II", 8 + len(body), len(tokenizer.itos)) + body
 
 
+def tokenizer_section(tokenizer, cfg):
+    """The tokenizer section: Nano's code-point records, or for a Qwen file the BPE's byte records, padded with
+    empty records to the model's vocab_size (Qwen's embedding has rows no token uses)."""
+    is_nano = model_type_of(cfg) == MODEL_TYPE
+    if not isinstance(tokenizer, Tokenizer if is_nano else BPETokenizer):
+        raise ValueError("a Nano model file holds Nano's own tokenizer" if is_nano else
+                         f"a {QWEN_TYPES[model_type_of(cfg)]} file holds a byte-level BPE tokenizer")
+    if tokenizer.vocab_size > cfg.vocab_size or is_nano and tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    return tokenizer_bytes(tokenizer) if is_nano else tokenizer.to_section(cfg.vocab_size)
+
+
 def check_exportable(cfg):
     problems = []
     if not cfg.use_rope:
         problems.append("use_rope=False (the format has no learned position embedding)")
     if cfg.bias:
-        problems.append("bias=True (the format has no biases)")
+        problems.append("bias=True (the format has no biases on every projection)")
     if not np.finfo(np.float32).tiny <= cfg.norm_eps <= np.finfo(np.float32).max:
         problems.append(f"norm_eps={cfg.norm_eps} (the format holds a positive float32)")
+    if model_type_of(cfg) == MODEL_TYPE:
+        if cfg.rope_style != "interleaved" or cfg.rope_theta != DEFAULT_ROPE_THETA:
+            problems.append(f"rope_style={cfg.rope_style}, rope_theta={cfg.rope_theta:g} (a Nano file's RoPE is "
+                            f"interleaved with base {DEFAULT_ROPE_THETA:g}; Qwen files need q/k norms or biases)")
+        if cfg.head_dim * cfg.n_head != cfg.n_embd:
+            problems.append(f"head_dim={cfg.head_dim} (a Nano file's is n_embd / n_head)")
+    else:
+        if cfg.qk_norm and cfg.qkv_bias:
+            problems.append("both qk_norm and qkv_bias (Qwen3 files hold q/k norms, Qwen2 files biases)")
+        if cfg.rope_style != "half" or not cfg.is_causal:
+            problems.append("a Qwen file is causal with rope_style 'half'")
     if problems:
         raise ValueError("model cannot be exported to .bin: " + "; ".join(problems))
 
@@ -331,15 +393,28 @@ def _exportable_state(model, tokenizer):
     """The model's float32 tensors by state_dict name, RoPE tables included, and whether its head is tied."""
     cfg = model.config
     check_exportable(cfg)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    tokenizer_section(tokenizer, cfg)   # refuses a tokenizer that does not fit before anything is written
     state, is_shared_classifier = float_weights(model)
-    state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size)
+    state["rope_cos"], state["rope_sin"] = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
     return state, is_shared_classifier
+
+
+class StateTensors:
+    """A state dict as a source of tensors for the writer: each tensor in one chunk, its shape checked."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def chunks(self, name, shape):
+        tensor = self.state[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
+        yield tensor.numpy()
 
 
 def _model_header(cfg, is_shared_classifier, quant_type, group_size):
     return header_bytes(MODEL_FILE, {**{name: getattr(cfg, name) for name in DIM_FIELDS},
+                                     "model_type": model_type_of(cfg),
                                      "is_shared_classifier": int(is_shared_classifier), "head_dim": cfg.head_dim,
                                      "quant_type": quant_type, "group_size": group_size, **extension_words(cfg)})
 
@@ -358,66 +433,101 @@ def _write_atomically(path, parts):
     os.replace(tmp, path)
 
 
+def file_entries(cfg, is_shared_classifier, quant_type, rope_width=None):
+    """(name, shape, encoding) of the file's parameters in order; encoding "f32", "q80" or "q4k" (a frame)."""
+    if quant_type == QUANT_Q4K:
+        return [(name, shape, "q4k" if is_q4k_frame(name, shape) else "f32")
+                for name, shape in q4k_layout(cfg, rope_width)]
+    return [(name, shape, "q80" if quant_type == QUANT_Q80 and quantizable else "f32")
+            for name, shape, quantizable in tensor_layout(cfg, is_shared_classifier, rope_width)]
+
+
+def _encoded(name, shape, encoding, tensors, group_size, quantizer):
+    """The bytes of one file entry, chunk by chunk from tensors (a StateTensors or hf.HFCheckpoint)."""
+    if encoding == "f32":
+        for chunk in tensors.chunks(name, shape):
+            yield np.ascontiguousarray(chunk, "<f4").tobytes()
+    elif encoding == "q80":   # all int8 values, then all scales
+        scales = []
+        for chunk in tensors.chunks(name, shape):
+            q, chunk_scales = quantize_q80(torch.from_numpy(chunk), group_size)
+            scales.append(chunk_scales)
+            yield q.tobytes()
+        yield np.concatenate(scales).tobytes()
+    else:   # a Q4K frame: the embedding, or one kind of matrix over all layers
+        yield q4k_frame_header(shape)
+        parts = [(f"layers.{i}.{name}.weight", shape[1:]) for i in range(shape[0])] if name in LINEAR_KINDS \
+            else [(name, shape)]
+        for part, part_shape in parts:
+            for chunk in tensors.chunks(part, part_shape):
+                yield quantize_q4k(torch.from_numpy(chunk), quantizer).tobytes()
+
+
+def write_parameters(path, cfg, tokenizer, tensors, is_shared_classifier, quant_type, group_size=0,
+                     quantizer="search", progress=True):
+    """Write a model file: header, tokenizer section, then each parameter as file_entries says, streamed."""
+    entries = file_entries(cfg, is_shared_classifier, quant_type)
+    section = tokenizer_section(tokenizer, cfg)
+    bar = _progress(sum(math.prod(shape) for _, shape, _ in entries), path, progress)
+
+    def parts():
+        yield _model_header(cfg, is_shared_classifier, quant_type, group_size)
+        yield section
+        for name, shape, encoding in entries:
+            yield from _encoded(name, shape, encoding, tensors, group_size, quantizer)
+            if bar:
+                bar.update(math.prod(shape))
+
+    _write_atomically(path, parts())
+    if bar:
+        bar.close()
+
+
 def write_model(path, model, tokenizer, quant=False, group_size=128, progress=True):
     """Write model (a Transformer) and tokenizer as a .bin file; returns the group size used (0 for float32)."""
     cfg = model.config
     state, is_shared_classifier = _exportable_state(model, tokenizer)
     group = choose_group_size(cfg, group_size) if quant else 0
-    layout = tensor_layout(cfg, is_shared_classifier)
-    bar = _progress(sum(int(np.prod(shape)) for _, shape, _ in layout), path, progress)
-
-    def parts():
-        yield _model_header(cfg, is_shared_classifier, QUANT_Q80 if quant else QUANT_F32, group)
-        yield tokenizer_bytes(tokenizer)
-        for name, shape, quantizable in layout:
-            tensor = state[name]
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
-            if quant and quantizable:
-                q, scales = quantize_q80(tensor, group)
-                yield q.tobytes() + scales.tobytes()
-            else:
-                yield tensor.numpy().astype("<f4").tobytes()
-            if bar:
-                bar.update(tensor.numel())
-
-    _write_atomically(path, parts())
-    if bar:
-        bar.close()
+    write_parameters(path, cfg, tokenizer, StateTensors(state), is_shared_classifier,
+                     QUANT_Q80 if quant else QUANT_F32, group, progress=progress)
     return group
+
+
+def _check_q4k(quantizer, is_shared_classifier):
+    if quantizer not in Q4K_QUANTIZERS:
+        raise ValueError(f"unknown Q4K quantizer {quantizer!r} (choose from {', '.join(Q4K_QUANTIZERS)})")
+    if not is_shared_classifier:
+        raise ValueError("Q4K files have no output head (readers tie it to the embedding): this model's head is "
+                         "untied; export it as float32 or Q80")
 
 
 def write_model_q4k(path, model, tokenizer, quantizer="search", progress=True):
     """Write model and tokenizer as a Q4K .bin file (FORMAT.md); quantizer "minmax" is the original's, byte for
     byte, "search" lowers the squared error. The format has no output head: an untied model is refused."""
-    if quantizer not in Q4K_QUANTIZERS:
-        raise ValueError(f"unknown Q4K quantizer {quantizer!r} (choose from {', '.join(Q4K_QUANTIZERS)})")
-    cfg = model.config
     state, is_shared_classifier = _exportable_state(model, tokenizer)
-    if not is_shared_classifier:
-        raise ValueError("Q4K files have no output head (readers tie it to the embedding): this model's head is "
-                         "untied; export it as float32 or Q80")
-    layout = q4k_layout(cfg)
-    bar = _progress(sum(int(np.prod(shape)) for _, shape in layout), path, progress)
+    _check_q4k(quantizer, is_shared_classifier)
+    write_parameters(path, model.config, tokenizer, StateTensors(state), True, QUANT_Q4K, 0, quantizer, progress)
 
-    def parts():
-        yield _model_header(cfg, True, QUANT_Q4K, 0)
-        yield tokenizer_bytes(tokenizer)
-        for name, shape in layout:
-            if name in LINEAR_KINDS:
-                tensor = torch.stack([state[f"layers.{i}.{name}.weight"] for i in range(cfg.n_layer)])
-            else:
-                tensor = state[name]
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the format expects {shape}")
-            is_frame = len(shape) > 1 and not name.startswith("rope_")
-            yield q4k_frame(tensor, quantizer) if is_frame else tensor.numpy().astype("<f4").tobytes()
-            if bar:
-                bar.update(tensor.numel())
 
-    _write_atomically(path, parts())
-    if bar:
-        bar.close()
+def write_hf(path, directory, quant_type=QUANT_F32, group_size=128, quantizer="search", progress=True):
+    """Convert a Hugging Face Qwen2 / Qwen3 checkpoint directory to a model file (F32, Q80 or Q4K), one chunk
+    of one tensor in memory at a time. Returns (model_type, group size used)."""
+    with HFCheckpoint(directory) as source:
+        cfg = source.config
+        check_exportable(cfg)
+        tokenizer = BPETokenizer.from_tokenizer_json(source.tokenizer_path)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{source.tokenizer_path}: {tokenizer.vocab_size} token ids, more than config.json's "
+                             f"vocab_size {cfg.vocab_size}")
+        if quant_type == QUANT_Q4K:
+            _check_q4k(quantizer, cfg.tie_embeddings)
+        group = choose_group_size(cfg, group_size) if quant_type == QUANT_Q80 else 0
+        entries = file_entries(cfg, cfg.tie_embeddings, quant_type)
+        source.check([(name, shape) for name, shape, _ in entries if name not in LINEAR_KINDS] +
+                     [(f"layers.{i}.{name}.weight", shape[1:]) for name, shape, _ in entries if name in LINEAR_KINDS
+                      for i in range(cfg.n_layer)])
+        write_parameters(path, cfg, tokenizer, source, cfg.tie_embeddings, quant_type, group, quantizer, progress)
+    return source.model_type, group
 
 
 def write_lora(path, lora_state, lora_config, model_config):
@@ -489,8 +599,11 @@ class _Cursor:
 
 
 def _read_file(path):
+    """The file's bytes, memory-mapped: the tensors read from it are views until the model copies them."""
     with open(path, "rb") as f:
-        return f.read()
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _read_header(cursor, kind):
@@ -500,8 +613,8 @@ def _read_header(cursor, kind):
     header = dict(zip((name for name, _ in kind.header), kind.header_struct.unpack_from(cursor.data)))
     if (header["magic0"], header["magic1"]) != MAGIC:
         raise cursor.error("magic", f"{header['magic0']:08x} {header['magic1']:08x} is not a Nano file")
-    if header["model_type"] != kind.model_type:
-        kinds = {k.model_type: k.description for k in (MODEL_FILE, LORA_FILE)}
+    if header["model_type"] not in kind.model_types:
+        kinds = {t: k.description for k in (MODEL_FILE, LORA_FILE) for t in k.model_types}
         found = kinds.get(header["model_type"], f"model_type {header['model_type']}")
         raise cursor.error("model_type", f"{found} is not supported here (expected {kind.description})")
     version, want = (header["major_version"], header["minor_version"]), kind.version
@@ -529,21 +642,25 @@ def _read_model_config(cursor, header):
     quant, group = header["quant_type"], header["group_size"]
     if shared > 1:
         raise cursor.error("is_shared_classifier", f"{shared}, expected 0 or 1")
-    if head_dim * dims["n_head"] != dims["n_embd"]:
-        raise cursor.error("head_dim", f"{head_dim} is not n_embd / n_head, which model.py requires")
+    model_type = header["model_type"]
+    if model_type == MODEL_TYPE and head_dim * dims["n_head"] != dims["n_embd"]:
+        raise cursor.error("head_dim", f"{head_dim} is not n_embd / n_head, which a Nano model has")
+    if not 0 < head_dim <= 1 << 16:
+        raise cursor.error("head_dim", f"{head_dim} is out of range")
     if quant not in (QUANT_F32, QUANT_Q80, QUANT_Q4K):
         raise cursor.error("quant_type", f"unknown value {quant:#x}")
-    extensions = _read_extensions(cursor, header)
+    extensions = _read_extensions(cursor, header) if model_type == MODEL_TYPE else _read_qwen_extensions(cursor, header)
+    # a Q4K file has no head whatever is_shared_classifier says (the original writes 0 for an untied source)
+    tied = bool(shared) or quant == QUANT_Q4K
     try:
-        cfg = ModelConfig(**dims, **extensions)
+        cfg = ModelConfig(**dims, **extensions, head_dim=head_dim, tie_embeddings=tied)
     except ValueError as e:
         raise cursor.error("config", str(e)) from None
     if quant == QUANT_Q80:
         widths = (cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_hidden)
         if group == 0 or any(w % group for w in widths):
             raise cursor.error("group_size", f"{group} does not divide the matmul widths {widths}")
-    # a Q4K file has no head whatever is_shared_classifier says (the original writes 0 for an untied source)
-    return cfg, bool(shared) or quant == QUANT_Q4K, quant, group
+    return cfg, tied, quant, group
 
 
 def _read_extensions(cursor, header):
@@ -558,6 +675,19 @@ def _read_extensions(cursor, header):
     if rope_theta not in (0, DEFAULT_ROPE_THETA):
         raise cursor.error("rope_theta", f"{rope_theta:g} is not supported (this reader uses {DEFAULT_ROPE_THETA:g})")
     return {"is_causal": not flags & FLAG_NON_CAUSAL, "norm_eps": _shortest_decimal(norm_eps or DEFAULT_NORM_EPS)}
+
+
+def _read_qwen_extensions(cursor, header):
+    """A Qwen file's options: its kind's q/k norms or biases, rotate-half RoPE, eps and theta (0: 1e-6, 1e6)."""
+    flags, norm_eps, rope_theta = header["flags"], header["norm_eps"], header["rope_theta"]
+    if flags:
+        raise cursor.error("flags", f"{flags:#x}, expected 0 for a {QWEN_TYPES[header['model_type']]} model")
+    for field, value in (("norm_eps", norm_eps), ("rope_theta", rope_theta)):
+        if not math.isfinite(value) or value < 0:
+            raise cursor.error(field, f"{value:g} is not a positive number")
+    return {"qk_norm": header["model_type"] == QWEN3_TYPE, "qkv_bias": header["model_type"] == QWEN2_TYPE,
+            "rope_style": "half", "norm_eps": _shortest_decimal(norm_eps or QWEN_NORM_EPS),
+            "rope_theta": _shortest_decimal(rope_theta or QWEN_ROPE_THETA)}
 
 
 def _shortest_decimal(value):
@@ -596,6 +726,18 @@ def _read_tokenizer(cursor, vocab_size):
         raise cursor.error("tokenizer", str(e)) from None
 
 
+def _read_bpe_tokenizer(cursor, vocab_size):
+    """A Qwen file's tokenizer section: u32 T, u32 max_token_bytes, then (f32 score, u32 n, n bytes) per id."""
+    (section_bytes,) = (int(x) for x in cursor.take(1, "<u4", "tokenizer section"))
+    start = cursor.offset - 4
+    if section_bytes < 8 or start + section_bytes > len(cursor.data):
+        raise cursor.error("tokenizer section length", f"{section_bytes} does not fit the file")
+    tokenizer = BPETokenizer.from_section(bytes(cursor.data[start:start + section_bytes]), vocab_size,
+                                          f"{cursor.path}: tokenizer section")
+    cursor.offset = start + section_bytes
+    return tokenizer
+
+
 def _read_q4k_frame(cursor, name, shape):
     """A Q4K frame's blocks after checking its header and every block against the tensor's expected shape."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
@@ -626,25 +768,47 @@ def _read_q4k_frame(cursor, name, shape):
     return blocks
 
 
+def _entry_bytes(shape, encoding, group_size):
+    count = math.prod(shape)
+    if encoding == "q80":
+        return count + 4 * (count // group_size)
+    if encoding == "q4k":
+        return Q4K_FRAME_HEADER_BYTES + Q4K_BLOCK_DTYPE.itemsize * math.prod(shape[:-1]) * -(-shape[-1] // Q4K_BLOCK)
+    return 4 * count
+
+
+def _entries_in_file(cursor, cfg, tied, quant, group):
+    """file_entries of the file being read. A Qwen file's RoPE tables are [B, head_dim/2], or [B, (E/n_head)/2]
+    as the original's converter writes them: whichever width the file's length fits."""
+    widths = [cfg.head_dim // 2]
+    if model_type_of(cfg) != MODEL_TYPE and cfg.n_embd % cfg.n_head == 0:
+        widths.append(cfg.n_embd // cfg.n_head // 2)
+    remaining = len(cursor.data) - cursor.offset
+    for width in widths:
+        entries = file_entries(cfg, tied, quant, width)
+        if sum(_entry_bytes(shape, encoding, group) for _, shape, encoding in entries) == remaining:
+            return entries
+    return file_entries(cfg, tied, quant)   # reading then names the first tensor that does not fit
+
+
 def read_bin(path):
     """Parse a model file: config, tokenizer, and its tensors as stored: {name: float32 array}, for Q80
     tensors {name: (int8 values, float32 scales)}, for a Q4K file's frames {name: blocks} with the names and
-    shapes of q4k_layout. Also returns quant_type and group_size."""
+    shapes of q4k_layout. Also returns quant_type and group_size. The tokenizer is a Tokenizer for a Nano
+    file, a BPETokenizer for a Qwen one (cfg.qk_norm: Qwen3, cfg.qkv_bias: Qwen2)."""
     cursor = _Cursor(path, _read_file(path))
     header = _read_header(cursor, MODEL_FILE)
-    cfg, is_shared_classifier, quant, group = _read_model_config(cursor, header)
-    tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
+    cfg, tied, quant, group = _read_model_config(cursor, header)
+    if header["model_type"] == MODEL_TYPE:
+        tokenizer = _read_tokenizer(cursor, cfg.vocab_size)
+    else:
+        tokenizer = _read_bpe_tokenizer(cursor, cfg.vocab_size)
     tensors = {}
-    if quant == QUANT_Q4K:
-        for name, shape in q4k_layout(cfg):
-            is_frame = len(shape) > 1 and not name.startswith("rope_")
-            count = int(np.prod(shape))
-            tensors[name] = _read_q4k_frame(cursor, name, shape) if is_frame else cursor.take(count, "<f4", name)
-        cursor.finish()
-        return cfg, tokenizer, tensors, quant, group
-    for name, shape, quantizable in tensor_layout(cfg, is_shared_classifier):
-        count = int(np.prod(shape))
-        if quant == QUANT_Q80 and quantizable:
+    for name, shape, encoding in _entries_in_file(cursor, cfg, tied, quant, group):
+        count = math.prod(shape)
+        if encoding == "q4k":
+            tensors[name] = _read_q4k_frame(cursor, name, shape)
+        elif encoding == "q80":
             q = cursor.take(count, np.int8, name)
             tensors[name] = (q, cursor.take(count // group, "<f4", f"{name} scales"))
         else:
@@ -679,18 +843,19 @@ def load_bin(path):
     if quant == QUANT_Q4K:
         tensors = q4k_tensors_dequantized(cfg, tensors)
     model = Transformer(cfg)
-    layout = {name: shape for name, shape, _ in tensor_layout(cfg, "output.weight" not in tensors)}
+    layout = {name: shape for name, shape, _ in tensor_layout(cfg, cfg.tie_embeddings)}
     state = {}
     for name, data in tensors.items():
         array = dequantize_q80(*data, group) if isinstance(data, tuple) else data
-        state[name] = torch.from_numpy(array.astype(np.float32)).reshape(layout[name])
-    cos, sin = state.pop("rope_cos"), state.pop("rope_sin")
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
-    head = state.pop("output.weight", None)
-    model.load_state_dict(state, strict=False)
-    if head is not None:   # untied head: give the output layer its own weight
-        model.output.weight = torch.nn.Parameter(head)
+        state[name] = torch.from_numpy(array.astype(np.float32))
+    cos, sin = state.pop("rope_cos", None), state.pop("rope_sin", None)
+    # without tables of width head_dim/2 (a Qwen3 Q4K file, or the original's width) the model's own stand,
+    # computed from theta
+    if cos is not None and cos.numel() == model.rope_cos.numel():
+        model.rope_cos.copy_(cos.view_as(model.rope_cos))
+        model.rope_sin.copy_(sin.view_as(model.rope_sin))
+    state = {name: tensor.reshape(layout[name]) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=False)   # a tied head's weight is the embedding's
     model.eval()
     return model, tokenizer
 
@@ -860,12 +1025,16 @@ def load_float_model(path):
 def main():
     parser = argparse.ArgumentParser(description="Export a Nano checkpoint or LoRA adapter to a .bin file, or a model to GGUF.")
     parser.add_argument("output", help="the .bin file to write")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint .pt to export as float32")
-    source.add_argument("--quant", help="checkpoint .pt to export as Q80 (int8 groups)")
-    source.add_argument("--q4k", help="checkpoint .pt, or float32 .bin, to export as Q4K (4-bit)")
-    source.add_argument("--lora", help="LoRA checkpoint .pt to export as an adapter file")
-    source.add_argument("--gguf", help="checkpoint .pt (a LoRA run's is merged into its base) or model .bin "
+    parser.add_argument("--checkpoint", help="checkpoint .pt to export as float32")
+    parser.add_argument("--quant", nargs="?", const="", metavar="CHECKPOINT",
+                        help="checkpoint .pt to export as Q80 (int8 groups); with --hf, no argument")
+    parser.add_argument("--q4k", nargs="?", const="", metavar="CHECKPOINT",
+                        help="checkpoint .pt, or float32 .bin, to export as Q4K (4-bit); with --hf, no argument")
+    parser.add_argument("--lora", help="LoRA checkpoint .pt to export as an adapter file")
+    parser.add_argument("--hf", metavar="DIR", help="Hugging Face Qwen2 / Qwen2.5 / Qwen3 checkpoint directory "
+                                                   "(config.json, *.safetensors, tokenizer.json): float32, or "
+                                                   "Q80 with --quant, Q4K with --q4k")
+    parser.add_argument("--gguf", help="checkpoint .pt (a LoRA run's is merged into its base) or model .bin "
                                        "to export as a GGUF file for llama.cpp")
     parser.add_argument("--group-size", type=int, default=128,
                         help="Q80 group size; halved until it divides every matmul width (default 128)")
@@ -873,7 +1042,22 @@ def main():
                         help="search: lower squared error (default); minmax: the original converter's, byte for byte")
     parser.add_argument("--q8_0", action="store_true", help="with --gguf: matrices as llama.cpp's Q8_0")
     args = parser.parse_args()
+    sources = [name for name in ("checkpoint", "quant", "q4k", "lora", "hf", "gguf") if getattr(args, name)]
+    if args.quant is not None and args.q4k is not None:
+        parser.error("--quant and --q4k exclude each other")
+    if len(sources) != 1:
+        parser.error("give one source: --checkpoint, --quant, --q4k, --lora, --hf or --gguf")
+    if (args.quant == "" or args.q4k == "") and not args.hf:
+        parser.error("--quant and --q4k take a checkpoint, except with --hf")
+    if args.group_size <= 0:
+        parser.error(f"--group-size must be positive, got {args.group_size}")
     try:
+        if args.hf:
+            quant_type = QUANT_Q80 if args.quant is not None else QUANT_Q4K if args.q4k is not None else QUANT_F32
+            model_type, group = write_hf(args.output, args.hf, quant_type, args.group_size, args.q4k_quantizer)
+            kind = {QUANT_F32: "float32", QUANT_Q80: f"Q80, group size {group}", QUANT_Q4K: "Q4K"}[quant_type]
+            print(f"wrote {args.output}: {QWEN_TYPES[model_type]}, {kind}, {os.path.getsize(args.output)} bytes")
+            return
         if args.lora:
             saved = checkpoint.load(args.lora)
             state, lora_config = checkpoint.lora_of(saved, args.lora)
@@ -895,8 +1079,6 @@ def main():
             return
         if args.q8_0:
             raise ValueError("--q8_0 applies to --gguf only (for .bin files, --quant writes Q80)")
-        if args.group_size <= 0:
-            raise ValueError(f"--group-size must be positive, got {args.group_size}")
         model, tokenizer = checkpoint.load_full_model(args.quant or args.checkpoint)
         group = write_model(args.output, model, tokenizer, quant=bool(args.quant), group_size=args.group_size)
         kind = f"Q80, group size {group}" if args.quant else "float32"

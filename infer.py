@@ -5,6 +5,7 @@ Run a Nano model from Python: continue a prompt, answer an instruction, or chat.
     python infer.py -m checkpoint/sft/best.pt -i --prompt "质量很好"     # one instruction
     python infer.py -m checkpoint/sft/best.pt -i                        # interactive chat
     python infer.py -m model.bin -l lora.bin -i                         # exported files
+    python infer.py -m qwen3-0.6b.bin -i [--think]                      # a Qwen file (export.py --hf): ChatML
 
 Checkpoints are the .pt files of train.py (full model, or a LoRA run that names its base) or the
 .bin files of export.py. Generation streams tokens as they come, uses the model's KV cache, and in
@@ -14,6 +15,11 @@ false) run as seq2seq: every position in one pass, the argmax at each position p
 The C CLI (infer_c/infer) and the browser page (infer/index.html) follow the same rules: the sampling
 defaults below, a continuation prompt after <|bos|>, an instruction as <|instruct_mark|>q<|response_mark|>,
 and the same trimming of a conversation (tests/test_frontends.py runs all three on one model).
+
+Qwen files (Qwen2 / Qwen2.5 / Qwen3, export.py --hf) use their ChatML template instead:
+`<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n`, for Qwen3 followed by an empty think block
+`<think>\n\n</think>\n\n` unless --think; an answer ends at <|endoftext|> or <|im_end|> and is closed with
+`<|im_end|>\n` before the next turn; a continuation prompt is the text alone (Qwen has no BOS).
 """
 
 import argparse
@@ -24,9 +30,10 @@ import time
 import torch
 
 import checkpoint
-from tokenizer import PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID
+from tokenizer import PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID, BPETokenizer
 
 STOP_IDS = (PAD_ID, EOS_ID)
+CONTEXT_LIMIT = 4096   # default context of a front end: Qwen's 32768-40960 positions would need gigabytes of KV cache
 
 # Every Nano front end samples with these unless told otherwise (the C engine's are in
 # infer_c/nano.h). Answers run until the context is full: -s defaults to the model's context.
@@ -129,18 +136,75 @@ def instruct_prompt(tokenizer, text):
     return [INSTRUCT_ID] + encode_text(tokenizer, text) + [RESPONSE_ID]
 
 
+class NanoTemplate:
+    """Nano's prompts: a continuation after <|bos|>, a question as <|instruct_mark|>q<|response_mark|>, an answer
+    closed with <|eos|>; documents (eval.py) are <|bos|>text<|eos|>."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = STOP_IDS
+        self.answer_end = [EOS_ID]
+        self.document_start, self.document_end = [BOS_ID], [EOS_ID]
+
+    def continuation(self, text):
+        return continuation_prompt(self.tokenizer, text)
+
+    def question(self, text):
+        return instruct_prompt(self.tokenizer, text)
+
+    def wrap_question(self, text, ids):
+        """A question already encoded as ids, in the instruct template."""
+        return [INSTRUCT_ID] + ids + [RESPONSE_ID]
+
+
+class ChatMLTemplate:
+    """Qwen's ChatML (see the module's docstring). Stops at the ids of <|endoftext|> and <|im_end|>; documents
+    are separated by <|endoftext|>, as in Qwen's pretraining."""
+
+    def __init__(self, tokenizer, empty_think_block):
+        self.tokenizer = tokenizer
+        end_of_text, self.im_end = tokenizer.id_of("<|endoftext|>"), tokenizer.id_of("<|im_end|>")
+        if end_of_text is None or self.im_end is None:
+            raise ValueError("the tokenizer has no <|endoftext|> or <|im_end|> token: not a Qwen chat vocabulary")
+        self.stop_ids = (end_of_text, self.im_end)
+        self.answer_end = [self.im_end] + tokenizer.encode("\n")
+        self.document_start, self.document_end = [end_of_text], [end_of_text]
+        self.assistant_opening = "<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if empty_think_block else "")
+
+    def continuation(self, text):
+        return self.tokenizer.encode(text)
+
+    def question(self, text):
+        return self.tokenizer.encode(f"<|im_start|>user\n{text}<|im_end|>\n{self.assistant_opening}")
+
+    def wrap_question(self, text, ids):
+        return self.question(text)
+
+
+def prompt_template(model, tokenizer, think=False):
+    """The prompts of a model: ChatML for a Qwen file (with Qwen3's empty think block unless think), else Nano's."""
+    if isinstance(tokenizer, BPETokenizer):
+        return ChatMLTemplate(tokenizer, empty_think_block=model.config.qk_norm and not think)
+    return NanoTemplate(tokenizer)
+
+
+def context_of(model):
+    """The context a front end uses by default: the model's, at most CONTEXT_LIMIT tokens."""
+    return min(model.config.block_size, CONTEXT_LIMIT)
+
+
 def answer_room(context_length):
     """Tokens of the context that a conversation keeps free for the next answer: a quarter."""
     return max(1, context_length // 4)
 
 
 class Conversation:
-    """A multi-turn instruct chat as token ids: <|instruct_mark|>q<|response_mark|>a<|eos|> per turn.
-    The oldest turns are dropped when the next prompt would leave less than answer_room tokens of
-    the context for the answer (the C CLI and the browser page trim the same way)."""
+    """A multi-turn instruct chat as token ids: <|instruct_mark|>q<|response_mark|>a<|eos|> per turn (or the
+    template's own, ChatML for Qwen). The oldest turns are dropped when the next prompt would leave less than
+    answer_room tokens of the context for the answer (the C CLI and the browser page trim the same way)."""
 
-    def __init__(self, tokenizer, context_length, answer_room):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, context_length, answer_room, template=None):
+        self.template = template or NanoTemplate(tokenizer)
         self.context_length = context_length
         self.answer_room = answer_room
         self.turns = []
@@ -151,7 +215,7 @@ class Conversation:
 
     def ask(self, question):
         """The prompt for the next answer: the kept turns, then this question."""
-        self.question = keep_last_tokens(instruct_prompt(self.tokenizer, question),
+        self.question = keep_last_tokens(self.template.question(question),
                                          self.context_length - self.answer_room, "question")
         budget = self.context_length - self.answer_room - len(self.question)
         while self.turns and sum(map(len, self.turns)) > budget:
@@ -159,31 +223,34 @@ class Conversation:
         return [token for turn in self.turns for token in turn] + self.question
 
     def add_answer(self, answer_ids):
-        """Close the asked turn; an interrupted answer is closed with <|eos|> like a finished one."""
-        answer = [t for t in answer_ids if t not in STOP_IDS]
-        self.turns.append(self.question + answer + [EOS_ID])
+        """Close the asked turn; an interrupted answer is closed like a finished one (<|eos|>, <|im_end|>\n)."""
+        answer = [t for t in answer_ids if t not in self.template.stop_ids]
+        self.turns.append(self.question + answer + self.template.answer_end)
 
 
 # ---------------------------------------------------------------- generation
 
-def stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample, out=None):
-    """Generate after prompt_ids, writing each token's text to out (stdout) as it comes.
-    Ctrl-C stops the answer. Returns (new ids, timings) with timings for --profile."""
+def stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample, out=None, stop_ids=STOP_IDS):
+    """Generate after prompt_ids, writing each token's text to out (stdout) as it comes (a BPE token may end
+    inside a character: its bytes wait for the rest). Ctrl-C stops the answer. Returns (new ids, timings) with
+    timings for --profile."""
     out = out or sys.stdout
     new_ids = []
     start = time.perf_counter()
     first_token_at = None
+    decoder = tokenizer.stream_decoder()
     try:
-        for token in model.generate(prompt_ids, max_new_tokens, sample=sample, stop_ids=STOP_IDS):
+        for token in model.generate(prompt_ids, max_new_tokens, sample=sample, stop_ids=stop_ids):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             new_ids.append(token)
-            if token not in STOP_IDS:
-                # every vocabulary entry is whole characters, so each token prints on its own
-                out.write(tokenizer.decode([token]))
+            if token not in stop_ids:
+                out.write(decoder.push(token))
                 out.flush()
     except KeyboardInterrupt:
-        out.write(" [stopped]")
+        out.write(decoder.flush() + " [stopped]")
+    else:
+        out.write(decoder.flush())
     out.write("\n")
     out.flush()
     timings = {"prompt_tokens": min(len(prompt_ids), model.config.block_size), "new_tokens": len(new_ids),
@@ -205,15 +272,15 @@ def profile_report(timings):
             f"decode {decoded} tokens at {decode_rate}")
 
 
-def answer(model, tokenizer, prompt_ids, args, sample):
+def answer(model, tokenizer, prompt_ids, args, sample, stop_ids=STOP_IDS):
     """Generate and print one answer within --max_seq_length; returns the new ids."""
-    prompt_ids = keep_last_tokens(prompt_ids, model.config.block_size)
+    prompt_ids = keep_last_tokens(prompt_ids, context_of(model))
     max_new_tokens = args.max_seq_length - len(prompt_ids)
     if max_new_tokens <= 0:
         warn(f"the prompt of {len(prompt_ids)} tokens leaves no room under --max_seq_length "
              f"{args.max_seq_length}")
         return []
-    new_ids, timings = stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample)
+    new_ids, timings = stream_answer(model, tokenizer, prompt_ids, max_new_tokens, sample, stop_ids=stop_ids)
     if args.profile:
         print(profile_report(timings), file=sys.stderr, flush=True)
     return new_ids
@@ -228,11 +295,11 @@ def seq2seq(model, tokenizer, text):
     return tokenizer.decode(logits[0].argmax(dim=-1).tolist())
 
 
-def interactive(model, tokenizer, args, sample):
+def interactive(model, tokenizer, args, sample, template):
     """Read a line, answer it, repeat. /reset clears the conversation, /quit or EOF leaves."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignored Ctrl-C
-    block = model.config.block_size
-    conversation = Conversation(tokenizer, block, answer_room(block))
+    context = context_of(model)
+    conversation = Conversation(tokenizer, context, answer_room(context), template)
     print("Nano: Ctrl-C stops an answer, /reset starts a new conversation, /quit or Ctrl-D leaves.", flush=True)
     while True:
         try:
@@ -255,9 +322,10 @@ def interactive(model, tokenizer, args, sample):
         if not model.config.is_causal:
             print(seq2seq(model, tokenizer, line), flush=True)
         elif args.instruct:
-            conversation.add_answer(answer(model, tokenizer, conversation.ask(line), args, sample))
+            prompt = conversation.ask(line)
+            conversation.add_answer(answer(model, tokenizer, prompt, args, sample, template.stop_ids))
         else:
-            answer(model, tokenizer, continuation_prompt(tokenizer, line), args, sample)
+            answer(model, tokenizer, template.continuation(line), args, sample, template.stop_ids)
 
 
 def build_parser():
@@ -270,10 +338,14 @@ def build_parser():
     parser.add_argument("-m", "--model", required=True, help="checkpoint .pt or exported model .bin")
     parser.add_argument("-l", "--lora", help="LoRA adapter: a LoRA run's .pt or an exported .bin")
     parser.add_argument("-i", "--instruct", action="store_true",
-                        help="wrap input as <|instruct_mark|>…<|response_mark|> (multi-turn when interactive)")
+                        help="wrap input as <|instruct_mark|>…<|response_mark|>, or a Qwen model's ChatML "
+                             "(multi-turn when interactive)")
+    parser.add_argument("--think", action="store_true",
+                        help="Qwen3: let the model think (by default the prompt closes an empty think block)")
     parser.add_argument("-s", "--max_seq_length", type=int, default=None,
-                        help="maximum length of prompt + answer in tokens (default: the model's context, so "
-                             "the answer runs until the context is full; longer answers slide the window)")
+                        help="maximum length of prompt + answer in tokens (default: the model's context, at "
+                             f"most {CONTEXT_LIMIT}, so the answer runs until the context is full; longer answers "
+                             "slide the window)")
     parser.add_argument("-t", "--temperature", type=float, help="0 means greedy (argmax); default %(default)s")
     parser.add_argument("-k", "--top_k", type=int, help="sample among the k most likely (0: all); default %(default)s")
     parser.add_argument("--top_p", type=float, help="nucleus sampling mass (1.0: off); default %(default)s")
@@ -282,7 +354,8 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     parser.add_argument("-p", "--profile", action="store_true",
                         help="print time to first token, prefill and decode tokens/s to stderr")
-    parser.add_argument("--prompt", help="continue this text (after <|bos|>), or with -i answer it, and exit "
+    parser.add_argument("--prompt", help="continue this text (after <|bos|>; a Qwen model: the text alone), "
+                                         "or with -i answer it, and exit "
                                          "(default: interactive session)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -296,15 +369,16 @@ def main():
             checkpoint.attach_lora(model, args.lora)
     except (OSError, ValueError, KeyError) as error:  # a missing or foreign file: say which, no traceback
         sys.exit(f"infer.py: {error}")
-    args.max_seq_length = args.max_seq_length or model.config.block_size
+    args.max_seq_length = args.max_seq_length or context_of(model)
     sample = make_sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    template = prompt_template(model, tokenizer, args.think)
     if args.prompt is None:
-        interactive(model, tokenizer, args, sample)
+        interactive(model, tokenizer, args, sample, template)
     elif not model.config.is_causal:
         print(seq2seq(model, tokenizer, args.prompt))
     else:
-        make_prompt = instruct_prompt if args.instruct else continuation_prompt
-        answer(model, tokenizer, make_prompt(tokenizer, args.prompt), args, sample)
+        prompt = template.question(args.prompt) if args.instruct else template.continuation(args.prompt)
+        answer(model, tokenizer, prompt, args, sample, template.stop_ids)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ Pre-norm RMSNorm blocks, rotary position embedding on interleaved pairs (or lear
 positions), grouped-query attention through scaled_dot_product_attention, a SwiGLU feed-forward,
 an output head tied to the token embedding, a KV cache for generation, and LoRA adapters that can
 be attached, merged, unmerged, detached and saved on their own.
+
+The same Transformer runs Qwen2 / Qwen2.5 and Qwen3 checkpoints through a few options: an explicit
+head_dim, biases on the q, k, v projections (qkv_bias, Qwen2), an RMSNorm of every query and key head
+(qk_norm, Qwen3), RoPE on the pairs (i, i + head_dim/2) (rope_style "half"), its base (rope_theta) and
+an output head of its own (tie_embeddings false).
 """
 
 import json
@@ -16,6 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer import EOS_ID, PAD_ID
+
+
+ROPE_STYLES = ("interleaved", "half")
 
 
 @dataclass
@@ -32,24 +40,34 @@ class ModelConfig:
     use_rope: bool = True
     norm_eps: float = 1e-5
     is_causal: bool = True
+    head_dim: int = 0                  # 0 (or None): n_embd // n_head
+    qkv_bias: bool = False             # biases on wq, wk, wv only (Qwen2)
+    qk_norm: bool = False              # RMSNorm of each query and key head before RoPE (Qwen3)
+    rope_style: str = "interleaved"    # pairs (2i, 2i+1), or "half": pairs (i, i + head_dim/2)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True        # the output head shares the token embedding's weight
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+        if not self.head_dim:   # older configs have no head_dim: it follows from the width
+            if self.n_embd % self.n_head != 0:
+                raise ValueError(f"model config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+            raise ValueError(f"model config: head_dim must be a positive integer (or 0), got {self.head_dim!r}")
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"model config: n_head ({self.n_head}) is not divisible by n_kv_head ({self.n_kv_head})")
         if self.use_rope and self.head_dim % 2 != 0:
-            raise ValueError(f"model config: head_dim n_embd/n_head = {self.head_dim} must be even for RoPE")
+            raise ValueError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"model config: rope_style must be one of {', '.join(ROPE_STYLES)}, got {self.rope_style!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"model config: rope_theta must be positive, got {self.rope_theta}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
 
     def to_dict(self):
         return asdict(self)
@@ -92,9 +110,13 @@ def rope_tables(head_dim, length, base=10000.0):
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by the angles of cos/sin [T, D/2]
-    (or [B, 1, T, D/2]: each row at its own positions)."""
+def apply_rope(x, cos, sin, style="interleaved"):
+    """Rotate pairs of x [B, H, T, D] by the angles of cos/sin [T, D/2] (or [B, 1, T, D/2]: each row at
+    its own positions): interleaved pairs (x[2i], x[2i+1]), or with style "half" the pairs (x[i], x[i+D/2])
+    (Hugging Face's rotate_half, which Qwen checkpoints are trained with)."""
+    if style == "half":
+        first, second = x.float().chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).type_as(x)
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -152,12 +174,14 @@ class LoRALinear(nn.Linear):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions generated so far, preallocated to block_size.
+    """Keys and values of every layer for the positions generated so far, preallocated to capacity positions
+    (block_size unless told fewer: a Qwen context of 40960 positions would take gigabytes).
     `length` is an int for the whole batch, or a LongTensor [B] of each row's own: rows holding sequences of
     different lengths (a server's concurrent requests) then take one new token each per forward."""
 
-    def __init__(self, config, batch_size, device, dtype=torch.float32):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    def __init__(self, config, batch_size, device, dtype=torch.float32, capacity=None):
+        self.capacity = min(capacity or config.block_size, config.block_size)
+        shape = (batch_size, config.n_kv_head, self.capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled; the next forward writes at this position
@@ -171,20 +195,27 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         hd = config.head_dim
-        self.wq = LoRALinear(config.n_embd, config.n_head * hd, bias=config.bias)
-        self.wk = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=config.bias)
-        self.wv = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.wq = LoRALinear(config.n_embd, config.n_head * hd, bias=qkv_bias)
+        self.wk = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=qkv_bias)
+        self.wv = LoRALinear(config.n_embd, config.n_kv_head * hd, bias=qkv_bias)
         self.wo = LoRALinear(config.n_head * hd, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv_cache=None, layer_index=0):
         B, T, _ = x.shape
         c = self.config
-        q = self.wq(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, c.n_head, c.head_dim)
+        k = self.wk(x).view(B, T, c.n_kv_head, c.head_dim)
         v = self.wv(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, c.rope_style), apply_rope(k, *rope, c.rope_style)
 
         start = 0
         mask, is_causal = None, False
@@ -315,9 +346,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = OutputHead(config.n_embd, config.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied head
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         if config.use_rope:
-            cos, sin = rope_tables(config.head_dim, config.block_size)
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lora_config = None
@@ -336,12 +368,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        """Trainable-model parameters, the tied head counted once, LoRA adapters excluded."""
+        """Trainable-model parameters, a tied head counted once, LoRA adapters excluded."""
         return sum(p.numel() for n, p in self.named_parameters() if "lora_" not in n)
 
     def flops_per_token(self, seq_len=None, head=True):
         """Training FLOPs per token: 6N for the matmuls plus 12·L·n_head·head_dim·T for attention.
-        head=False leaves out the tied output layer, for training that computes it at a few masked positions."""
+        head=False leaves out the output layer, for training that computes it at a few masked positions."""
         c = self.config
         T = seq_len or c.block_size
         matmul_params = self.num_params() - (0 if head else c.vocab_size * c.n_embd)
@@ -359,6 +391,8 @@ class Transformer(nn.Module):
         end = (int(start.max()) if per_row else start) + T
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} positions exceeds block_size {self.config.block_size}")
+        if kv_cache is not None and end > kv_cache.capacity:
+            raise ValueError(f"sequence of {end} positions exceeds the KV cache's {kv_cache.capacity}")
         # positions [T], or [B, T] with a length per row
         positions = start[:, None] + torch.arange(T, device=idx.device) if per_row else \
             torch.arange(start, start + T, device=idx.device)
@@ -404,7 +438,9 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         history = list(prompt_ids)
         window = history[-block:]
-        cache = KVCache(self.config, 1, device, self.tok_embeddings.weight.dtype) if self.config.is_causal else None
+        cache = None
+        if self.config.is_causal:   # room for what this call can generate, at most the context
+            cache = KVCache(self.config, 1, device, self.tok_embeddings.weight.dtype, len(window) + max_new_tokens)
         logits, _ = self.forward(torch.tensor([window], device=device), kv_cache=cache)
         for _ in range(max_new_tokens):
             next_id = sample(logits[0, -1], history)
@@ -412,7 +448,7 @@ class Transformer(nn.Module):
             if next_id in stop_ids:
                 return
             history.append(next_id)
-            if cache is not None and cache.length < block:
+            if cache is not None and cache.length < cache.capacity:
                 logits, _ = self.forward(torch.tensor([[next_id]], device=device), kv_cache=cache)
                 continue
             window = history[-(block // 2 if cache is not None else block):]
