@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -599,3 +600,47 @@ def test_mutated_qwen_files_under_address_sanitizer(tmp_path, vocabulary):
     r = subprocess.run([os.path.join(ENGINE_DIR, "fuzz_replay"), *paths], capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0 and f"ran {len(paths)} inputs" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- files written by export.py --hf
+
+def hf_directory(model, tmp_path, tokenizer_path, name):
+    """A checkpoint directory as transformers saves it (safetensors), with the tokenizer's files."""
+    directory = tmp_path / name
+    model.save_pretrained(directory)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / file).write_bytes((tokenizer_path.parent / file).read_bytes())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    return train_qwen_style_tokenizer(directory, vocab_size=TOKENIZER_MERGES)
+
+
+@pytest.mark.parametrize("kind,quant", [("qwen3", None), ("qwen2", None), ("qwen3", "--quant"), ("qwen2", "--q4k")])
+def test_export_hf_files_run_like_transformers(library, infer, tmp_path, tokenizer_path, kind, quant):
+    """export.py --hf from save_pretrained's directory: float32 logits and greedy chat as transformers', Q80 and
+    Q4K logits as model.py's on the file's dequantized weights (export.load_bin)."""
+    reference = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    model = random_qwen(kind, tie_word_embeddings=True) if quant == "--q4k" else random_qwen(kind)
+    directory = hf_directory(model, tmp_path, Path(tokenizer_path), kind)
+    path = str(tmp_path / f"{kind}.bin")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), path, "--hf", str(directory),
+                        *([quant] if quant else [])], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = reference.encode(chat_text(QUESTIONS[0], kind)).ids
+    logits = CModel(library, path).prefill(ids)
+    if quant is None:
+        error = relative_error(logits, reference_logits(model, ids))
+        assert error < F32_LOGITS_TOL
+        expected = transformers_greedy(model, ids, 16, reference)
+        assert c_ids(infer, path, "-i", QUESTIONS[0], *GREEDY, "-n", "16", "--print-ids") == [expected]
+    else:
+        dequantized, _ = export.load_bin(path)
+        with torch.no_grad():
+            expected = dequantized(torch.tensor([ids]))[0][0].numpy()
+        error = relative_error(logits, expected)
+        assert error < QUANT_LOGITS_TOL
+    print(f"{kind} {quant or 'float32'} via export.py --hf: max |dlogit| / max |logit| {error:.2e}")
