@@ -1450,14 +1450,14 @@ void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *ou
 static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int E = c->n_embd, kv_dim = m->kv_dim, quantized = c->quant_type != NANO_QUANT_F32;
+    int E = c->n_embd, quantized = c->quant_type != NANO_QUANT_F32;
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++)
         nano_matrix_row(m, &m->embedding, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN, s->x + (size_t)t * E);
     Barrier barrier = {0, 0};
     /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
      * model; threads only when a layer's matmuls (these multiply-adds) reach PARALLEL_MIN_WORK */
-#pragma omp parallel if((size_t)n * E * (2 * m->q_dim + 2 * kv_dim + 3 * c->n_hidden) >= PARALLEL_MIN_WORK)
+#pragma omp parallel if((size_t)n * E * (2 * m->q_dim + 2 * m->kv_dim + 3 * c->n_hidden) >= PARALLEL_MIN_WORK)
     {
         for (int l = 0; l < c->n_layer; l++) {
             const NanoLayer *layer = &m->layers[l];
