@@ -159,8 +159,8 @@ def test_q80_groups_of_16_in_every_kernel(infer, tmp_path, tok):
     q80_model, _ = export.load_bin(path)
     subprocess.run(["make", "-C", ENGINE_DIR, "portable"], check=True, capture_output=True)
     avx2 = str(tmp_path / "infer-avx2")
-    subprocess.run(["cc", "-std=c99", "-O2", "-mavx2", "-mfma", "-fopenmp", "-o", avx2, "nano.c", "main.c", "-lm"],
-                   cwd=ENGINE_DIR, check=True, capture_output=True)
+    subprocess.run(["cc", "-std=c99", "-O2", "-mavx2", "-mfma", "-fopenmp", "-o", avx2, "nano.c", "bpe.c", "main.c",
+                    "-lm"], cwd=ENGINE_DIR, check=True, capture_output=True)
     prompt = "hello 世界"
     native_ids, native_logits = c_greedy(infer, path, prompt, 8, tmp_path)
     prompt_ids = [BOS_ID] + tok.encode(prompt)

@@ -237,8 +237,8 @@ def test_every_kernel_gives_the_same_answer(infer, tmp_path, tok):
     export.write_model_q4k(path, model, tok)
     subprocess.run(["make", "-C", ENGINE_DIR, "portable"], check=True, capture_output=True)
     avx2 = str(tmp_path / "infer-avx2")
-    subprocess.run(["cc", "-std=c99", "-O2", "-mavx2", "-mfma", "-fopenmp", "-o", avx2, "nano.c", "main.c", "-lm"],
-                   cwd=ENGINE_DIR, check=True, capture_output=True)
+    subprocess.run(["cc", "-std=c99", "-O2", "-mavx2", "-mfma", "-fopenmp", "-o", avx2, "nano.c", "bpe.c", "main.c",
+                    "-lm"], cwd=ENGINE_DIR, check=True, capture_output=True)
     native_ids, native_logits = c_greedy(infer, path, "hello world", 8, tmp_path)
     for binary in (avx2, os.path.join(ENGINE_DIR, "infer-portable")):
         ids, logits = c_greedy(binary, path, "hello world", 8, tmp_path)
