@@ -8,6 +8,7 @@
  * (ASYNCIFY_ONLY in the Makefile), the forward pass runs at full speed.
  */
 #include <emscripten.h>
+#include <emscripten/heap.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +27,10 @@ static struct {
     char text[4 * 256 + 1];           /* one token (at most 255 code points) as UTF-8 */
     char info[1024];
     char constants[256];              /* JSON of wasm_sampling_defaults or wasm_special_ids */
+    size_t memory_limit;              /* bytes the files and state may take; 0 = what wasm32 allows */
 } engine;
+
+extern unsigned char __heap_base;     /* the linker's: where malloc's heap starts, after data and stack */
 
 /* Receives every sampled token; returns nonzero when the page asked to stop. */
 EM_ASYNC_JS(int, report_token, (int token), {
@@ -58,11 +62,56 @@ EMSCRIPTEN_KEEPALIVE void wasm_unload_model(void) {
     engine.model_loaded = 0;
 }
 
-/* Takes ownership of bytes (malloc'ed by the worker) in every case. Returns 0, or -1 with wasm_error().
- * A file that does not load leaves the model already loaded (if any) in place. */
-EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, int size, const char *name) {
+/* The most the files and state can take: the largest wasm32 memory (4 GB less a page, MAXIMUM_MEMORY in the
+ * Makefile) less the engine's static data and stack. The page's test hook can set a smaller limit. */
+EMSCRIPTEN_KEEPALIVE size_t wasm_memory_capacity(void) {
+    return engine.memory_limit ? engine.memory_limit : emscripten_get_heap_max() - (size_t)&__heap_base;
+}
+
+EMSCRIPTEN_KEEPALIVE void wasm_limit_memory(size_t bytes) { engine.memory_limit = bytes; }
+
+/* The message for a file the tab cannot hold; state_bytes is 0 while only the file's size is known. */
+static void explain_no_room(const char *name, const char *what, double file_bytes, size_t state_bytes,
+                            int allocation_failed) {
+    double mb = 1e6, capacity = (double)wasm_memory_capacity() / mb;
+    char needs[160], holds[160];
+    if (state_bytes)
+        snprintf(needs, sizeof needs, "%.1f MB (%.1f MB of file and %.1f MB of activations and KV cache)",
+                 (file_bytes + (double)state_bytes) / mb, file_bytes / mb, (double)state_bytes / mb);
+    else
+        snprintf(needs, sizeof needs, "%.1f MB", file_bytes / mb);
+    if (allocation_failed)
+        snprintf(holds, sizeof holds, "more than the browser could give: a tab's WebAssembly memory holds at most "
+                 "%.1f MB, less what is in use", capacity);
+    else
+        snprintf(holds, sizeof holds, "and a browser tab's WebAssembly memory holds at most %.1f MB", capacity);
+    /* the state grows with the context, the file with the weights' precision */
+    snprintf(engine.error, sizeof engine.error, "%s: this %s needs %s, %s: use a Q80/Q4K file (export.py --quant or "
+             "--q4k)%s", name, what, needs, holds, (double)state_bytes > file_bytes ? " or a shorter block_size" : "");
+}
+
+/* A buffer for a file of size bytes, which the worker fills and hands to wasm_load_model or wasm_load_lora;
+ * NULL with wasm_error() when it cannot be had. size is a double: a picked file may exceed what size_t holds. */
+EMSCRIPTEN_KEEPALIVE void *wasm_file_buffer(const char *name, const char *what, double size) {
+    int fits = size <= (double)wasm_memory_capacity();
+    void *bytes = fits ? malloc(size > 0 ? (size_t)size : 1) : NULL;
+    if (!bytes) explain_no_room(name, what, size, 0, fits);
+    return bytes;
+}
+
+/* Takes ownership of bytes (from wasm_file_buffer) in every case. Returns 0, or -1 with wasm_error().
+ * A file that does not load leaves the model already loaded (if any) in place; one whose state cannot be
+ * allocated once the old model is freed leaves none. */
+EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, size_t size, const char *name) {
     NanoModel model;
-    if (nano_model_load(&model, bytes, (size_t)size, name, engine.error, sizeof engine.error)) {
+    if (nano_model_load(&model, bytes, size, name, engine.error, sizeof engine.error)) {
+        free(bytes);
+        return -1;
+    }
+    size_t state_bytes = nano_state_bytes(&model);
+    if ((double)size + (double)state_bytes > (double)wasm_memory_capacity()) {
+        explain_no_room(name, "model", (double)size, state_bytes, 0);
+        nano_model_free(&model);
         free(bytes);
         return -1;
     }
@@ -70,8 +119,7 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, int size, const char *name
     engine.model = model;
     engine.model_bytes = bytes;
     if (nano_state_init(&engine.state, &engine.model)) {
-        snprintf(engine.error, sizeof engine.error, "%s: out of memory for the activations and KV cache (%zu bytes)",
-                 name, nano_state_bytes(&engine.model));
+        explain_no_room(name, "model", (double)size, state_bytes, 1);
         nano_model_free(&engine.model);
         free(bytes);
         engine.model_bytes = NULL;
@@ -84,14 +132,14 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, int size, const char *name
 EMSCRIPTEN_KEEPALIVE int wasm_model_loaded(void) { return engine.model_loaded; }
 
 /* Same ownership rule. A refused adapter leaves the one already attached (if any) in place. */
-EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, int size, const char *name) {
+EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, size_t size, const char *name) {
     NanoLora lora;
     if (!engine.model_loaded) {
         snprintf(engine.error, sizeof engine.error, "%s: load a model before a LoRA adapter", name);
         free(bytes);
         return -1;
     }
-    if (nano_lora_load(&lora, &engine.model, bytes, (size_t)size, name, engine.error, sizeof engine.error)) {
+    if (nano_lora_load(&lora, &engine.model, bytes, size, name, engine.error, sizeof engine.error)) {
         free(bytes);
         return -1;
     }

@@ -348,6 +348,88 @@ def test_truncated_or_wrong_file_shows_error(browser_page, files):
     assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
 
 
+def sparse_file(path, size):
+    """A file of size bytes that takes no disk space: the page sees its size, the tests never read it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def limit_memory(page, limit):
+    """The page's test hook: the engine assumes a memory of limit bytes (0: what wasm32 allows); returns it."""
+    page.evaluate(f"worker.postMessage({{type: 'limit-memory', bytes: {limit}}})")
+    expect(page.locator("body")).to_have_attribute("data-memory-capacity", re.compile(r"\d"))
+    capacity = int(page.get_attribute("body", "data-memory-capacity"))
+    page.evaluate("delete document.body.dataset.memoryCapacity")
+    return capacity
+
+
+def mb(size):
+    return f"{size / 1e6:.1f} MB"
+
+
+def test_loading_streams_the_file_and_shows_progress(browser_page, files):
+    page = browser_page
+    pick_file(page, "#model-file", files["model"])
+    size = files["model"].stat().st_size
+    assert error_text(page) == ""
+    assert page.get_attribute("#load-progress", "max") == page.get_attribute("#load-progress", "value") == str(size)
+    assert page.is_hidden("#load-progress"), "the progress bar stays after loading"
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_file_larger_than_wasm_memory_is_refused(browser_page, files, tmp_path):
+    page = browser_page
+    capacity = limit_memory(page, 0)
+    assert 4000e6 < capacity < 2**32, capacity   # wasm32's 4 GB less a page, less the engine's data and stack
+    huge = sparse_file(tmp_path / "huge.bin", 5 * 10**9)
+    pick_file(page, "#model-file", huge)
+    assert error_text(page) == (f"load-model: huge.bin: this model needs {mb(5e9)}, and a browser tab's WebAssembly "
+                                f"memory holds at most {mb(capacity)}: use a Q80/Q4K file (export.py --quant or --q4k)")
+    # refused before reading: the model loaded before is still there
+    assert "model.bin" in page.inner_text("#model-name")
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_model_over_an_artificial_limit_is_refused(browser_page, files):
+    page = browser_page
+    size = files["model"].stat().st_size
+    state = int(re.search(r"state_bytes\t(\d+)", page.inner_text("#model-config")).group(1))
+    limit_memory(page, size - 1)   # the file alone does not fit: refused before it is read
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == (f"load-model: model.bin: this model needs {mb(size)}, and a browser tab's "
+                                f"WebAssembly memory holds at most {mb(size - 1)}: use a Q80/Q4K file "
+                                f"(export.py --quant or --q4k)")
+    limit_memory(page, size + state - 1)   # the file fits, its activations and KV cache do not
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == (f"load-model: model.bin: this model needs {mb(size + state)} ({mb(size)} of file "
+                                f"and {mb(state)} of activations and KV cache), and a browser tab's WebAssembly "
+                                f"memory holds at most {mb(size + state - 1)}: use a Q80/Q4K file "
+                                f"(export.py --quant or --q4k)")
+    assert page.evaluate("document.body.dataset.state") == "ready", "the model loaded before was dropped"
+    limit_memory(page, 0)
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_allocation_failure_is_reported(browser_page, files, tmp_path):
+    """With the size check out of the way, malloc itself fails for a file just under 4 GB: the loaded model
+    gives way first, then the page says what happened and stays usable."""
+    page = browser_page
+    limit_memory(page, 2**32 - 1)
+    big = sparse_file(tmp_path / "big.bin", 2**32 - 2**20)
+    pick_file(page, "#model-file", big)
+    assert error_text(page) == (f"load-model: big.bin: this model needs {mb(2**32 - 2**20)}, more than the browser "
+                                f"could give: a tab's WebAssembly memory holds at most {mb(2**32 - 1)}, less what "
+                                f"is in use: use a Q80/Q4K file (export.py --quant or --q4k)")
+    assert page.evaluate("document.body.dataset.state") == "no-model"
+    limit_memory(page, 0)
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
 def test_no_network_requests_and_no_console_errors(browser_page):
     page = browser_page
     assert page.errors == []   # a blocked request (the page's CSP) would show here

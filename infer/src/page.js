@@ -15,7 +15,7 @@ const ui = {
     repetitionPenalty: $("repetition-penalty"), maxNew: $("max-new"),
     conversation: $("conversation"), form: $("prompt-form"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), newConversation: $("new-conversation"),
-    status: $("status"), speed: $("speed"), warning: $("warning"), error: $("error"),
+    status: $("status"), loadProgress: $("load-progress"), speed: $("speed"), warning: $("warning"), error: $("error"),
     about: $("about"), serverRow: $("server-row"), backend: $("backend"), serverModel: $("server-model"),
     apiKey: $("api-key"),
 };
@@ -32,6 +32,7 @@ function setState(state, statusText) {
     if (statusText !== undefined) ui.status.textContent = statusText;
     const generating = state === "generating", idle = state === "ready" || state === "no-model";
     ui.send.disabled = state !== "ready";
+    if (state !== "busy") ui.loadProgress.hidden = true;   // shown by the first "load-progress"
     ui.stop.disabled = !generating;
     ui.modelFile.disabled = !(idle || generating);
     ui.unloadModel.disabled = !modelLoaded || !(idle || generating);
@@ -103,6 +104,13 @@ const workerHandlers = {
         ui.modelConfig.hidden = true;
         setState("no-model", "Model unloaded.");
     },
+    "load-progress": message => {
+        ui.loadProgress.hidden = false;
+        ui.loadProgress.max = message.total;
+        ui.loadProgress.value = message.loaded;
+        ui.status.textContent = `Loading ${message.name}… ${(message.loaded / 1e6).toFixed(1)} of ` +
+            `${(message.total / 1e6).toFixed(1)} MB`;
+    },
     "lora-loaded": message => {
         loraLoaded = true;
         ui.loraName.textContent = `${message.name} (rank ${message.rank}, alpha ${message.alpha})`;
@@ -140,6 +148,8 @@ const workerHandlers = {
         setState(idleState(), "New conversation.");
     },
     "warning": message => showWarning(message.message),
+    // the answer to the tests' memory hook: worker.postMessage({type: "limit-memory", bytes})
+    "memory-limited": message => { document.body.dataset.memoryCapacity = message.capacity; },
     "error": message => {
         showError(`${message.context}: ${message.message}`);
         if (currentReply) {
@@ -200,21 +210,16 @@ function settings() {
     };
 }
 
-// Loading a file stops the generation in progress first; the worker runs requests in order.
-async function sendFile(input, type) {
+// Loading a file stops the generation in progress first; the worker runs requests in order. The worker gets
+// the File itself (a handle, not the bytes) and streams it into the engine's memory.
+function sendFile(input, type) {
     const file = input.files[0];
     if (!file) return;
     input.value = "";   // picking the same file again must fire "change" again
     showError("");
     worker.postMessage({type: "stop"});
     setState("busy", `Loading ${file.name}…`);
-    try {
-        const buffer = await file.arrayBuffer();
-        worker.postMessage({type, name: file.name, buffer}, [buffer]);
-    } catch (error) {
-        showError(`${file.name}: cannot read the file: ${error.message}`);
-        setState(idleState());
-    }
+    worker.postMessage({type, file});
 }
 
 ui.modelFile.addEventListener("change", () => sendFile(ui.modelFile, "load-model"));

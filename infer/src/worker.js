@@ -4,6 +4,7 @@
 "use strict";
 
 const TOKEN_BATCH_MS = 30;
+const PROGRESS_MS = 100;    // load progress goes to the page at most this often
 
 let engine = null;          // the instantiated module, once NanoEngine() resolves
 let special = null;         // the special token ids, from the engine (nano.h): {pad, bos, eos, instruct, response, …}
@@ -47,9 +48,12 @@ const engineReady = NanoEngine({
 
 // ------------------------------------------------------------------ heap helpers
 
+// Pointers come back from WebAssembly as signed 32-bit numbers: those above 2 GB would read as negative.
+const address = pointer => pointer >>> 0;
+
 function withCString(text, use) {
     const size = engine.lengthBytesUTF8(text) + 1;
-    const pointer = engine._malloc(size);
+    const pointer = address(engine._malloc(size));
     if (!pointer) throw new Error("out of memory");
     try {
         engine.stringToUTF8(text, pointer, size);
@@ -59,11 +63,54 @@ function withCString(text, use) {
     }
 }
 
-// Copies a file into the WebAssembly heap; the engine takes ownership of the copy.
-function copyToHeap(buffer, name) {
-    const pointer = engine._malloc(Math.max(buffer.byteLength, 1));
-    if (!pointer) throw new Error(`${name}: out of memory for ${buffer.byteLength} bytes`);
-    engine.HEAPU8.set(new Uint8Array(buffer), pointer);   // HEAPU8 read after malloc: the heap may have grown
+function heapCapacity() { return address(engine._wasm_memory_capacity()); }
+
+// A heap buffer of the file's size, or 0 (with lastError()) when this tab's memory cannot hold it.
+function fileBuffer(file, what) {
+    return withCString(file.name, name => withCString(what, kind =>
+        address(engine._wasm_file_buffer(name, kind, file.size))));
+}
+
+// Streams the file straight into the heap, chunk by chunk: the file is never held twice. HEAPU8 is read for
+// every chunk, since a memory growth (none is expected here) would detach an older view.
+async function readIntoHeap(file, pointer) {
+    const reader = file.stream().getReader();
+    let loaded = 0, lastReport = performance.now();
+    const report = () => post({type: "load-progress", name: file.name, loaded, total: file.size});
+    for (;;) {
+        let chunk;
+        try {
+            chunk = await reader.read();
+        } catch (error) {
+            throw new Error(`${file.name}: cannot read the file: ${error.message}`);
+        }
+        if (chunk.done) break;
+        if (loaded + chunk.value.byteLength > file.size) throw fileChanged(file);
+        engine.HEAPU8.set(chunk.value, pointer + loaded);
+        loaded += chunk.value.byteLength;
+        if (performance.now() - lastReport >= PROGRESS_MS) {
+            report();
+            lastReport = performance.now();
+        }
+    }
+    if (loaded !== file.size) throw fileChanged(file);
+    report();
+}
+
+function fileChanged(file) { return new Error(`${file.name}: the file changed while it was read: pick it again`); }
+
+// The file in a heap buffer that the engine's loader takes over. When the memory is short, makeRoom() may free
+// something (it says whether it did) before the one more try.
+async function fileToHeap(file, what, makeRoom) {
+    let pointer = fileBuffer(file, what);
+    if (!pointer && file.size <= heapCapacity() && makeRoom()) pointer = fileBuffer(file, what);
+    if (!pointer) throw new Error(lastError());
+    try {
+        await readIntoHeap(file, pointer);
+    } catch (error) {
+        engine._free(pointer);
+        throw error;
+    }
     return pointer;
 }
 
@@ -72,7 +119,7 @@ function lastError() { return engine.UTF8ToString(engine._wasm_error()); }
 function encode(text) {
     const count = withCString(text, pointer => engine._wasm_encode(pointer));
     if (count < 0) throw new Error("out of memory while tokenizing");
-    const start = engine._wasm_encoded_ids() / 4;
+    const start = engine._wasm_encoded_ids() >>> 2;
     return Array.from(engine.HEAP32.subarray(start, start + count));
 }
 
@@ -84,17 +131,25 @@ function requireModel() {
 
 // ------------------------------------------------------------------ requests
 
-function loadModel({name, buffer}) {
-    const status = withCString(name, namePointer =>
-        engine._wasm_load_model(copyToHeap(buffer, name), buffer.byteLength, namePointer));
-    if (status !== 0) {
-        const message = lastError();
-        if (modelInfo && !engine._wasm_model_loaded()) unloadModel();   // out of memory after the old one was freed
-        throw new Error(message);
+// The model in use gives way to a new one that does not fit beside it; the old one stays if the new one fits.
+function unloadForRoom() {
+    if (!engine._wasm_model_loaded()) return false;
+    engine._wasm_unload_model();
+    return true;
+}
+
+async function loadModel({file}) {
+    try {
+        const pointer = await fileToHeap(file, "model", unloadForRoom);
+        const status = withCString(file.name, name => engine._wasm_load_model(pointer, file.size, name));
+        if (status !== 0) throw new Error(lastError());
+    } catch (error) {
+        if (modelInfo && !engine._wasm_model_loaded()) unloadModel();   // it gave way, or ran out of memory
+        throw error;
     }
     turns = [];
     modelInfo = JSON.parse(engine.UTF8ToString(engine._wasm_model_info()));
-    post({type: "model-loaded", name, bytes: buffer.byteLength, info: modelInfo});
+    post({type: "model-loaded", name: file.name, bytes: file.size, info: modelInfo});
 }
 
 function unloadModel() {
@@ -104,12 +159,18 @@ function unloadModel() {
     post({type: "model-unloaded"});
 }
 
-function loadLora({name, buffer}) {
+async function loadLora({file}) {
     requireModel();
-    const status = withCString(name, namePointer =>
-        engine._wasm_load_lora(copyToHeap(buffer, name), buffer.byteLength, namePointer));
+    const pointer = await fileToHeap(file, "LoRA adapter", () => false);
+    const status = withCString(file.name, name => engine._wasm_load_lora(pointer, file.size, name));
     if (status !== 0) throw new Error(lastError());
-    post({type: "lora-loaded", name, rank: engine._wasm_lora_rank(), alpha: engine._wasm_lora_alpha()});
+    post({type: "lora-loaded", name: file.name, rank: engine._wasm_lora_rank(), alpha: engine._wasm_lora_alpha()});
+}
+
+// The test hook for the memory checks: the capacity the engine assumes, in bytes (0: what wasm32 allows).
+function limitMemory({bytes}) {
+    engine._wasm_limit_memory(bytes);
+    post({type: "memory-limited", capacity: heapCapacity()});
 }
 
 function unloadLora() {
@@ -173,9 +234,9 @@ async function generate({mode, text, settings}) {
         pendingCount++;
         if (performance.now() - lastSent >= TOKEN_BATCH_MS) sendPending();
     };
-    const promptPointer = engine._malloc(4 * prompt.length);
+    const promptPointer = address(engine._malloc(4 * prompt.length));
     if (!promptPointer) throw new Error("out of memory for the prompt");
-    engine.HEAP32.set(prompt, promptPointer / 4);
+    engine.HEAP32.set(prompt, promptPointer >>> 2);
     let status;
     try {
         status = await engine.ccall("wasm_generate", "number",
@@ -214,6 +275,7 @@ const handlers = {
     "unload-lora": unloadLora,
     "generate": generate,
     "reset-conversation": resetConversation,
+    "limit-memory": limitMemory,
 };
 
 // Requests run one at a time, in order; "stop" jumps the queue (it is read between two tokens).
