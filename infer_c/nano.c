@@ -79,7 +79,7 @@ static float header_float(const FileCursor *c, int word) {
 /* Claim count elements of elem_size bytes at the cursor; NULL (with a message) if the file ends first. */
 static const void *take(FileCursor *c, uint64_t count, uint64_t elem_size, const char *field) {
     uint64_t bytes = count * elem_size;   /* count < 2^50 and elem_size <= 4 by the MAX_DIM checks */
-    if (elem_size == 4 && c->offset % 4 != 0) {
+    if (elem_size == 4 && (uintptr_t)(c->base + c->offset) % 4 != 0) {
         fail(c, "%s: float data at unaligned offset %zu (group_size not a multiple of 4)", field, c->offset);
         return NULL;
     }
@@ -104,8 +104,12 @@ static int check_version(FileCursor *c, uint32_t major, uint32_t minor, uint32_t
                 major, minor, want_major, want_minor);
 }
 
+static int is_model_type(uint32_t type) {
+    return type == NANO_TYPE_MODEL || type == NANO_TYPE_QWEN2 || type == NANO_TYPE_QWEN3;
+}
+
 /* What every file kind shares: magic, model_type, version, config_length, and zeros after its fields. */
-static int check_header(FileCursor *c, uint32_t want_type) {
+static int check_header(FileCursor *c, int want_lora) {
     if (c->size < NANO_HEADER_BYTES)
         return fail(c, "header: file has %zu bytes, a Nano file starts with a %d-byte header",
                     c->size, NANO_HEADER_BYTES);
@@ -113,19 +117,21 @@ static int check_header(FileCursor *c, uint32_t want_type) {
         return fail(c, "magic: %08x %08x is not a Nano file (expected %08x %08x)",
                     header_word(c, WORD_MAGIC0), header_word(c, WORD_MAGIC1), NANO_MAGIC0, NANO_MAGIC1);
     uint32_t type = header_word(c, WORD_MODEL_TYPE);
-    if (type != want_type) {
-        if (type == NANO_TYPE_LORA) return fail(c, "model_type: 10 is a LoRA adapter, not a model (pass it with -l)");
-        if (type == NANO_TYPE_MODEL) return fail(c, "model_type: 0 is a model, not a LoRA adapter");
-        return fail(c, "model_type: %u is not supported (expected %u)", type, want_type);
+    if (want_lora && type != NANO_TYPE_LORA) {
+        if (is_model_type(type)) return fail(c, "model_type: %u is a model, not a LoRA adapter", type);
+        return fail(c, "model_type: %u is not supported (expected 10, a LoRA adapter)", type);
     }
-    int is_model = type == NANO_TYPE_MODEL;
+    if (!want_lora && !is_model_type(type)) {
+        if (type == NANO_TYPE_LORA) return fail(c, "model_type: 10 is a LoRA adapter, not a model (pass it with -l)");
+        return fail(c, "model_type: %u is not supported (expected 0 Nano, 2 Qwen2 or 3 Qwen3)", type);
+    }
     if (check_version(c, header_word(c, WORD_MAJOR_VERSION), header_word(c, WORD_MINOR_VERSION),
-                      is_model ? NANO_MODEL_MAJOR : NANO_LORA_MAJOR, is_model ? NANO_MODEL_MINOR : NANO_LORA_MINOR))
+                      want_lora ? NANO_LORA_MAJOR : NANO_MODEL_MAJOR, want_lora ? NANO_LORA_MINOR : NANO_MODEL_MINOR))
         return -1;
     uint32_t config_length = header_word(c, WORD_CONFIG_LENGTH);
-    uint32_t want_length = is_model ? MODEL_CONFIG_BYTES : LORA_CONFIG_BYTES;
+    uint32_t want_length = want_lora ? LORA_CONFIG_BYTES : MODEL_CONFIG_BYTES;
     if (config_length != want_length) return fail(c, "config_length: %u, expected %u", config_length, want_length);
-    for (int w = is_model ? MODEL_HEADER_WORDS : LORA_HEADER_WORDS; w < NANO_HEADER_BYTES / 4; w++)
+    for (int w = want_lora ? LORA_HEADER_WORDS : MODEL_HEADER_WORDS; w < NANO_HEADER_BYTES / 4; w++)
         if (header_word(c, w)) return fail(c, "header word %d: %u, expected 0", w, header_word(c, w));
     return 0;
 }
@@ -135,7 +141,12 @@ static int check_dim(FileCursor *c, const char *field, uint32_t value) {
     return 0;
 }
 
-/* flags, norm_eps and rope_theta; 0 in any of them means the original's behaviour. */
+static int is_qwen(const NanoConfig *cfg) {
+    return cfg->model_type == NANO_TYPE_QWEN2 || cfg->model_type == NANO_TYPE_QWEN3;
+}
+
+/* flags, norm_eps and rope_theta; 0 in any of them means the original's behaviour (its defaults for the
+ * model type). */
 static int read_extensions(FileCursor *c, NanoConfig *cfg) {
     uint32_t flags = header_word(c, WORD_FLAGS);
     if (flags & ~NANO_FLAG_NON_CAUSAL)
@@ -144,14 +155,22 @@ static int read_extensions(FileCursor *c, NanoConfig *cfg) {
     cfg->is_causal = !(flags & NANO_FLAG_NON_CAUSAL);
     float eps = header_float(c, WORD_NORM_EPS), theta = header_float(c, WORD_ROPE_THETA);
     if (!isfinite(eps) || eps < 0.0f) return fail(c, "norm_eps: %g is not a positive number", eps);
-    cfg->norm_eps = eps != 0.0f ? eps : NANO_DEFAULT_NORM_EPS;
+    cfg->norm_eps = eps != 0.0f ? eps : is_qwen(cfg) ? NANO_QWEN_NORM_EPS : NANO_DEFAULT_NORM_EPS;
+    if (is_qwen(cfg)) {   /* the engine computes a Qwen file's RoPE tables from theta when they are not stored */
+        if (!isfinite(theta) || theta < 0.0f || (theta != 0.0f && theta <= 1.0f))
+            return fail(c, "rope_theta: %g is not a RoPE base (a number above 1)", theta);
+        cfg->rope_theta = theta != 0.0f ? theta : NANO_QWEN_ROPE_THETA;
+        return 0;
+    }
     /* model.py, and so export.py, knows only the default RoPE base: another one is refused, not half supported */
     if (theta != 0.0f && theta != NANO_DEFAULT_ROPE_THETA)
         return fail(c, "rope_theta: %g is not supported (this engine uses %g)", theta, NANO_DEFAULT_ROPE_THETA);
+    cfg->rope_theta = NANO_DEFAULT_ROPE_THETA;
     return 0;
 }
 
 static int read_config(FileCursor *c, NanoConfig *cfg) {
+    cfg->model_type = (int)header_word(c, WORD_MODEL_TYPE);
     struct { int word; const char *name; int *value; } dims[] = {
         {WORD_BLOCK_SIZE, "block_size", &cfg->block_size}, {WORD_VOCAB_SIZE, "vocab_size", &cfg->vocab_size},
         {WORD_N_LAYER, "n_layer", &cfg->n_layer}, {WORD_N_EMBD, "n_embd", &cfg->n_embd},
@@ -169,7 +188,8 @@ static int read_config(FileCursor *c, NanoConfig *cfg) {
     if (head_dim % 2) return fail(c, "head_dim: %u must be even for RoPE", head_dim);
     if (cfg->n_head % cfg->n_kv_head) return fail(c, "n_kv_head: %d does not divide n_head %d", cfg->n_kv_head, cfg->n_head);
     if ((uint64_t)cfg->n_head * head_dim > MAX_DIM) return fail(c, "head_dim: n_head * head_dim is too large");
-    if (cfg->vocab_size <= NANO_RESPONSE) return fail(c, "vocab_size: %d cannot hold the special tokens", cfg->vocab_size);
+    if (!is_qwen(cfg) && cfg->vocab_size <= NANO_RESPONSE)
+        return fail(c, "vocab_size: %d cannot hold the special tokens", cfg->vocab_size);
     cfg->is_shared_classifier = (int)shared;
     cfg->head_dim = (int)head_dim;
     cfg->quant_type = (int)quant;
@@ -276,6 +296,20 @@ static void tokenizer_free(NanoTokenizer *t) {
     free(t->chars); free(t->length);
     free(t->entry_table); free(t->first_char); free(t->first_longest);
     memset(t, 0, sizeof *t);
+}
+
+/* A Qwen file's tokenizer section: u32 T (its bytes), u32 max_token_bytes, then a score and the bytes of each
+ * token (FORMAT.md "Qwen models"). */
+static int read_bpe_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
+    memset(t, 0, sizeof *t);
+    const uint8_t *section = take(c, 8, 1, "tokenizer section");
+    if (!section) return -1;
+    uint32_t section_bytes = read_u32(section);
+    if (section_bytes < 8 || section_bytes - 8 > c->size - c->offset)
+        return fail(c, "tokenizer section length: %u does not fit the file", section_bytes);
+    t->vocab_size = vocab_size;
+    c->offset += section_bytes - 8;
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------- parameters */
@@ -386,39 +420,119 @@ static int take_layer_matrices(FileCursor *c, NanoModel *m, size_t member, int r
     return 0;
 }
 
+/* Per-layer vectors of one kind (norm weights, biases), layers 0..L-1 of width n each, at a fixed offset inside
+ * NanoLayer. */
+static int take_layer_vectors(FileCursor *c, NanoModel *m, size_t member, int n, const char *field) {
+    const float *all = take(c, (uint64_t)m->config.n_layer * n, 4, field);
+    if (!all) return -1;
+    for (int l = 0; l < m->config.n_layer; l++) *(const float **)((char *)&m->layers[l] + member) = all + (size_t)l * n;
+    return 0;
+}
+
+/* What a Qwen file has after w3: Qwen2's q, k, v biases, or Qwen3's q and k norm weights. */
+static int take_qwen_tensors(FileCursor *c, NanoModel *m) {
+    if (m->config.model_type == NANO_TYPE_QWEN2)
+        return take_layer_vectors(c, m, offsetof(NanoLayer, q_bias), m->q_dim, "q biases") ||
+               take_layer_vectors(c, m, offsetof(NanoLayer, k_bias), m->kv_dim, "k biases") ||
+               take_layer_vectors(c, m, offsetof(NanoLayer, v_bias), m->kv_dim, "v biases") ? -1 : 0;
+    if (m->config.model_type == NANO_TYPE_QWEN3)
+        return take_layer_vectors(c, m, offsetof(NanoLayer, q_norm), m->config.head_dim, "q_norm weights") ||
+               take_layer_vectors(c, m, offsetof(NanoLayer, k_norm), m->config.head_dim, "k_norm weights") ? -1 : 0;
+    return 0;
+}
+
+/* Bytes of a [rows, cols] weight matrix in the file. */
+static uint64_t matrix_bytes(const NanoConfig *cfg, int rows, int cols) {
+    uint64_t count = (uint64_t)rows * cols;
+    if (cfg->quant_type == NANO_QUANT_Q4K)
+        return Q4K_FRAME_HEADER_BYTES + (uint64_t)rows * q4k_blocks_per_row(cols) * NANO_Q4K_BLOCK_BYTES;
+    if (cfg->quant_type == NANO_QUANT_Q80) return count + 4 * (count / cfg->group_size);
+    return 4 * count;
+}
+
+/* RoPE tables [block_size, head_dim / 2] computed from theta, table[p, i] = cos/sin(p theta^(-2i/head_dim)),
+ * for a Qwen file that stores none or the original converter's ones (see take_rope_tables). */
+static int compute_rope_tables(FileCursor *c, NanoModel *m) {
+    const NanoConfig *cfg = &m->config;
+    int half = cfg->head_dim / 2;
+    size_t count = (size_t)cfg->block_size * half;
+    if (!(m->rope_computed = malloc(2 * sizeof(float) * count)))
+        return fail(c, "RoPE tables: out of memory for block_size %d", cfg->block_size);
+    for (int p = 0; p < cfg->block_size; p++)
+        for (int i = 0; i < half; i++) {
+            double angle = p * pow(cfg->rope_theta, -2.0 * i / cfg->head_dim);
+            m->rope_computed[(size_t)p * half + i] = (float)cos(angle);
+            m->rope_computed[count + (size_t)p * half + i] = (float)sin(angle);
+        }
+    m->rope_cos = m->rope_computed;
+    m->rope_sin = m->rope_computed + count;
+    return 0;
+}
+
+/* The RoPE cos and sin tables, [block_size, head_dim / 2] each. A Qwen3 Q4K file stores none; the original's
+ * converter writes [block_size, (n_embd / n_head) / 2] ones over that width, which differ when head_dim does
+ * not equal n_embd / n_head: the file's length tells which (FORMAT.md), and those are computed again. */
+static int take_rope_tables(FileCursor *c, NanoModel *m) {
+    const NanoConfig *cfg = &m->config;
+    uint64_t count = (uint64_t)cfg->block_size * (cfg->head_dim / 2);
+    if (is_qwen(cfg)) {
+        if (cfg->model_type == NANO_TYPE_QWEN3 && cfg->quant_type == NANO_QUANT_Q4K) return compute_rope_tables(c, m);
+        uint64_t head = cfg->is_shared_classifier ? 0 : matrix_bytes(cfg, cfg->vocab_size, cfg->n_embd);
+        uint64_t original_count = (uint64_t)cfg->block_size * (cfg->n_embd / cfg->n_head / 2);
+        if (original_count != count && c->size - c->offset == head + 8 * original_count)
+            return !take(c, 2 * original_count, 4, "RoPE tables") ? -1 : compute_rope_tables(c, m);
+    }
+    if (!(m->rope_cos = take(c, count, 4, "RoPE cos table")) || !(m->rope_sin = take(c, count, 4, "RoPE sin table")))
+        return -1;
+    return 0;
+}
+
+size_t nano_model_placement(const void *start, size_t n) {
+    const uint8_t *bytes = start;
+    return n < NANO_HEADER_BYTES + 4 ? 0 : (size_t)(0u - read_u32(bytes + NANO_HEADER_BYTES)) % 4;
+}
+
+/* The file copied to where its parameters are 4-byte aligned, and loaded from there. */
+static int load_placed_copy(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap) {
+    uint8_t *copy = malloc(size + 3);
+    if (!copy) {
+        FileCursor c = {data, size, 0, name, err, err_cap};
+        return fail(&c, "out of memory for an aligned copy of %zu bytes", size);
+    }
+    uint8_t *placed = copy + (nano_model_placement(data, size) - (uintptr_t)copy) % 4;
+    memcpy(placed, data, size);
+    if (nano_model_load(m, placed, size, name, err, err_cap)) { free(copy); return -1; }
+    m->placed_copy = copy;
+    return 0;
+}
+
 int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap) {
     memset(m, 0, sizeof *m);
     FileCursor c = {data, size, 0, name, err, err_cap};
-    if ((uintptr_t)data % 4) return fail(&c, "buffer is not 4-byte aligned");
-    if (check_header(&c, NANO_TYPE_MODEL) || read_config(&c, &m->config)) return -1;
+    if ((uintptr_t)data % 4 != nano_model_placement(data, size)) return load_placed_copy(m, data, size, name, err, err_cap);
+    if (check_header(&c, 0) || read_config(&c, &m->config)) return -1;
     c.offset = NANO_HEADER_BYTES;
     NanoConfig *cfg = &m->config;
-    int E = cfg->n_embd, L = cfg->n_layer;
+    int E = cfg->n_embd, L = cfg->n_layer, F = cfg->n_hidden;
     m->q_dim = cfg->n_head * cfg->head_dim;
     m->kv_dim = cfg->n_kv_head * cfg->head_dim;
-    if (read_tokenizer(&c, &m->tokenizer, cfg->vocab_size)) goto failed;
-
-    const float *attn_norms = take(&c, (uint64_t)L * E, 4, "attention norm weights");
-    const float *ffn_norms = take(&c, (uint64_t)L * E, 4, "feed-forward norm weights");
-    if (!attn_norms || !ffn_norms || !(m->final_norm = take(&c, E, 4, "final norm weight"))) goto failed;
+    if ((is_qwen(cfg) ? read_bpe_tokenizer(&c, &m->tokenizer, cfg->vocab_size)
+                      : read_tokenizer(&c, &m->tokenizer, cfg->vocab_size)))
+        goto failed;
     if (!(m->layers = calloc(L, sizeof *m->layers))) { fail(&c, "n_layer: out of memory for %d layers", L); goto failed; }
-    for (int l = 0; l < L; l++) {
-        m->layers[l].attn_norm = attn_norms + (size_t)l * E;
-        m->layers[l].ffn_norm = ffn_norms + (size_t)l * E;
-    }
+    if (take_layer_vectors(&c, m, offsetof(NanoLayer, attn_norm), E, "attention norm weights") ||
+        take_layer_vectors(&c, m, offsetof(NanoLayer, ffn_norm), E, "feed-forward norm weights") ||
+        !(m->final_norm = take(&c, E, 4, "final norm weight")))
+        goto failed;
     if (take_matrix(&c, &m->embedding, cfg->vocab_size, E, cfg, "token embedding")) goto failed;
-    int F = cfg->n_hidden;
     if (take_layer_matrices(&c, m, offsetof(NanoLayer, wq), m->q_dim, E, "wq") ||
         take_layer_matrices(&c, m, offsetof(NanoLayer, wk), m->kv_dim, E, "wk") ||
         take_layer_matrices(&c, m, offsetof(NanoLayer, wv), m->kv_dim, E, "wv") ||
         take_layer_matrices(&c, m, offsetof(NanoLayer, wo), E, m->q_dim, "wo") ||
         take_layer_matrices(&c, m, offsetof(NanoLayer, w1), F, E, "w1") ||
         take_layer_matrices(&c, m, offsetof(NanoLayer, w2), E, F, "w2") ||
-        take_layer_matrices(&c, m, offsetof(NanoLayer, w3), F, E, "w3"))
-        goto failed;
-    uint64_t rope_count = (uint64_t)cfg->block_size * (cfg->head_dim / 2);
-    if (!(m->rope_cos = take(&c, rope_count, 4, "RoPE cos table")) ||
-        !(m->rope_sin = take(&c, rope_count, 4, "RoPE sin table")))
+        take_layer_matrices(&c, m, offsetof(NanoLayer, w3), F, E, "w3") ||
+        take_qwen_tensors(&c, m) || take_rope_tables(&c, m))
         goto failed;
     if (cfg->is_shared_classifier) m->classifier = m->embedding;
     else if (take_matrix(&c, &m->classifier, cfg->vocab_size, E, cfg, "output head")) goto failed;
@@ -434,6 +548,8 @@ failed:
 
 void nano_model_free(NanoModel *m) {
     free(m->layers);
+    free(m->rope_computed);
+    free(m->placed_copy);
     tokenizer_free(&m->tokenizer);
     memset(m, 0, sizeof *m);
 }
@@ -443,7 +559,7 @@ int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t 
     memset(lora, 0, sizeof *lora);
     FileCursor c = {data, size, 0, name, err, err_cap};
     if ((uintptr_t)data % 4) return fail(&c, "buffer is not 4-byte aligned");
-    if (check_header(&c, NANO_TYPE_LORA)) return -1;
+    if (check_header(&c, 1)) return -1;
     uint32_t rank = header_word(&c, WORD_LORA_RANK);
     if (rank == 0 || rank > 65536) return fail(&c, "lora_rank: %u is out of range (1..65536)", rank);
     const NanoConfig *cfg = &m->config;
@@ -1044,25 +1160,42 @@ static void residual_norm(NanoState *s, int n, int add_branch, const float *weig
     }
 }
 
-/* RoPE: rotate the interleaved pairs of each head of q and k by its row's position's angles, a head per
- * iteration. */
-static void rope(NanoState *s, const PassRow *rows, int n) {
+/* RoPE on one head at a position: rotate its pairs by the angles of cos_row/sin_row, interleaved pairs
+ * (2j, 2j+1) in a Nano model, pairs (j, j + head_dim/2) ("rotate half") in a Qwen one. */
+static void rotate_head(float *v, const float *cos_row, const float *sin_row, int hd, int rotate_half) {
+    int half = hd / 2;
+    for (int j = 0; j < half; j++) {
+        int a = rotate_half ? j : 2 * j, b = rotate_half ? j + half : 2 * j + 1;
+        float x = v[a], y = v[b];
+        v[a] = x * cos_row[j] - y * sin_row[j];
+        v[b] = x * sin_row[j] + y * cos_row[j];
+    }
+}
+
+static void add_vector(float *x, const float *bias, int n) {
+    for (int i = 0; i < n; i++) x[i] += bias[i];
+}
+
+/* The heads of q, k and v made ready for attention, a head of a row per iteration: Qwen2's biases added,
+ * then q and k normalized per head with Qwen3's norm weights and rotated by RoPE. */
+static void prepare_heads(NanoState *s, const NanoLayer *layer, const PassRow *rows, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int heads = c->n_head + c->n_kv_head, hd = c->head_dim;
+    int hd = c->head_dim, rotate_half = is_qwen(c);
+    int rotated = c->n_head + c->n_kv_head, heads = rotated + (layer->v_bias ? c->n_kv_head : 0);
 #pragma omp for schedule(static) nowait
     for (size_t i = 0; i < (size_t)n * heads; i++) {
         size_t t = i / heads;
-        int h = (int)(i % heads);
-        float *v = h < c->n_head ? s->q + t * m->q_dim + (size_t)h * hd
-                                 : s->k + t * m->kv_dim + (size_t)(h - c->n_head) * hd;
+        int h = (int)(i % heads), is_q = h < c->n_head, kv_head = is_q ? 0 : (h - c->n_head) % c->n_kv_head;
+        float *v = is_q ? s->q + t * m->q_dim + (size_t)h * hd
+                 : h < rotated ? s->k + t * m->kv_dim + (size_t)kv_head * hd : s->v + t * m->kv_dim + (size_t)kv_head * hd;
+        const float *bias = is_q ? layer->q_bias : h < rotated ? layer->k_bias : layer->v_bias;
+        if (bias) add_vector(v, bias + (size_t)(is_q ? h : kv_head) * hd, hd);
+        if (h >= rotated) continue;   /* a v head */
+        const float *norm = is_q ? layer->q_norm : layer->k_norm;
+        if (norm) rmsnorm(v, v, norm, hd, c->norm_eps);
         size_t rope_row = (size_t)rows[t].pos * (hd / 2);
-        const float *cos_row = m->rope_cos + rope_row, *sin_row = m->rope_sin + rope_row;
-        for (int j = 0; j < hd / 2; j++) {
-            float even = v[2 * j], odd = v[2 * j + 1];
-            v[2 * j] = even * cos_row[j] - odd * sin_row[j];
-            v[2 * j + 1] = even * sin_row[j] + odd * cos_row[j];
-        }
+        rotate_head(v, m->rope_cos + rope_row, m->rope_sin + rope_row, hd, rotate_half);
     }
 }
 
@@ -1197,7 +1330,7 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
             lora_branches(rows, n, &barrier, LORA_WQ, l, s->xb, s->q);
             lora_branches(rows, n, &barrier, LORA_WK, l, s->xb, s->k);
             lora_branches(rows, n, &barrier, LORA_WV, l, s->xb, s->v);
-            rope(s, rows, n);
+            prepare_heads(s, layer, rows, n);
             barrier_wait(&barrier);
             store_kv(s, rows, n, l);
             barrier_wait(&barrier);

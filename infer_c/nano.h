@@ -19,6 +19,8 @@
 #define NANO_LORA_MAJOR 2024
 #define NANO_LORA_MINOR 10
 #define NANO_TYPE_MODEL 0
+#define NANO_TYPE_QWEN2 2                /* Qwen2 / Qwen2.5: q, k, v biases */
+#define NANO_TYPE_QWEN3 3                /* Qwen3: q and k RMSNorm per head */
 #define NANO_TYPE_LORA 10
 #define NANO_QUANT_F32 0x00
 #define NANO_QUANT_Q80 0x80
@@ -26,6 +28,8 @@
 #define NANO_FLAG_NON_CAUSAL 0x1u        /* header flags word: full attention (seq2seq) */
 #define NANO_DEFAULT_NORM_EPS 1e-5f      /* what 0 in the norm_eps word means */
 #define NANO_DEFAULT_ROPE_THETA 10000.0f /* what 0 in the rope_theta word means */
+#define NANO_QWEN_NORM_EPS 1e-6f         /* the same for a Qwen file */
+#define NANO_QWEN_ROPE_THETA 1e6f
 
 enum { NANO_PAD = 0, NANO_UNKNOWN = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5 };
 
@@ -34,6 +38,8 @@ typedef struct {
     int is_shared_classifier, head_dim, quant_type, group_size;
     int is_causal;            /* 0 when the flags word asks for full attention */
     float norm_eps;           /* RMSNorm eps, the file's or the default */
+    float rope_theta;         /* RoPE base, the file's or the default */
+    int model_type;           /* NANO_TYPE_MODEL, NANO_TYPE_QWEN2 or NANO_TYPE_QWEN3 */
 } NanoConfig;
 
 #define NANO_Q4K_BLOCK 256         /* elements of a Q4K block; a row is ceil(cols / 256) blocks */
@@ -51,6 +57,8 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm;
     NanoMatrix wq, wk, wv, wo, w1, w2, w3;
+    const float *q_bias, *k_bias, *v_bias;   /* Qwen2, else NULL */
+    const float *q_norm, *k_norm;            /* Qwen3: RMSNorm weights [head_dim] of every q and k head, else NULL */
 } NanoLayer;
 
 typedef struct {
@@ -71,6 +79,8 @@ typedef struct {
     const float *final_norm;
     NanoMatrix embedding, classifier;
     const float *rope_cos, *rope_sin;   /* [block_size, head_dim / 2] */
+    float *rope_computed;     /* the tables when the file's do not serve (a Qwen file's), else NULL */
+    void *placed_copy;        /* the file, when the caller's buffer left its parameters unaligned, else NULL */
     NanoTokenizer tokenizer;
 } NanoModel;
 
@@ -121,7 +131,11 @@ typedef struct {
 } NanoStats;
 
 /* Loaders validate everything and return 0, or -1 with a message naming the file and field in err.
- * The buffer must stay alive (and 4-byte aligned) while the model or adapter is in use. */
+ * The buffer must stay alive while the model or adapter is in use, and an adapter's be 4-byte aligned. A model
+ * file's parameters must be 4-byte aligned in memory: a Nano file's when the buffer is, a Qwen file's (its
+ * tokenizer section has any length) when the buffer's address is nano_model_placement(file) modulo 4, which
+ * a caller that reads the file itself can arrange (mmap cannot); otherwise the loader works on a copy. */
+size_t nano_model_placement(const void *start, size_t n);   /* from the file's first 260 bytes; 0..3 */
 int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap);
 void nano_model_free(NanoModel *m);
 int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t size, const char *name,
