@@ -15,8 +15,12 @@
 
 #include "../infer_c/nano.h"
 
+/* Positions a model gets in the page at most: a Qwen model's 32k or 40k would need gigabytes of KV cache. */
+#define PAGE_CONTEXT 4096
+
 static struct {
-    void *model_bytes, *lora_bytes;   /* the files, owned here: the core points into them */
+    void *model_bytes, *lora_bytes;   /* the files (from wasm_file_buffer), owned here: the core points into them */
+    int file_block_size;              /* the model's own context; its config's block_size is the page's */
     NanoModel model;
     NanoState state;
     NanoLora lora;
@@ -32,6 +36,11 @@ static struct {
 
 extern unsigned char __heap_base;     /* the linker's: where malloc's heap starts, after data and stack */
 
+/* A file buffer starts 0..3 bytes into its allocation (wasm_file_buffer), which is at least 4-byte aligned. */
+static void free_file(void *bytes) {
+    if (bytes) free((unsigned char *)bytes - (uintptr_t)bytes % 4);
+}
+
 /* Receives every sampled token; returns nonzero when the page asked to stop. */
 EM_ASYNC_JS(int, report_token, (int token), {
     return await Module.onToken(token);
@@ -46,7 +55,7 @@ EMSCRIPTEN_KEEPALIVE const char *wasm_error(void) { return engine.error; }
 
 EMSCRIPTEN_KEEPALIVE void wasm_unload_lora(void) {
     if (engine.model_loaded) nano_state_attach_lora(&engine.state, NULL);   /* detaching never fails */
-    free(engine.lora_bytes);
+    free_file(engine.lora_bytes);
     engine.lora_bytes = NULL;
     engine.lora_loaded = 0;
 }
@@ -57,7 +66,7 @@ EMSCRIPTEN_KEEPALIVE void wasm_unload_model(void) {
         nano_state_free(&engine.state);
         nano_model_free(&engine.model);
     }
-    free(engine.model_bytes);
+    free_file(engine.model_bytes);
     engine.model_bytes = NULL;
     engine.model_loaded = 0;
 }
@@ -90,13 +99,18 @@ static void explain_no_room(const char *name, const char *what, double file_byte
              "--q4k)%s", name, what, needs, holds, (double)state_bytes > file_bytes ? " or a shorter block_size" : "");
 }
 
-/* A buffer for a file of size bytes, which the worker fills and hands to wasm_load_model or wasm_load_lora;
- * NULL with wasm_error() when it cannot be had. size is a double: a picked file may exceed what size_t holds. */
-EMSCRIPTEN_KEEPALIVE void *wasm_file_buffer(const char *name, const char *what, double size) {
-    int fits = size <= (double)wasm_memory_capacity();
-    void *bytes = fits ? malloc(size > 0 ? (size_t)size : 1) : NULL;
-    if (!bytes) explain_no_room(name, what, size, 0, fits);
-    return bytes;
+/* Where a model file must start modulo 4 for its parameters to be aligned, from its first bytes. */
+EMSCRIPTEN_KEEPALIVE size_t wasm_model_placement(const void *start, size_t n) { return nano_model_placement(start, n); }
+
+/* A buffer for a file of size bytes, starting at an address that is placement modulo 4 (a model file's
+ * wasm_model_placement, so that the loader need not copy it; 0 for an adapter). The worker fills it and hands it
+ * to wasm_load_model or wasm_load_lora. NULL with wasm_error() when it cannot be had. size is a double: a picked
+ * file may exceed what size_t holds. */
+EMSCRIPTEN_KEEPALIVE void *wasm_file_buffer(const char *name, const char *what, double size, size_t placement) {
+    int fits = size + 3 <= (double)wasm_memory_capacity();
+    unsigned char *base = fits ? malloc((size_t)size + 3) : NULL;   /* malloc's blocks are 8-byte aligned */
+    if (!base) explain_no_room(name, what, size, 0, fits);
+    return base ? base + placement % 4 : NULL;
 }
 
 /* Takes ownership of bytes (from wasm_file_buffer) in every case. Returns 0, or -1 with wasm_error().
@@ -105,23 +119,27 @@ EMSCRIPTEN_KEEPALIVE void *wasm_file_buffer(const char *name, const char *what, 
 EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, size_t size, const char *name) {
     NanoModel model;
     if (nano_model_load(&model, bytes, size, name, engine.error, sizeof engine.error)) {
-        free(bytes);
+        free_file(bytes);
         return -1;
     }
+    /* the state and every bound of the forward pass follow block_size; the RoPE tables keep their longer rows */
+    int file_block_size = model.config.block_size;
+    if (model.config.block_size > PAGE_CONTEXT) model.config.block_size = PAGE_CONTEXT;
     size_t state_bytes = nano_state_bytes(&model);
     if ((double)size + (double)state_bytes > (double)wasm_memory_capacity()) {
         explain_no_room(name, "model", (double)size, state_bytes, 0);
         nano_model_free(&model);
-        free(bytes);
+        free_file(bytes);
         return -1;
     }
     wasm_unload_model();
     engine.model = model;
     engine.model_bytes = bytes;
+    engine.file_block_size = file_block_size;
     if (nano_state_init(&engine.state, &engine.model)) {
         explain_no_room(name, "model", (double)size, state_bytes, 1);
         nano_model_free(&engine.model);
-        free(bytes);
+        free_file(bytes);
         engine.model_bytes = NULL;
         return -1;
     }
@@ -136,20 +154,20 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, size_t size, const char *na
     NanoLora lora;
     if (!engine.model_loaded) {
         snprintf(engine.error, sizeof engine.error, "%s: load a model before a LoRA adapter", name);
-        free(bytes);
+        free_file(bytes);
         return -1;
     }
     if (nano_lora_load(&lora, &engine.model, bytes, size, name, engine.error, sizeof engine.error)) {
-        free(bytes);
+        free_file(bytes);
         return -1;
     }
     /* attaching grows the state to the new rank; if that fails, nothing has changed */
     if (nano_state_attach_lora(&engine.state, &lora)) {
         snprintf(engine.error, sizeof engine.error, "%s: out of memory for the adapter's activations", name);
-        free(bytes);
+        free_file(bytes);
         return -1;
     }
-    free(engine.lora_bytes);
+    free_file(engine.lora_bytes);
     engine.lora = lora;
     engine.lora_bytes = bytes;
     engine.lora_loaded = 1;
@@ -157,16 +175,21 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, size_t size, const char *na
     return 0;
 }
 
-/* The model's config as JSON, for the page to show. */
+/* The model's config as JSON, for the page to show; context is the page's (PAGE_CONTEXT), block_size the file's;
+ * in_place tells that the core uses the file where the worker streamed it (no aligned copy). */
 EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
     const NanoConfig *c = &engine.model.config;
     const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : c->quant_type == NANO_QUANT_Q4K ? "Q4K" : "float32";
+    const char *architecture = c->model_type == NANO_TYPE_QWEN3 ? "Qwen3" : c->model_type == NANO_TYPE_QWEN2 ? "Qwen2"
+                                                                                                              : "Nano";
     snprintf(engine.info, sizeof engine.info,
-             "{\"block_size\":%d,\"vocab_size\":%d,\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,"
-             "\"n_hidden\":%d,\"head_dim\":%d,\"is_shared_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,"
-             "\"state_bytes\":%zu}",
-             c->block_size, c->vocab_size, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->n_hidden, c->head_dim,
-             c->is_shared_classifier ? "true" : "false", quant, c->group_size, nano_state_bytes(&engine.model));
+             "{\"architecture\":\"%s\",\"block_size\":%d,\"context\":%d,\"vocab_size\":%d,\"n_layer\":%d,"
+             "\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,\"n_hidden\":%d,\"head_dim\":%d,"
+             "\"is_shared_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,\"state_bytes\":%zu,"
+             "\"in_place\":%s}",
+             architecture, engine.file_block_size, c->block_size, c->vocab_size, c->n_layer, c->n_embd, c->n_head,
+             c->n_kv_head, c->n_hidden, c->head_dim, c->is_shared_classifier ? "true" : "false", quant, c->group_size,
+             nano_state_bytes(&engine.model), engine.model.placed_copy ? "false" : "true");
     return engine.info;
 }
 
@@ -202,6 +225,26 @@ EMSCRIPTEN_KEEPALIVE int wasm_encode(const char *text) {
 }
 
 EMSCRIPTEN_KEEPALIVE const int *wasm_encoded_ids(void) { return engine.encoded; }
+
+/* The logits after each of n tokens run from position 0, into out[n * vocab_size]: how the tests compare this
+ * build's forward pass with the native engine's. Returns 0, or -1 with wasm_error(). */
+EMSCRIPTEN_KEEPALIVE int wasm_logits(const int *ids, int n, float *out) {
+    int vocab_size = engine.model.config.vocab_size;
+    for (int t = 0; t < n; t++)
+        if (ids[t] < 0 || ids[t] >= vocab_size) {
+            snprintf(engine.error, sizeof engine.error, "token %d: id %d is not in the vocabulary (0..%d)", t, ids[t],
+                     vocab_size - 1);
+            return -1;
+        }
+    engine.state.pos = 0;
+    if (nano_forward(&engine.state, ids, n, engine.model.config.is_causal)) {
+        snprintf(engine.error, sizeof engine.error, "%d tokens do not fit the context of %d", n,
+                 engine.model.config.block_size);
+        return -1;
+    }
+    for (int t = 0; t < n; t++) memcpy(out + (size_t)t * vocab_size, nano_logits(&engine.state, t), sizeof(float) * vocab_size);
+    return 0;
+}
 
 EMSCRIPTEN_KEEPALIVE const char *wasm_token_text(int id) {
     nano_token_utf8(&engine.model.tokenizer, id, engine.text, sizeof engine.text);

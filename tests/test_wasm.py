@@ -11,9 +11,11 @@ import importlib.util
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,13 +357,25 @@ def sparse_file(path, size):
     return path
 
 
+def worker_request(page, request, answer):
+    """Sends the page's worker a request and returns its answer (the message of type `answer`); an error
+    message from the worker fails the test."""
+    reply = page.evaluate("""([request, answer]) => new Promise(resolve => {
+        const listener = event => {
+            if (event.data.type !== answer && event.data.type !== "error") return;
+            worker.removeEventListener("message", listener);
+            resolve(event.data);
+        };
+        worker.addEventListener("message", listener);
+        worker.postMessage(request);
+    })""", [request, answer])
+    assert reply["type"] == answer, reply
+    return reply
+
+
 def limit_memory(page, limit):
     """The page's test hook: the engine assumes a memory of limit bytes (0: what wasm32 allows); returns it."""
-    page.evaluate(f"worker.postMessage({{type: 'limit-memory', bytes: {limit}}})")
-    expect(page.locator("body")).to_have_attribute("data-memory-capacity", re.compile(r"\d"))
-    capacity = int(page.get_attribute("body", "data-memory-capacity"))
-    page.evaluate("delete document.body.dataset.memoryCapacity")
-    return capacity
+    return worker_request(page, {"type": "limit-memory", "bytes": limit}, "memory-limited")["capacity"]
 
 
 def mb(size):
@@ -428,6 +442,58 @@ def test_allocation_failure_is_reported(browser_page, files, tmp_path):
     pick_file(page, "#model-file", files["model"])
     assert error_text(page) == ""
     assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+# ----------------------------------------------------------------------------- Qwen files
+
+WASM_F32_LOGITS_TOL = 1e-5    # max |page - C| / max |C|: the same core, only SIMD widths and sums differ
+WASM_QUANT_LOGITS_TOL = 1e-4  # Q80 / Q4K: a float difference could flip the rounding of a quantized activation
+# name: kind, quantization, config overrides; "long" has more positions than the page gives a model (4096)
+QWEN_FILES = {"qwen3": ("qwen3", None, {}), "qwen3_q80": ("qwen3", "q80", {}), "qwen3_q4k": ("qwen3", "q4k", {}),
+              "qwen2": ("qwen2", None, {}), "long": ("qwen3", None, {"max_position_embeddings": 5000})}
+
+
+@pytest.fixture(scope="module")
+def qwen_c():
+    """tests/test_qwen_c.py: its FORMAT.md writer of Qwen files and its ctypes handle on the C core."""
+    pytest.importorskip("transformers")
+    import test_qwen_c
+    return test_qwen_c
+
+
+@pytest.fixture(scope="module")
+def qwen_files(qwen_c, tmp_path_factory):
+    """Random Qwen3 (head_dim other than n_embd / n_head, untied head) and Qwen2 (biases) files, each
+    with its tokenizer section's length making the file's parameters start off a 4-byte boundary."""
+    directory = tmp_path_factory.mktemp("qwen")
+    token_bytes, scores = qwen_c.placeholder_vocabulary()
+    paths = {}
+    for name, (kind, quant, overrides) in QWEN_FILES.items():
+        paths[name] = directory / f"{name}.bin"
+        qwen_c.write_qwen_bin(paths[name], qwen_c.random_qwen(kind, seed=5, **overrides), token_bytes, scores,
+                              quant=quant)
+        section_length = struct.unpack_from("<I", paths[name].read_bytes(), 256)[0]
+        assert section_length % 4 != 0, "the test should place the parameters off the file's alignment"
+    return paths
+
+
+@pytest.mark.parametrize("name", list(QWEN_FILES))
+def test_qwen_logits_equal_the_native_engine(browser_page, qwen_c, qwen_files, name):
+    page = browser_page
+    pick_file(page, "#model-file", qwen_files[name])
+    assert error_text(page) == ""
+    config = page.inner_text("#model-config")
+    kind, quant, overrides = QWEN_FILES[name]
+    assert f"architecture\t{kind.capitalize()}" in config and "in_place\ttrue" in config
+    positions = overrides.get("max_position_embeddings", qwen_c.MODELS[kind]["max_position_embeddings"])
+    assert f"block_size\t{positions}" in config and f"context\t{min(positions, 4096)}" in config
+    ids = qwen_c.random_ids(seed=7, n=12)
+    page_logits = np.array(worker_request(page, {"type": "logits", "ids": ids}, "logits")["logits"],
+                           dtype=np.float32).reshape(len(ids), -1)
+    native = qwen_c.CModel(qwen_c.library.__wrapped__(), str(qwen_files[name])).prefill(ids)
+    error = qwen_c.relative_error(page_logits, native)
+    assert error < (WASM_F32_LOGITS_TOL if quant is None else WASM_QUANT_LOGITS_TOL), error
+    print(f"{name}: page against C, max relative logit difference {error:.2e}")
 
 
 def test_no_network_requests_and_no_console_errors(browser_page):

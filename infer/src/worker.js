@@ -5,6 +5,7 @@
 
 const TOKEN_BATCH_MS = 30;
 const PROGRESS_MS = 100;    // load progress goes to the page at most this often
+const PLACEMENT_BYTES = 260; // what nano_model_placement reads: the header and the tokenizer section's length
 
 let engine = null;          // the instantiated module, once NanoEngine() resolves
 let special = null;         // the special token ids, from the engine (nano.h): {pad, bos, eos, instruct, response, …}
@@ -51,24 +52,34 @@ const engineReady = NanoEngine({
 // Pointers come back from WebAssembly as signed 32-bit numbers: those above 2 GB would read as negative.
 const address = pointer => pointer >>> 0;
 
-function withCString(text, use) {
-    const size = engine.lengthBytesUTF8(text) + 1;
-    const pointer = address(engine._malloc(size));
+// Runs use(pointer) with a copy of bytes in the heap.
+function withHeapBytes(bytes, use) {
+    const pointer = address(engine._malloc(Math.max(bytes.length, 1)));
     if (!pointer) throw new Error("out of memory");
     try {
-        engine.stringToUTF8(text, pointer, size);
+        engine.HEAPU8.set(bytes, pointer);
         return use(pointer);
     } finally {
         engine._free(pointer);
     }
 }
 
+const utf8 = new TextEncoder();
+function withCString(text, use) { return withHeapBytes(utf8.encode(text + "\0"), use); }
+
 function heapCapacity() { return address(engine._wasm_memory_capacity()); }
 
-// A heap buffer of the file's size, or 0 (with lastError()) when this tab's memory cannot hold it.
-function fileBuffer(file, what) {
+// Where a model file must start modulo 4 for the engine to use it in place (an adapter: 0, aligned).
+async function placementOf(file, what) {
+    if (what !== "model") return 0;
+    const start = new Uint8Array(await file.slice(0, PLACEMENT_BYTES).arrayBuffer());
+    return withHeapBytes(start, pointer => engine._wasm_model_placement(pointer, start.length));
+}
+
+// A heap buffer of the file's size at that placement, or 0 (with lastError()) when this tab cannot hold it.
+function fileBuffer(file, what, placement) {
     return withCString(file.name, name => withCString(what, kind =>
-        address(engine._wasm_file_buffer(name, kind, file.size))));
+        address(engine._wasm_file_buffer(name, kind, file.size, placement))));
 }
 
 // Streams the file straight into the heap, chunk by chunk: the file is never held twice. HEAPU8 is read for
@@ -102,8 +113,9 @@ function fileChanged(file) { return new Error(`${file.name}: the file changed wh
 // The file in a heap buffer that the engine's loader takes over. When the memory is short, makeRoom() may free
 // something (it says whether it did) before the one more try.
 async function fileToHeap(file, what, makeRoom) {
-    let pointer = fileBuffer(file, what);
-    if (!pointer && file.size <= heapCapacity() && makeRoom()) pointer = fileBuffer(file, what);
+    const placement = await placementOf(file, what);
+    let pointer = fileBuffer(file, what, placement);
+    if (!pointer && file.size <= heapCapacity() && makeRoom()) pointer = fileBuffer(file, what, placement);
     if (!pointer) throw new Error(lastError());
     try {
         await readIntoHeap(file, pointer);
@@ -167,10 +179,29 @@ async function loadLora({file}) {
     post({type: "lora-loaded", name: file.name, rank: engine._wasm_lora_rank(), alpha: engine._wasm_lora_alpha()});
 }
 
-// The test hook for the memory checks: the capacity the engine assumes, in bytes (0: what wasm32 allows).
+// ------------------------------------------------------------------ requests of the tests
+
+// The capacity the engine assumes, in bytes (0: what wasm32 allows), for the memory checks.
 function limitMemory({bytes}) {
     engine._wasm_limit_memory(bytes);
     post({type: "memory-limited", capacity: heapCapacity()});
+}
+
+// The logits after each token of ids, from position 0: vocab_size numbers per token.
+function logits({ids}) {
+    requireModel();
+    const count = ids.length * modelInfo.vocab_size;
+    const idsPointer = address(engine._malloc(4 * Math.max(ids.length, 1)));
+    const outPointer = address(engine._malloc(4 * Math.max(count, 1)));
+    try {
+        if (!idsPointer || !outPointer) throw new Error("out of memory for the logits");
+        engine.HEAP32.set(ids, idsPointer >>> 2);
+        if (engine._wasm_logits(idsPointer, ids.length, outPointer) !== 0) throw new Error(lastError());
+        post({type: "logits", logits: Array.from(engine.HEAPF32.subarray(outPointer >>> 2, (outPointer >>> 2) + count))});
+    } finally {
+        engine._free(idsPointer);
+        engine._free(outPointer);
+    }
 }
 
 function unloadLora() {
@@ -189,7 +220,7 @@ function promptIds(mode, text) {
 // Trimmed like infer.py's Conversation and main.c's conversation_ask: the oldest whole turns go when the
 // prompt would leave less than the answer room (a quarter of the context) for the answer.
 function conversationPrompt(text) {
-    const limit = modelInfo.block_size - engine._wasm_answer_room();
+    const limit = modelInfo.context - engine._wasm_answer_room();
     question = keepLastTokens([special.instruct].concat(encode(text), [special.response]), limit);
     const turnsLength = () => turns.reduce((sum, turn) => sum + turn.length, 0);
     while (turns.length && turnsLength() > limit - question.length) turns.shift();
@@ -276,6 +307,7 @@ const handlers = {
     "generate": generate,
     "reset-conversation": resetConversation,
     "limit-memory": limitMemory,
+    "logits": logits,
 };
 
 // Requests run one at a time, in order; "stop" jumps the queue (it is read between two tokens).
