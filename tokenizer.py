@@ -216,7 +216,7 @@ MAX_VOCAB_SIZE = 1 << 24         # ranks as float32 scores stay exact below this
 
 @functools.lru_cache(maxsize=PIECE_CACHE_SIZE)
 def char_class(c):
-    """\p{L}, \p{N}, \s or anything else, as the split's regex sees the character."""
+    """\\p{L}, \\p{N}, \\s or anything else, as the split's regex sees the character."""
     if c in WHITE_SPACE:
         return SPACE
     major = unicodedata.category(c)[0]
@@ -333,10 +333,9 @@ class BPETokenizer:
         for i, b in enumerate(self.token_bytes):
             if len(b) == 1 and byte_ids[b[0]] is None:
                 byte_ids[b[0]] = i
-        missing = [f"0x{v:02x}" for v, i in enumerate(byte_ids) if i is None]
-        if missing:
-            raise ValueError(f"{source}: no token for byte(s) {', '.join(missing[:8])}"
-                             f"{' ...' if len(missing) > 8 else ''}: not a byte-level BPE vocabulary")
+        if None in byte_ids:
+            raise ValueError(f"{source}: no token for byte 0x{byte_ids.index(None):02x}: not a byte-level BPE "
+                             "vocabulary")
         return byte_ids
 
     def find_added_tokens(self, source):
@@ -518,7 +517,10 @@ class BPETokenizer:
         vocab_size = max([*token_bytes, *added]) + 1
         merges, scores = [], [0.0] * vocab_size
         for rank, merge in enumerate(spec["model"]["merges"]):
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise ValueError(f"{path}: model.merges[{rank}] {merge!r} is not a pair of tokens")
+            left, right = pair
             merged = ids.get(left + right)
             if left not in ids or right not in ids or merged is None:
                 raise ValueError(f"{path}: model.merges[{rank}] {merge!r} joins tokens not in model.vocab")

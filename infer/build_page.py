@@ -18,7 +18,8 @@ ROOT = os.path.dirname(INFER_DIR)
 
 # everything the page is built from, relative to the repository root (the engine JS is derived from these)
 SOURCES = [
-    "infer_c/nano.h", "infer_c/nano.c", "infer/wasm_api.c", "infer/Makefile",
+    "infer_c/nano.h", "infer_c/nano.c", "infer_c/bpe.h", "infer_c/bpe.c", "infer_c/unicode_classes.h",
+    "infer/wasm_api.c", "infer/Makefile",
     "infer/build_page.py",
     "infer/src/page.html", "infer/src/page.css", "infer/src/page.js", "infer/src/worker.js",
 ]

@@ -1,8 +1,8 @@
 /* libFuzzer harness for the loaders. Any byte string must load cleanly or be refused with a message.
  * Inputs whose model_type word is 10 go to the LoRA loader (against a small built-in base model, with
- * one forward step when they load); the rest to the model loader (float32, Q80 and Q4K files), and a model
- * that loads must dequantize every embedding row, tokenize and run a forward step without touching memory
- * outside its buffers. Without clang, fuzz_replay.c runs the same harness over files (make fuzz-replay). */
+ * one forward step when they load); the rest to the model loader (Nano and Qwen files; float32, Q80 and Q4K),
+ * and a model that loads must dequantize every embedding row, build a chat prompt, run a forward step and
+ * stream the prompt's text without touching memory outside its buffers. Without clang, fuzz_replay.c runs the same harness over files (make fuzz-replay). */
 #include "nano.h"
 
 #include <stdlib.h>
@@ -36,15 +36,19 @@ static const NanoModel *base_model(void) {
 static void run_one_step(const NanoModel *model, const NanoLora *lora) {
     NanoState state;
     if (nano_state_bytes(model) > (64u << 20) || nano_state_init(&state, model)) return;
-    if (nano_state_attach_lora(&state, lora) == 0) {
-        int n, *ids = nano_encode(&model->tokenizer, "<|bos|>hello, 世界 \xF0\x9F\x98\x80\xFF", &n);
-        if (ids) {
-            int steps = n < model->config.block_size ? n : model->config.block_size;
-            if (nano_forward(&state, ids, steps, model->config.is_causal) == 0) nano_logits(&state, steps - 1);
-            char text[1025];
-            for (int i = 0; i < steps; i++) nano_token_utf8(&model->tokenizer, ids[i], text, sizeof text);
-            free(ids);
+    int n, *ids;
+    if (nano_state_attach_lora(&state, lora) == 0 &&
+        nano_chat_prompt(model, "<|bos|>hello, 世界 \xF0\x9F\x98\x80\xFF<|im_end|>", 0, &ids, &n) == 0) {
+        int steps = n < model->config.block_size ? n : model->config.block_size;
+        if (steps > 0 && nano_forward(&state, ids, steps, model->config.is_causal) == 0) nano_logits(&state, steps - 1);
+        char text[NANO_STREAM_TEXT_CAP];
+        NanoTextStream stream = {0};
+        for (int i = 0; i < n; i++) {
+            nano_stream_token(&stream, &model->tokenizer, ids[i], text, sizeof text);
+            nano_stop_token(model, ids[i]);
         }
+        nano_stream_flush(&stream, text, sizeof text);
+        free(ids);
     }
     nano_state_free(&state);
 }

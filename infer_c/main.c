@@ -19,10 +19,12 @@ static void usage(void) {
     fprintf(stderr,
         "usage: ./infer model.bin [options]\n"
         "  -l FILE      LoRA adapter (.bin) to attach\n"
-        "  -i TEXT      instruct prompt: <|instruct_mark|>TEXT<|response_mark|>\n"
-        "  -g TEXT      raw prompt to continue, after <|bos|> (special tokens may be typed inside the text)\n"
+        "  -i TEXT      instruct prompt: <|instruct_mark|>TEXT<|response_mark|>, or a Qwen model's chat template\n"
+        "               (<|im_start|>user\\nTEXT<|im_end|>\\n<|im_start|>assistant\\n)\n"
+        "  -g TEXT      raw prompt to continue, after <|bos|> in a Nano model (special tokens may be typed inside\n"
+        "               the text)\n"
         "  -f FILE      raw prompt read from a file\n"
-        "               with neither -i, -g nor -f: interactive, prompts end with an empty line\n"
+        "               with neither -i, -g nor -f: an interactive chat, prompts end with an empty line\n"
         "  -t FLOAT     temperature, 0 = greedy (default %g)\n"
         "  -k INT       top-k, 0 = off (default %d)\n"
         "  -p FLOAT     top-p, 1 = off (default %g)\n"
@@ -30,6 +32,7 @@ static void usage(void) {
         "  -n INT       max new tokens, 0 = until the context is full (default %d)\n"
         "  -s INT       random seed (default: time)\n"
         "  --raw        interactive mode continues raw text instead of holding an instruct conversation\n"
+        "  --think      Qwen3: let the model think before it answers (default: an empty thought in the prompt)\n"
         "  --seq2seq    non-causal model: one pass over the -g input as typed, print the argmax at each position\n"
         "  --profile    print time to first token, prefill and decode tokens/s to stderr\n"
         "  --print-ids  print token ids instead of text\n"
@@ -108,17 +111,26 @@ typedef struct {
     FILE *logits_file;
     int print_ids;
     int printed;
-    IntList *answer;   /* when set, receives every printed token (a conversation keeps its answers) */
+    NanoTextStream text;   /* a character that a token leaves unfinished waits here for the next one */
+    IntList *answer;       /* when set, receives every printed token (a conversation keeps its answers) */
 } Output;
 
 static void print_token(Output *o, int token) {
     if (o->print_ids) {
         printf(o->printed++ ? " %d" : "%d", token);
     } else {
-        char text[4 * 256 + 1];
-        nano_token_utf8(&o->model->tokenizer, token, text, sizeof text);
+        char text[NANO_STREAM_TEXT_CAP];
+        nano_stream_token(&o->text, &o->model->tokenizer, token, text, sizeof text);
         fputs(text, stdout);
     }
+    fflush(stdout);
+}
+
+/* The end of an answer: what is left of an unfinished character, then the newline. */
+static void end_output(Output *o) {
+    char rest[8];
+    nano_stream_flush(&o->text, rest, sizeof rest);
+    printf("%s\n", rest);
     fflush(stdout);
 }
 
@@ -133,7 +145,7 @@ static int dump_logits(Output *o, const float *logits, int vocab_size) {
 static int on_token(void *user, int token, const float *logits, int vocab_size) {
     Output *o = user;
     if (dump_logits(o, logits, vocab_size)) return 1;
-    if (token == NANO_EOS || token == NANO_PAD) return 0;
+    if (nano_stop_token(o->model, token)) return 0;
     print_token(o, token);
     return o->answer && list_append(o->answer, &token, 1);   /* out of memory ends the answer */
 }
@@ -182,23 +194,30 @@ static int dump_weights(const NanoModel *m, const char *path, int scales_only) {
 
 /* ---------------------------------------------------------------------------- prompts */
 
-/* How a text becomes a prompt, the same in every Nano front end: a continuation starts with <|bos|>, as
- * pretraining documents do; an instruction is <|instruct_mark|>text<|response_mark|>, as in SFT. A seq2seq
- * input is taken as typed. */
+/* How a text becomes a prompt, the same in every Nano front end: a continuation of a Nano model starts with
+ * <|bos|>, as pretraining documents do (a Qwen model has none); an instruction is the model's chat turn
+ * (nano_chat_prompt). A seq2seq input is taken as typed. */
 typedef enum { PROMPT_AS_TYPED, PROMPT_CONTINUATION, PROMPT_INSTRUCT } PromptKind;
 
+/* The status of nano_chat_prompt or nano_chat_answer_end, said on stderr when it is a failure. */
+static int report_chat_failure(int status) {
+    if (status == NANO_NO_CHAT_TOKENS)
+        fprintf(stderr, "error: the vocabulary has no <|im_start|> or <|im_end|>, so no chat: continue text with -g\n");
+    else if (status) fprintf(stderr, "error: out of memory\n");
+    return status;
+}
+
 /* Token ids of a prompt of that kind; NULL (with a message) on failure. */
-static int *prompt_tokens(const NanoModel *m, const char *text, PromptKind kind, int *n) {
-    int n_text;
+static int *prompt_tokens(const NanoModel *m, const char *text, PromptKind kind, int thinking, int *n) {
+    int *ids = NULL;
+    if (kind == PROMPT_INSTRUCT) return report_chat_failure(nano_chat_prompt(m, text, thinking, &ids, n)) ? NULL : ids;
+    int bos = kind == PROMPT_CONTINUATION && m->tokenizer.kind == NANO_TOKENIZER_TRIE, n_text;
     int *text_ids = nano_encode(&m->tokenizer, text, &n_text);
-    int *ids = text_ids ? malloc(sizeof(int) * (n_text + 2)) : NULL;
+    if (text_ids) ids = malloc(sizeof(int) * (n_text + 1));
     if (!ids) { free(text_ids); fprintf(stderr, "error: out of memory\n"); return NULL; }
-    *n = 0;
-    if (kind == PROMPT_CONTINUATION) ids[(*n)++] = NANO_BOS;
-    if (kind == PROMPT_INSTRUCT) ids[(*n)++] = NANO_INSTRUCT;
-    memcpy(ids + *n, text_ids, sizeof(int) * n_text);
-    *n += n_text;
-    if (kind == PROMPT_INSTRUCT) ids[(*n)++] = NANO_RESPONSE;
+    if (bos) ids[0] = NANO_BOS;
+    memcpy(ids + bos, text_ids, sizeof(int) * n_text);
+    *n = n_text + bos;
     free(text_ids);
     return ids;
 }
@@ -249,8 +268,7 @@ static int generate(NanoState *state, NanoSampler *sampler, Output *out, const i
         fprintf(stderr, "error: generation failed (out of memory)\n");
         return -1;
     }
-    printf("\n");
-    fflush(stdout);
+    end_output(out);
     if (profile) print_profile(&stats);
     return 0;
 }
@@ -266,7 +284,7 @@ static int run_seq2seq(NanoState *state, Output *out, const int *ids, int n) {
         if (dump_logits(out, logits, state->model->config.vocab_size)) return -1;
         print_token(out, best);
     }
-    printf("\n");
+    end_output(out);
     return 0;
 }
 
@@ -296,8 +314,9 @@ static char *read_prompt(void) {
 
 /* ---------------------------------------------------------------------------- conversation */
 
-/* A multi-turn instruct chat: whole turns <|instruct_mark|>q<|response_mark|>a<|eos|>, oldest first, then
- * the question being answered. Trimmed by the rule of every Nano front end (infer.py's Conversation, the
+/* A multi-turn instruct chat: whole turns, oldest first, then the question being answered; a turn is the
+ * question's prompt (nano_chat_prompt), the answer and what closes it (nano_chat_answer_end: <|eos|>, or
+ * Qwen's <|im_end|>\n). Trimmed by the rule of every Nano front end (infer.py's Conversation, the
  * page's worker.js): the oldest turns go when the prompt would leave less than nano_answer_room(). */
 typedef struct {
     IntList ids;            /* the kept turns, then the question */
@@ -305,8 +324,8 @@ typedef struct {
     int question_length;
 } Conversation;
 
-/* Fits a question into limit tokens by keeping its first (<|instruct_mark|>) and most recent ones, and says
- * so: a silently cut question reads as garbage. */
+/* Fits a question into limit tokens by keeping its first (<|instruct_mark|>, <|im_start|>) and most recent
+ * ones, and says so: a silently cut question reads as garbage. */
 static void keep_last_tokens(int *ids, int *n, int limit) {
     if (*n <= limit) return;
     int kept = limit > 1 ? limit - 1 : 0;
@@ -333,12 +352,16 @@ static int conversation_ask(Conversation *c, int *question, int n_question, int 
     return list_append(&c->ids, question, n_question);
 }
 
-/* Closes the asked turn with <|eos|> after the answer, also when the answer was cut short (as in training). */
-static int conversation_add_answer(Conversation *c, const IntList *answer) {
-    int eos = NANO_EOS, length = c->question_length + answer->n + 1;
+/* Closes the asked turn after the answer, also when the answer was cut short (as in training). */
+static int conversation_add_answer(Conversation *c, const NanoModel *m, const IntList *answer) {
+    int *end, n_end;
+    if (report_chat_failure(nano_chat_answer_end(m, &end, &n_end))) return -1;
+    int length = c->question_length + answer->n + n_end;
     c->question_length = 0;
-    if (list_append(&c->ids, answer->items, answer->n) || list_append(&c->ids, &eos, 1)) return -1;
-    return list_append(&c->turn_lengths, &length, 1);
+    int status = list_append(&c->ids, answer->items, answer->n) || list_append(&c->ids, end, n_end) ||
+                 list_append(&c->turn_lengths, &length, 1);
+    free(end);
+    return status ? -1 : 0;
 }
 
 static void conversation_reset(Conversation *c) {
@@ -352,7 +375,7 @@ typedef struct {
     NanoSampler *sampler;
     Output *out;
     const NanoLora *lora;
-    int max_new, profile;
+    int max_new, profile, thinking;
     Conversation conversation;
     IntList answer;
 } Session;
@@ -365,7 +388,7 @@ static void toggle_lora(Session *s, int on) {
 
 /* A raw prompt continued on its own; one too long for the context is refused, the session goes on. */
 static int continue_text(Session *s, const char *text) {
-    int n, *ids = prompt_tokens(s->state->model, text, PROMPT_CONTINUATION, &n);
+    int n, *ids = prompt_tokens(s->state->model, text, PROMPT_CONTINUATION, 0, &n);
     if (!ids) return -1;
     int status = check_prompt_length(s->state->model, n) ? 0 : generate(s->state, s->sampler, s->out, ids, n,
                                                                        s->max_new, s->profile);
@@ -375,7 +398,7 @@ static int continue_text(Session *s, const char *text) {
 
 /* The next turn of the conversation: the question after the turns that fit, the answer kept for the next. */
 static int answer_question(Session *s, const char *text) {
-    int n, *question = prompt_tokens(s->state->model, text, PROMPT_INSTRUCT, &n);
+    int n, *question = prompt_tokens(s->state->model, text, PROMPT_INSTRUCT, s->thinking, &n);
     if (!question) return -1;
     int status = conversation_ask(&s->conversation, question, n, s->state->model->config.block_size);
     free(question);
@@ -385,7 +408,7 @@ static int answer_question(Session *s, const char *text) {
     status = generate(s->state, s->sampler, s->out, s->conversation.ids.items, s->conversation.ids.n, s->max_new,
                       s->profile);
     s->out->answer = NULL;
-    return status ? -1 : conversation_add_answer(&s->conversation, &s->answer);
+    return status ? -1 : conversation_add_answer(&s->conversation, s->state->model, &s->answer);
 }
 
 static int interactive(Session *s, int raw) {
@@ -416,7 +439,7 @@ static int interactive(Session *s, int raw) {
 
 typedef struct {
     const char *model_path, *lora_path, *prompt, *prompt_file, *logits_path, *scales_path, *weights_path;
-    int instruct, top_k, max_new, raw, seq2seq, profile, print_ids, encode_only;
+    int instruct, top_k, max_new, raw, seq2seq, profile, print_ids, encode_only, thinking;
     float temperature, top_p, penalty;
     unsigned long long seed;
 } Options;
@@ -435,6 +458,7 @@ static int parse_options(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--profile")) o->profile = 1;
         else if (!strcmp(a, "--print-ids")) o->print_ids = 1;
         else if (!strcmp(a, "--encode")) o->encode_only = 1;
+        else if (!strcmp(a, "--think")) o->thinking = 1;
         else if (i + 1 >= argc) { fprintf(stderr, "error: option %s needs a value\n", a); return -1; }
         else {
             const char *v = argv[++i];
@@ -478,7 +502,7 @@ int main(int argc, char **argv) {
     NanoSampler sampler;
     char err[512];
     int status = 1, *ids = NULL, n = 0;
-    Output out = {&model, NULL, opt.print_ids, 0, NULL};
+    Output out = {.model = &model, .print_ids = opt.print_ids};
 
     if (map_file(&model_file, opt.model_path)) return 1;
     if (nano_model_load(&model, model_file.data, model_file.size, opt.model_path, err, sizeof err)) {
@@ -502,10 +526,10 @@ int main(int argc, char **argv) {
     if (opt.prompt_file) {
         char *text = read_text_file(opt.prompt_file);
         if (!text) goto done_model;
-        ids = prompt_tokens(&model, text, kind, &n);
+        ids = prompt_tokens(&model, text, kind, opt.thinking, &n);
         free(text);
         if (!ids) goto done_model;
-    } else if (opt.prompt && !(ids = prompt_tokens(&model, opt.prompt, kind, &n))) {
+    } else if (opt.prompt && !(ids = prompt_tokens(&model, opt.prompt, kind, opt.thinking, &n))) {
         goto done_model;
     }
     if (opt.encode_only) {
@@ -530,7 +554,7 @@ int main(int argc, char **argv) {
         goto done_sampler;
     }
     Session session = {.state = &state, .sampler = &sampler, .out = &out, .lora = opt.lora_path ? &lora : NULL,
-                       .max_new = opt.max_new, .profile = opt.profile};
+                       .max_new = opt.max_new, .profile = opt.profile, .thinking = opt.thinking};
     if (ids && seq2seq) status = run_seq2seq(&state, &out, ids, n) ? 1 : 0;
     else if (ids) status = generate(&state, &sampler, &out, ids, n, opt.max_new, opt.profile) ? 1 : 0;
     else status = interactive(&session, opt.raw) ? 1 : 0;

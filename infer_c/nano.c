@@ -293,21 +293,26 @@ static int read_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
 }
 
 static void tokenizer_free(NanoTokenizer *t) {
+    if (t->kind == NANO_TOKENIZER_BPE) nano_bpe_free(&t->bpe);
     free(t->chars); free(t->length);
     free(t->entry_table); free(t->first_char); free(t->first_longest);
     memset(t, 0, sizeof *t);
 }
 
 /* A Qwen file's tokenizer section: u32 T (its bytes), u32 max_token_bytes, then a score and the bytes of each
- * token (FORMAT.md "Qwen models"). */
+ * token (FORMAT.md "Qwen models"), which bpe.c reads. */
 static int read_bpe_tokenizer(FileCursor *c, NanoTokenizer *t, int vocab_size) {
     memset(t, 0, sizeof *t);
+    t->kind = NANO_TOKENIZER_BPE;
+    t->vocab_size = vocab_size;
     const uint8_t *section = take(c, 8, 1, "tokenizer section");
     if (!section) return -1;
     uint32_t section_bytes = read_u32(section);
     if (section_bytes < 8 || section_bytes - 8 > c->size - c->offset)
         return fail(c, "tokenizer section length: %u does not fit the file", section_bytes);
-    t->vocab_size = vocab_size;
+    char message[256];
+    if (nano_bpe_load(&t->bpe, c->base + c->offset, section_bytes - 8, vocab_size, message, sizeof message))
+        return fail(c, "%s", message);   /* it names the record and the field */
     c->offset += section_bytes - 8;
     return 0;
 }
@@ -487,6 +492,28 @@ static int take_rope_tables(FileCursor *c, NanoModel *m) {
     return 0;
 }
 
+/* Nano models end a text with <|eos|> (and never mean <|padding|>); Qwen models with <|endoftext|> or, in a
+ * chat, <|im_end|>, wherever the vocabulary has them. */
+static void find_stop_tokens(NanoModel *m) {
+    if (m->tokenizer.kind == NANO_TOKENIZER_TRIE) {
+        m->stop_tokens[0] = NANO_EOS;
+        m->stop_tokens[1] = NANO_PAD;
+        m->n_stop_tokens = 2;
+        return;
+    }
+    static const char *ends[] = {"<|endoftext|>", "<|im_end|>"};
+    for (int i = 0; i < 2; i++) {
+        int id = nano_bpe_special_id(&m->tokenizer.bpe, ends[i]);
+        if (id >= 0) m->stop_tokens[m->n_stop_tokens++] = id;
+    }
+}
+
+int nano_stop_token(const NanoModel *m, int id) {
+    for (int i = 0; i < m->n_stop_tokens; i++)
+        if (id == m->stop_tokens[i]) return 1;
+    return 0;
+}
+
 size_t nano_model_placement(const void *start, size_t n) {
     const uint8_t *bytes = start;
     return n < NANO_HEADER_BYTES + 4 ? 0 : (size_t)(0u - read_u32(bytes + NANO_HEADER_BYTES)) % 4;
@@ -540,6 +567,7 @@ int nano_model_load(NanoModel *m, const void *data, size_t size, const char *nam
         fail(&c, "file length: %zu bytes but the header's dims account for %zu (extra data or wrong dims)", size, c.offset);
         goto failed;
     }
+    find_stop_tokens(m);
     return 0;
 failed:
     nano_model_free(m);
@@ -614,6 +642,7 @@ static int utf8_to_code_points(const char *text, uint32_t *out) {
 }
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids) {
+    if (t->kind == NANO_TOKENIZER_BPE) return nano_bpe_encode(&t->bpe, text, n_ids);
     size_t max_chars = strlen(text);
     uint32_t *chars = malloc(sizeof *chars * (max_chars + 1));
     int *ids = malloc(sizeof *ids * (max_chars + 1));
@@ -632,7 +661,18 @@ int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids) {
     return ids;
 }
 
+static int token_bytes(const NanoTokenizer *t, int id, char *buf, size_t cap) {
+    const uint8_t *bytes = NULL;
+    int length = nano_bpe_token_bytes(&t->bpe, id, &bytes);   /* -1 outside the vocabulary */
+    size_t n = length > 0 ? (size_t)length : 0;
+    if (n >= cap) n = cap ? cap - 1 : 0;
+    if (n) memcpy(buf, bytes, n);
+    if (cap) buf[n] = 0;
+    return (int)n;
+}
+
 int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap) {
+    if (t->kind == NANO_TOKENIZER_BPE) return token_bytes(t, id, buf, cap);
     size_t n = 0;
     if (id < 0 || id >= t->vocab_size) id = NANO_UNKNOWN;
     for (int i = 0; i < t->length[id]; i++) {
@@ -650,6 +690,108 @@ int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap) {
     }
     if (cap) buf[n] = 0;
     return (int)n;
+}
+
+/* The UTF-8 character at p, n bytes there: its length when valid (*valid = 1); the length of the longest
+ * start of a character it has when invalid (*valid = 0, at least 1), what Python's decoder replaces by one
+ * U+FFFD; 0 when the n bytes are the valid start of a character that goes on past them. */
+static size_t utf8_character(const uint8_t *p, size_t n, int *valid) {
+    uint8_t lead = p[0], low = 0x80, high = 0xBF;   /* the range of the next byte */
+    size_t length = lead < 0x80 ? 1 : lead >= 0xC2 && lead <= 0xDF ? 2 : lead >= 0xE0 && lead <= 0xEF ? 3
+                  : lead >= 0xF0 && lead <= 0xF4 ? 4 : 0;
+    *valid = length > 0;
+    if (length <= 1) return 1;
+    if (lead == 0xE0) low = 0xA0;        /* no overlong forms */
+    if (lead == 0xED) high = 0x9F;       /* no surrogates */
+    if (lead == 0xF0) low = 0x90;
+    if (lead == 0xF4) high = 0x8F;       /* nothing past U+10FFFF */
+    for (size_t i = 1; i < length; i++, low = 0x80, high = 0xBF) {
+        if (i == n) return 0;
+        if (p[i] < low || p[i] > high) { *valid = 0; return i; }
+    }
+    return length;
+}
+
+int nano_stream_token(NanoTextStream *s, const NanoTokenizer *t, int id, char *buf, size_t cap) {
+    static const char replacement[] = "\xEF\xBF\xBD";   /* U+FFFD */
+    uint8_t bytes[sizeof s->held + NANO_TOKEN_TEXT_MAX + 1];
+    memcpy(bytes, s->held, s->n_held);
+    size_t n = s->n_held + nano_token_utf8(t, id, (char *)bytes + s->n_held, NANO_TOKEN_TEXT_MAX + 1), out = 0, at = 0;
+    s->n_held = 0;
+    while (at < n) {
+        int valid;
+        size_t length = utf8_character(bytes + at, n - at, &valid);
+        if (length == 0) {   /* the start of a character the next token goes on with */
+            s->n_held = (int)(n - at);
+            memcpy(s->held, bytes + at, s->n_held);
+            break;
+        }
+        const char *text = valid ? (const char *)bytes + at : replacement;
+        size_t text_length = valid ? length : 3;
+        if (out + text_length >= cap) break;
+        memcpy(buf + out, text, text_length);
+        out += text_length;
+        at += length;
+    }
+    if (cap) buf[out] = 0;
+    return (int)out;
+}
+
+int nano_stream_flush(NanoTextStream *s, char *buf, size_t cap) {
+    size_t n = s->n_held && cap > 3 ? 3 : 0;
+    memcpy(buf, "\xEF\xBF\xBD", n);
+    if (cap) buf[n] = 0;
+    s->n_held = 0;
+    return (int)n;
+}
+
+/* ---------------------------------------------------------------------------- chat */
+
+static int encode_into(const NanoModel *m, const char *text, int **ids, int *n) {
+    return (*ids = nano_encode(&m->tokenizer, text, n)) ? 0 : -1;
+}
+
+static int has_chat_tokens(const NanoModel *m) {
+    return nano_bpe_special_id(&m->tokenizer.bpe, "<|im_start|>") >= 0 &&
+           nano_bpe_special_id(&m->tokenizer.bpe, "<|im_end|>") >= 0;
+}
+
+/* The instruct marks of SFT around the question's ids (the question encoded alone, as data.py does). */
+static int instruct_prompt(const NanoModel *m, const char *question, int **ids, int *n) {
+    int n_text, *text = nano_encode(&m->tokenizer, question, &n_text);
+    if (!text || !(*ids = malloc(sizeof(int) * (n_text + 2)))) { free(text); return -1; }
+    (*ids)[0] = NANO_INSTRUCT;
+    memcpy(*ids + 1, text, sizeof(int) * n_text);
+    (*ids)[n_text + 1] = NANO_RESPONSE;
+    *n = n_text + 2;
+    free(text);
+    return 0;
+}
+
+int nano_chat_prompt(const NanoModel *m, const char *question, int thinking, int **ids, int *n) {
+    if (m->tokenizer.kind == NANO_TOKENIZER_TRIE) return instruct_prompt(m, question, ids, n);
+    if (!has_chat_tokens(m)) return NANO_NO_CHAT_TOKENS;
+    /* the template as text, encoded whole, as the reference renders and tokenizes it */
+    static const char before[] = "<|im_start|>user\n", after[] = "<|im_end|>\n<|im_start|>assistant\n";
+    static const char no_thought[] = "<think>\n\n</think>\n\n";
+    const char *thought = m->config.model_type == NANO_TYPE_QWEN3 && !thinking ? no_thought : "";
+    size_t length = strlen(before) + strlen(question) + strlen(after) + strlen(thought);
+    char *text = malloc(length + 1);
+    if (!text) return -1;
+    snprintf(text, length + 1, "%s%s%s%s", before, question, after, thought);
+    int status = encode_into(m, text, ids, n);
+    free(text);
+    return status;
+}
+
+int nano_chat_answer_end(const NanoModel *m, int **ids, int *n) {
+    if (m->tokenizer.kind == NANO_TOKENIZER_TRIE) {
+        if (!(*ids = malloc(sizeof(int)))) return -1;
+        (*ids)[0] = NANO_EOS;
+        *n = 1;
+        return 0;
+    }
+    return has_chat_tokens(m) ? encode_into(m, "<|im_end|>\n", ids, n) : NANO_NO_CHAT_TOKENS;
 }
 
 /* ============================================================================ matrix kernels */
@@ -1596,7 +1738,7 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
         int token = nano_sample(sampler, logits);
         if (step == 0) stats->first_token_seconds = nano_seconds() - start;
         stats->generated_tokens++;
-        int stop = token == NANO_EOS || token == NANO_PAD;
+        int stop = nano_stop_token(s->model, token);
         if ((callback && callback(user, token, logits, V)) || stop || step + 1 == max_new) break;
         history[length++] = token;
         nano_sampler_see(sampler, token);

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bpe.h"
+
 #define NANO_MAGIC0 0x42443453u
 #define NANO_MAGIC1 0x55524C4Du
 #define NANO_HEADER_BYTES 256
@@ -61,8 +63,14 @@ typedef struct {
     const float *q_norm, *k_norm;            /* Qwen3: RMSNorm weights [head_dim] of every q and k head, else NULL */
 } NanoLayer;
 
+/* A Nano file's vocabulary is matched greedily (the trie tokenizer of tokenizer.py), a Qwen file's is a
+ * byte-level BPE (bpe.h). */
+enum { NANO_TOKENIZER_TRIE, NANO_TOKENIZER_BPE };
+
 typedef struct {
+    int kind;
     int vocab_size;
+    NanoBPE bpe;              /* NANO_TOKENIZER_BPE; the rest is the trie's */
     const uint32_t **chars;   /* code points of each token (pointers into the model buffer) */
     uint8_t *length;          /* code points per token */
     int32_t *entry_table;     /* open-addressing hash: token id + 1, 0 = empty */
@@ -82,6 +90,8 @@ typedef struct {
     float *rope_computed;     /* the tables when the file's do not serve (a Qwen file's), else NULL */
     void *placed_copy;        /* the file, when the caller's buffer left its parameters unaligned, else NULL */
     NanoTokenizer tokenizer;
+    int stop_tokens[2];       /* generation ends at these: <|eos|> and <|padding|>, Qwen's <|endoftext|> and <|im_end|> */
+    int n_stop_tokens;
 } NanoModel;
 
 /* Side branches y += scaling * B (A x) on wq, wk, wv, wo; matrices stay in the adapter buffer. */
@@ -166,7 +176,36 @@ int nano_forward_batch(NanoState **states, const int *tokens, const int *counts,
 void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *out);
 
 int *nano_encode(const NanoTokenizer *t, const char *text, int *n_ids);   /* malloc'ed, NULL on OOM */
+/* The text of a token into buf (NUL-terminated, cut at cap); returns its length. A BPE token's bytes may end
+ * inside a character: text shown as it is generated goes through a NanoTextStream. */
 int nano_token_utf8(const NanoTokenizer *t, int id, char *buf, size_t cap);
+
+/* Generated text as whole UTF-8 characters: the bytes of a character that a token leaves unfinished wait for
+ * the next token, bytes that cannot be UTF-8 become U+FFFD (as Python's decoder with errors="replace"). */
+typedef struct {
+    char held[3];
+    int n_held;
+} NanoTextStream;
+
+#define NANO_TOKEN_TEXT_MAX 1024   /* bytes of a token's text a stream shows (the rest is cut) */
+#define NANO_STREAM_TEXT_CAP (3 * (3 + NANO_TOKEN_TEXT_MAX) + 1)   /* a buffer that always holds what a token gives */
+
+/* The text a token completes, into buf (NUL-terminated, cut at cap); returns its length. A stream starts zeroed. */
+int nano_stream_token(NanoTextStream *s, const NanoTokenizer *t, int id, char *buf, size_t cap);
+/* The end of the text: a character still unfinished becomes U+FFFD (cap at least 4); the stream starts again. */
+int nano_stream_flush(NanoTextStream *s, char *buf, size_t cap);
+
+int nano_stop_token(const NanoModel *m, int id);
+
+/* A chat turn's prompt for question into *ids (malloc'ed), *n ids: a Nano model's
+ * <|instruct_mark|>question<|response_mark|>; a Qwen model's
+ * <|im_start|>user\nquestion<|im_end|>\n<|im_start|>assistant\n, for Qwen3 with an empty thought after it
+ * (<think>\n\n</think>\n\n) unless thinking. Returns 0, -1 out of memory, or NANO_NO_CHAT_TOKENS when the
+ * vocabulary has no <|im_start|> or <|im_end|>. */
+#define NANO_NO_CHAT_TOKENS (-2)
+int nano_chat_prompt(const NanoModel *m, const char *question, int thinking, int **ids, int *n);
+/* What closes an answer before the next turn of a conversation: <|eos|>, or Qwen's <|im_end|>\n. Same returns. */
+int nano_chat_answer_end(const NanoModel *m, int **ids, int *n);
 
 int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top_k, float top_p,
                       float repetition_penalty, uint64_t seed);
@@ -174,7 +213,7 @@ void nano_sampler_free(NanoSampler *s);
 void nano_sampler_see(NanoSampler *s, int token);
 int nano_sample(NanoSampler *s, const float *logits);   /* logits are left unchanged */
 
-/* Prefill the prompt, then sample up to max_new tokens, stopping at <|eos|> or <|padding|>. When the
+/* Prefill the prompt, then sample up to max_new tokens, stopping at a stop token (nano_stop_token). When the
  * cache is full, the last block_size/2 tokens are prefilled again from position 0. A non-causal model
  * has no usable cache (every position sees the new token): each step runs its last block_size tokens. */
 int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_prompt, int max_new,
