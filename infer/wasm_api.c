@@ -26,9 +26,10 @@ static struct {
     NanoLora lora;
     int model_loaded, lora_loaded;
     NanoStats stats;
-    int *encoded;                     /* ids of the last wasm_encode */
+    int *encoded;                     /* ids of the last wasm_encode, wasm_chat_prompt or wasm_chat_answer_end */
+    NanoTextStream stream;            /* the generated text, whole characters at a time */
     char error[512];
-    char text[4 * 256 + 1];           /* one token (at most 255 code points) as UTF-8 */
+    char text[NANO_STREAM_TEXT_CAP];  /* what one token adds to the text */
     char info[1024];
     char constants[256];              /* JSON of wasm_sampling_defaults or wasm_special_ids */
     size_t memory_limit;              /* bytes the files and state may take; 0 = what wasm32 allows */
@@ -182,14 +183,15 @@ EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
     const char *quant = c->quant_type == NANO_QUANT_Q80 ? "Q80" : c->quant_type == NANO_QUANT_Q4K ? "Q4K" : "float32";
     const char *architecture = c->model_type == NANO_TYPE_QWEN3 ? "Qwen3" : c->model_type == NANO_TYPE_QWEN2 ? "Qwen2"
                                                                                                               : "Nano";
+    const char *tokenizer = engine.model.tokenizer.kind == NANO_TOKENIZER_BPE ? "bpe" : "trie";
     snprintf(engine.info, sizeof engine.info,
-             "{\"architecture\":\"%s\",\"block_size\":%d,\"context\":%d,\"vocab_size\":%d,\"n_layer\":%d,"
-             "\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,\"n_hidden\":%d,\"head_dim\":%d,"
+             "{\"architecture\":\"%s\",\"tokenizer\":\"%s\",\"block_size\":%d,\"context\":%d,\"vocab_size\":%d,"
+             "\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,\"n_hidden\":%d,\"head_dim\":%d,"
              "\"is_shared_classifier\":%s,\"quantization\":\"%s\",\"group_size\":%d,\"state_bytes\":%zu,"
              "\"in_place\":%s}",
-             architecture, engine.file_block_size, c->block_size, c->vocab_size, c->n_layer, c->n_embd, c->n_head,
-             c->n_kv_head, c->n_hidden, c->head_dim, c->is_shared_classifier ? "true" : "false", quant, c->group_size,
-             nano_state_bytes(&engine.model), engine.model.placed_copy ? "false" : "true");
+             architecture, tokenizer, engine.file_block_size, c->block_size, c->vocab_size, c->n_layer, c->n_embd,
+             c->n_head, c->n_kv_head, c->n_hidden, c->head_dim, c->is_shared_classifier ? "true" : "false", quant,
+             c->group_size, nano_state_bytes(&engine.model), engine.model.placed_copy ? "false" : "true");
     return engine.info;
 }
 
@@ -216,15 +218,51 @@ EMSCRIPTEN_KEEPALIVE int wasm_answer_room(void) { return nano_answer_room(engine
 EMSCRIPTEN_KEEPALIVE int wasm_lora_rank(void) { return engine.lora_loaded ? engine.lora.rank : 0; }
 EMSCRIPTEN_KEEPALIVE int wasm_lora_alpha(void) { return engine.lora_loaded ? engine.lora.alpha : 0; }
 
-/* Tokenizes UTF-8 text; returns the count (-1 on OOM), the ids are at wasm_encoded_ids(). */
-EMSCRIPTEN_KEEPALIVE int wasm_encode(const char *text) {
-    int count = 0;
+/* Keeps ids (malloc'ed by the core) for wasm_encoded_ids(); returns their count, or -1 with wasm_error(). */
+static int keep_ids(int status, int *ids, int n) {
     free(engine.encoded);
-    engine.encoded = nano_encode(&engine.model.tokenizer, text, &count);
-    return engine.encoded ? count : -1;
+    engine.encoded = status ? NULL : ids;
+    if (status == NANO_NO_CHAT_TOKENS)
+        snprintf(engine.error, sizeof engine.error, "the vocabulary has no <|im_start|> or <|im_end|>, so no chat: "
+                 "continue text instead (mode: continuation)");
+    else if (status)
+        snprintf(engine.error, sizeof engine.error, "out of memory for the prompt");
+    return status ? -1 : n;
+}
+
+/* Tokenizes UTF-8 text; returns the count (-1 with wasm_error()), the ids are at wasm_encoded_ids(). */
+EMSCRIPTEN_KEEPALIVE int wasm_encode(const char *text) {
+    int count = 0, *ids = nano_encode(&engine.model.tokenizer, text, &count);
+    return keep_ids(ids ? 0 : -1, ids, count);
+}
+
+/* The model's chat turn for question (nano_chat_prompt: thinking matters to Qwen3 only), the same way. */
+EMSCRIPTEN_KEEPALIVE int wasm_chat_prompt(const char *question, int thinking) {
+    int count = 0, *ids = NULL, status = nano_chat_prompt(&engine.model, question, thinking, &ids, &count);
+    return keep_ids(status, ids, count);
+}
+
+/* What closes an answer before the next turn (nano_chat_answer_end), the same way. */
+EMSCRIPTEN_KEEPALIVE int wasm_chat_answer_end(void) {
+    int count = 0, *ids = NULL, status = nano_chat_answer_end(&engine.model, &ids, &count);
+    return keep_ids(status, ids, count);
 }
 
 EMSCRIPTEN_KEEPALIVE const int *wasm_encoded_ids(void) { return engine.encoded; }
+
+EMSCRIPTEN_KEEPALIVE int wasm_stop_token(int id) { return nano_stop_token(&engine.model, id); }
+
+/* The text that token id completes (UTF-8; a character it leaves unfinished waits for the next token). */
+EMSCRIPTEN_KEEPALIVE const char *wasm_stream_token(int id) {
+    nano_stream_token(&engine.stream, &engine.model.tokenizer, id, engine.text, sizeof engine.text);
+    return engine.text;
+}
+
+/* The end of a generated text: what is left of an unfinished character. */
+EMSCRIPTEN_KEEPALIVE const char *wasm_stream_flush(void) {
+    nano_stream_flush(&engine.stream, engine.text, sizeof engine.text);
+    return engine.text;
+}
 
 /* The logits after each of n tokens run from position 0, into out[n * vocab_size]: how the tests compare this
  * build's forward pass with the native engine's. Returns 0, or -1 with wasm_error(). */
@@ -242,7 +280,8 @@ EMSCRIPTEN_KEEPALIVE int wasm_logits(const int *ids, int n, float *out) {
                  engine.model.config.block_size);
         return -1;
     }
-    for (int t = 0; t < n; t++) memcpy(out + (size_t)t * vocab_size, nano_logits(&engine.state, t), sizeof(float) * vocab_size);
+    for (int t = 0; t < n; t++)
+        memcpy(out + (size_t)t * vocab_size, nano_logits(&engine.state, t), sizeof(float) * vocab_size);
     return 0;
 }
 
@@ -261,6 +300,7 @@ EMSCRIPTEN_KEEPALIVE int wasm_generate(const int *prompt, int n_prompt, float te
                  n_prompt, block);
         return -1;
     }
+    memset(&engine.stream, 0, sizeof engine.stream);   /* a stopped generation may have left a character unfinished */
     NanoSampler sampler;
     if (nano_sampler_init(&sampler, engine.model.config.vocab_size, temperature, top_k, top_p, repetition_penalty,
                           seed)) {

@@ -12,7 +12,7 @@ const ui = {
     loraFile: $("lora-file"), unloadLora: $("unload-lora"), loraName: $("lora-name"),
     modelConfig: $("model-config"), mode: $("mode"),
     temperature: $("temperature"), topK: $("top-k"), topP: $("top-p"),
-    repetitionPenalty: $("repetition-penalty"), maxNew: $("max-new"),
+    repetitionPenalty: $("repetition-penalty"), maxNew: $("max-new"), think: $("think"),
     conversation: $("conversation"), form: $("prompt-form"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), newConversation: $("new-conversation"),
     status: $("status"), loadProgress: $("load-progress"), speed: $("speed"), warning: $("warning"), error: $("error"),
@@ -95,6 +95,7 @@ const workerHandlers = {
             : `${message.name} (${(message.bytes / 1e6).toFixed(1)} MB)`;
         ui.loraName.textContent = "";
         showModelConfig(message.info);
+        ui.think.disabled = message.info.architecture !== "Qwen3";   // only Qwen3's chat template has a thought
         ui.conversation.replaceChildren();
         setState("ready", "Model loaded. Type a prompt.");
     },
@@ -207,6 +208,7 @@ function settings() {
         topP: Math.min(1, Math.max(0.01, readNumber(ui.topP, defaults.top_p))),
         repetitionPenalty: Math.max(0.01, readNumber(ui.repetitionPenalty, defaults.repetition_penalty)),
         maxNew: Math.max(0, Math.round(readNumber(ui.maxNew, defaults.max_new_tokens))),   // 0: fill the context
+        thinking: ui.think.checked,
         seed: crypto.getRandomValues(new Uint32Array(1))[0],
     };
 }

@@ -128,14 +128,22 @@ async function fileToHeap(file, what, makeRoom) {
 
 function lastError() { return engine.UTF8ToString(engine._wasm_error()); }
 
-function encode(text) {
-    const count = withCString(text, pointer => engine._wasm_encode(pointer));
-    if (count < 0) throw new Error("out of memory while tokenizing");
+// The ids the last wasm_encode, wasm_chat_prompt or wasm_chat_answer_end made, given their count.
+function keptIds(count) {
+    if (count < 0) throw new Error(lastError());
     const start = engine._wasm_encoded_ids() >>> 2;
     return Array.from(engine.HEAP32.subarray(start, start + count));
 }
 
-function tokenText(id) { return engine.UTF8ToString(engine._wasm_token_text(id)); }
+function encode(text) { return keptIds(withCString(text, pointer => engine._wasm_encode(pointer))); }
+
+function chatPrompt(text, thinking) {
+    return keptIds(withCString(text, pointer => engine._wasm_chat_prompt(pointer, thinking ? 1 : 0)));
+}
+
+function answerEnd() { return keptIds(engine._wasm_chat_answer_end()); }
+
+function isStopToken(id) { return engine._wasm_stop_token(id) !== 0; }
 
 function requireModel() {
     if (!modelInfo) throw new Error("load a model first");
@@ -197,7 +205,8 @@ function logits({ids}) {
         if (!idsPointer || !outPointer) throw new Error("out of memory for the logits");
         engine.HEAP32.set(ids, idsPointer >>> 2);
         if (engine._wasm_logits(idsPointer, ids.length, outPointer) !== 0) throw new Error(lastError());
-        post({type: "logits", logits: Array.from(engine.HEAPF32.subarray(outPointer >>> 2, (outPointer >>> 2) + count))});
+        const start = outPointer >>> 2;
+        post({type: "logits", logits: Array.from(engine.HEAPF32.subarray(start, start + count))});
     } finally {
         engine._free(idsPointer);
         engine._free(outPointer);
@@ -211,24 +220,26 @@ function unloadLora() {
 
 // ------------------------------------------------------------------ prompts
 
-// The prompt rule of every Nano front end: a continuation starts with <|bos|>, as pretraining documents do;
-// an instruction is <|instruct_mark|>text<|response_mark|> after the turns of the conversation that fit.
-function promptIds(mode, text) {
-    return mode === "continue" ? [special.bos].concat(encode(text)) : conversationPrompt(text);
+// The prompt rule of every Nano front end: a continuation of a Nano model starts with <|bos|>, as pretraining
+// documents do (a Qwen model has none); an instruction is the model's chat turn (nano_chat_prompt: thinking
+// matters to Qwen3 only) after the turns of the conversation that fit.
+function promptIds(mode, text, thinking) {
+    if (mode === "instruct") return conversationPrompt(text, thinking);
+    return (modelInfo.tokenizer === "trie" ? [special.bos] : []).concat(encode(text));
 }
 
 // Trimmed like infer.py's Conversation and main.c's conversation_ask: the oldest whole turns go when the
 // prompt would leave less than the answer room (a quarter of the context) for the answer.
-function conversationPrompt(text) {
+function conversationPrompt(text, thinking) {
     const limit = modelInfo.context - engine._wasm_answer_room();
-    question = keepLastTokens([special.instruct].concat(encode(text), [special.response]), limit);
+    question = keepLastTokens(chatPrompt(text, thinking), limit);
     const turnsLength = () => turns.reduce((sum, turn) => sum + turn.length, 0);
     while (turns.length && turnsLength() > limit - question.length) turns.shift();
     return turns.flat().concat(question);
 }
 
-// A question too long on its own keeps its first token (<|instruct_mark|>) and its most recent ones, and the
-// page says so: a silently cut question reads as garbage.
+// A question too long on its own keeps its first token (<|instruct_mark|>, <|im_start|>) and its most recent
+// ones, and the page says so: a silently cut question reads as garbage.
 function keepLastTokens(ids, limit) {
     if (ids.length <= limit) return ids;
     const kept = Math.max(limit - 1, 0);
@@ -237,9 +248,10 @@ function keepLastTokens(ids, limit) {
     return ids.slice(0, 1).concat(ids.slice(ids.length - kept));
 }
 
-// Closes the asked turn with <|eos|> after the answer, also when it was cut short, as in the training template.
+// Closes the asked turn after the answer (<|eos|>, or Qwen's <|im_end|>\n), also when it was cut short, as in
+// the training template.
 function addAnswer(answer) {
-    turns.push(question.concat(answer, [special.eos]));
+    turns.push(question.concat(answer, answerEnd()));
 }
 
 // ------------------------------------------------------------------ generation
@@ -247,21 +259,21 @@ function addAnswer(answer) {
 async function generate({mode, text, settings}) {
     requireModel();
     if (!text) throw new Error("type a prompt first");
-    const prompt = promptIds(mode, text);
+    const prompt = promptIds(mode, text, settings.thinking);
     const generated = [];
     stopRequested = false;
     // tokens go to the page in batches, at most every TOKEN_BATCH_MS: a fast model would flood it
     let pendingText = "", pendingCount = 0, lastSent = performance.now();
     const sendPending = () => {
-        if (pendingCount) post({type: "tokens", text: pendingText, count: pendingCount});
+        if (pendingCount || pendingText) post({type: "tokens", text: pendingText, count: pendingCount});
         pendingText = "";
         pendingCount = 0;
         lastSent = performance.now();
     };
     onToken = token => {
         generated.push(token);
-        if (token === special.eos || token === special.pad) return;
-        pendingText += tokenText(token);
+        if (isStopToken(token)) return;
+        pendingText += engine.UTF8ToString(engine._wasm_stream_token(token));
         pendingCount++;
         if (performance.now() - lastSent >= TOKEN_BATCH_MS) sendPending();
     };
@@ -277,10 +289,11 @@ async function generate({mode, text, settings}) {
     } finally {
         engine._free(promptPointer);
         onToken = null;
+        pendingText += engine.UTF8ToString(engine._wasm_stream_flush());   // an unfinished character, as U+FFFD
         sendPending();
     }
     if (status !== 0) throw new Error(lastError());
-    if (mode === "instruct") addAnswer(generated.filter(id => id !== special.eos && id !== special.pad));
+    if (mode === "instruct") addAnswer(generated.filter(id => !isStopToken(id)));
     const decodeSeconds = engine._wasm_decode_seconds(), decodeSteps = engine._wasm_decode_steps();
     post({
         type: "done",
