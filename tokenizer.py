@@ -12,6 +12,7 @@ tokenizes identically.
 import argparse
 import codecs
 import functools
+import heapq
 import json
 import math
 import multiprocessing
@@ -209,12 +210,12 @@ CONTRACTIONS = ("re", "ve", "ll", "s", "t", "m", "d")
 # Qwen2's split (tokenizer.json's pre_tokenizer), which split_pieces implements
 QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                      r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PIECE_CACHE_SIZE = 1 << 16
-NO_MERGE = (math.inf, None)
-MAX_VOCAB_SIZE = 1 << 24         # ranks as float32 scores stay exact below this      # (rank, merged id) of a pair no merge joins
+PIECE_CACHE_SIZE = 1 << 16       # pieces whose ids are remembered (text repeats words)
+MAX_VOCAB_SIZE = 1 << 24         # ranks as float32 scores stay exact below this
+MAX_TOKEN_BYTES = 1 << 16        # a longer record is corrupt (as in bpe.h)
 
 
-@functools.lru_cache(maxsize=PIECE_CACHE_SIZE)
+@functools.lru_cache(maxsize=1 << 16)
 def char_class(c):
     """\\p{L}, \\p{N}, \\s or anything else, as the split's regex sees the character."""
     if c in WHITE_SPACE:
@@ -374,22 +375,36 @@ class BPETokenizer:
 
     def bpe(self, piece):
         """The ids of one piece's bytes: merge the adjacent pair of the lowest rank, leftmost first, until
-        no pair has a merge. ranks[k] is the rank of the pair (ids[k], ids[k + 1])."""
+        no pair has a merge. The symbols are a linked list over byte positions (following, preceding; id -1
+        once merged into the symbol before); the heap holds candidate merges (rank, left position, left id,
+        right id, merged id), and a candidate whose symbols have changed since is stale."""
         ids = [self.byte_ids[b] for b in piece]
+        n = len(ids)
+        following, preceding = list(range(1, n + 1)), list(range(-1, n - 1))
         merge_of_pair = self.merge_of_pair
 
-        def rank(k):
-            return merge_of_pair.get((ids[k], ids[k + 1]), NO_MERGE)[0]
-        ranks = [rank(k) for k in range(len(ids) - 1)]
-        while ranks and (best := min(ranks)) != NO_MERGE[0]:
-            k = ranks.index(best)
-            ids[k:k + 2] = [merge_of_pair[ids[k], ids[k + 1]][1]]
-            del ranks[k]
-            if k > 0:
-                ranks[k - 1] = rank(k - 1)
-            if k < len(ranks):
-                ranks[k] = rank(k)
-        return ids
+        def candidate(k):
+            merge = merge_of_pair.get((ids[k], ids[following[k]]))
+            return merge and (merge[0], k, ids[k], ids[following[k]], merge[1])
+        heap = [c for k in range(n - 1) if (c := candidate(k))]
+        heapq.heapify(heap)
+        while heap:
+            _, k, left, right, merged = heapq.heappop(heap)
+            r = following[k]
+            if ids[k] != left or r >= n or ids[r] != right:
+                continue
+            ids[k], ids[r] = merged, -1
+            following[k] = following[r]
+            if following[r] < n:
+                preceding[following[r]] = k
+            for j in (preceding[k], k):
+                if j >= 0 and following[j] < n and (c := candidate(j)):
+                    heapq.heappush(heap, c)
+        out, k = [], 0
+        while k < n:
+            out.append(ids[k])
+            k = following[k]
+        return out
 
     @property
     def vocab_size(self):
@@ -467,10 +482,11 @@ class BPETokenizer:
                 raise ValueError(f"{source}: tokenizer record {i} of {vocab_size} runs past the section's "
                                  f"end (T = {size})")
             score, n = struct.unpack_from("<fI", data, offset)
-            if n > max_token_bytes or offset + 8 + n > size:
+            if n > max_token_bytes or n > MAX_TOKEN_BYTES or offset + 8 + n > size:
                 raise ValueError(f"{source}: tokenizer record {i}: length {n} "
                                  + (f"exceeds max_token_bytes = {max_token_bytes}" if n > max_token_bytes
-                                    else f"runs past the section's end (T = {size})"))
+                                    else f"is more than any token's (at most {MAX_TOKEN_BYTES} bytes)"
+                                    if n > MAX_TOKEN_BYTES else f"runs past the section's end (T = {size})"))
             if not (math.isfinite(score) and score <= 0):
                 raise ValueError(f"{source}: tokenizer record {i}: score {score} is not 0 or negative")
             token_bytes.append(bytes(data[offset + 8:offset + 8 + n]))

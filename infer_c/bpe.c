@@ -190,15 +190,14 @@ static void add_merge(NanoBPE *t, int left, int right, int merged) {
  * the token the merge makes. */
 typedef struct { int rank, pos, left, right, merged; } Candidate;
 
-/* Working memory of bpe_piece for pieces of up to capacity bytes. */
+/* Working memory of bpe_piece. */
 typedef struct {
     int *id, *next, *prev;   /* the piece's symbols as a linked list over byte positions; id -1 = merged away */
     Candidate *heap;         /* at most 3 per byte: the first pairs, then 2 per merge */
-    int capacity;
 } Scratch;
 
+/* for pieces of up to capacity bytes */
 static int scratch_init(Scratch *s, int capacity) {
-    s->capacity = capacity;
     s->id = malloc(sizeof(int) * (size_t)capacity * 3);
     s->heap = malloc(sizeof(Candidate) * (size_t)capacity * 3);
     s->next = s->id ? s->id + capacity : NULL;
@@ -240,8 +239,8 @@ static Candidate heap_pop(Candidate *heap, int *n) {
 }
 
 static void push_pair(const NanoBPE *t, Scratch *s, int *n_heap, int pos, int len) {
+    if (pos < 0 || s->next[pos] >= len) return;
     int right = s->next[pos], merged;
-    if (pos < 0 || right >= len) return;
     int rank = merge_rank(t, s->id[pos], s->id[right], &merged);
     if (rank >= 0) heap_push(s->heap, n_heap, (Candidate){rank, pos, s->id[pos], s->id[right], merged});
 }
@@ -371,9 +370,10 @@ static int read_records(NanoBPE *t, const uint8_t *records, size_t size, float *
         }
         memcpy(&scores[i], records + offset, 4);
         memcpy(&n, records + offset + 4, 4);
-        if (n > size - offset - 8) {
-            snprintf(err, err_cap, "tokenizer record %d: length %u runs past the section's end (%zu bytes of records)",
-                     i, n, size);
+        if (n > size - offset - 8 || n > NANO_BPE_MAX_TOKEN_BYTES) {
+            snprintf(err, err_cap, "tokenizer record %d: length %u %s", i, n,
+                     n > NANO_BPE_MAX_TOKEN_BYTES ? "is more than any token's (at most 65536 bytes)"
+                                                  : "runs past the section's end");
             return -1;
         }
         if (!(isfinite(scores[i]) && scores[i] <= 0)) {

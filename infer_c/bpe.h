@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define NANO_BPE_MAX_TOKEN_BYTES 65536   /* a longer record is corrupt (tokens have a few hundred bytes at most) */
+
 typedef struct {
     int left, right, rank, merged;   /* left = -1: empty slot */
 } NanoBPEMerge;
