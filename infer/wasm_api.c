@@ -1,5 +1,5 @@
 /*
- * Browser glue: the Nano core (infer_c/nano.c, compiled unchanged) behind a few flat functions that
+ * Browser glue: the Nano core (infer_c/nano.c and bpe.c, compiled unchanged) behind a few flat functions that
  * the Web Worker calls. One model, one optional LoRA adapter, one generation at a time.
  *
  * Generation is nano_generate itself. Its token callback is an async JS function (Emscripten's
@@ -283,11 +283,6 @@ EMSCRIPTEN_KEEPALIVE int wasm_logits(const int *ids, int n, float *out) {
     for (int t = 0; t < n; t++)
         memcpy(out + (size_t)t * vocab_size, nano_logits(&engine.state, t), sizeof(float) * vocab_size);
     return 0;
-}
-
-EMSCRIPTEN_KEEPALIVE const char *wasm_token_text(int id) {
-    nano_token_utf8(&engine.model.tokenizer, id, engine.text, sizeof engine.text);
-    return engine.text;
 }
 
 /* Generates from prompt ids, reporting each token through Module.onToken; max_new 0 fills the context.

@@ -8,9 +8,9 @@ const PROGRESS_MS = 100;    // load progress goes to the page at most this often
 const PLACEMENT_BYTES = 260; // what nano_model_placement reads: the header and the tokenizer section's length
 
 let engine = null;          // the instantiated module, once NanoEngine() resolves
-let special = null;         // the special token ids, from the engine (nano.h): {pad, bos, eos, instruct, response, …}
+let special = null;         // Nano's special token ids, from the engine (nano.h): {pad, bos, eos, …}
 let modelInfo = null;       // config of the loaded model, null when none
-let turns = [];             // instruct mode: token ids of each kept turn, <|eos|> after each answer
+let turns = [];             // instruct mode: token ids of each kept turn, each answer closed (answerEnd)
 let question = [];          // instruct mode: the prompt ids of the question being answered
 let stopRequested = false;
 let onToken = null;         // set during a generation: receives each sampled token id
