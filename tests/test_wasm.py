@@ -11,9 +11,11 @@ import importlib.util
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,6 +348,250 @@ def test_truncated_or_wrong_file_shows_error(browser_page, files):
     pick_file(page, "#model-file", files["model"])
     assert error_text(page) == ""
     assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def sparse_file(path, size):
+    """A file of size bytes that takes no disk space: the page sees its size, the tests never read it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def worker_request(page, request, answer):
+    """Sends the page's worker a request and returns its answer (the message of type `answer`); an error
+    message from the worker fails the test."""
+    reply = page.evaluate("""([request, answer]) => new Promise(resolve => {
+        const listener = event => {
+            if (event.data.type !== answer && event.data.type !== "error") return;
+            worker.removeEventListener("message", listener);
+            resolve(event.data);
+        };
+        worker.addEventListener("message", listener);
+        worker.postMessage(request);
+    })""", [request, answer])
+    assert reply["type"] == answer, reply
+    return reply
+
+
+def limit_memory(page, limit):
+    """The page's test hook: the engine assumes a memory of limit bytes (0: what wasm32 allows); returns it."""
+    return worker_request(page, {"type": "limit-memory", "bytes": limit}, "memory-limited")["capacity"]
+
+
+def mb(size):
+    return f"{size / 1e6:.1f} MB"
+
+
+def test_loading_streams_the_file_and_shows_progress(browser_page, files):
+    page = browser_page
+    pick_file(page, "#model-file", files["model"])
+    size = files["model"].stat().st_size
+    assert error_text(page) == ""
+    assert page.get_attribute("#load-progress", "max") == page.get_attribute("#load-progress", "value") == str(size)
+    assert page.is_hidden("#load-progress"), "the progress bar stays after loading"
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_file_larger_than_wasm_memory_is_refused(browser_page, files, tmp_path):
+    page = browser_page
+    capacity = limit_memory(page, 0)
+    assert 4000e6 < capacity < 2**32, capacity   # wasm32's 4 GB less a page, less the engine's data and stack
+    huge = sparse_file(tmp_path / "huge.bin", 5 * 10**9)
+    pick_file(page, "#model-file", huge)
+    assert error_text(page) == (f"load-model: huge.bin: this model needs {mb(5e9)}, and a browser tab's WebAssembly "
+                                f"memory holds at most {mb(capacity)}: use a Q80/Q4K file (export.py --quant or --q4k)")
+    # refused before reading: the model loaded before is still there
+    assert "model.bin" in page.inner_text("#model-name")
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_model_over_an_artificial_limit_is_refused(browser_page, files):
+    page = browser_page
+    size = files["model"].stat().st_size
+    state = int(re.search(r"state_bytes\t(\d+)", page.inner_text("#model-config")).group(1))
+    limit_memory(page, size - 1)   # the file alone does not fit: refused before it is read
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == (f"load-model: model.bin: this model needs {mb(size)}, and a browser tab's "
+                                f"WebAssembly memory holds at most {mb(size - 1)}: use a Q80/Q4K file "
+                                f"(export.py --quant or --q4k)")
+    limit_memory(page, size + state - 1)   # the file fits, its activations and KV cache do not
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == (f"load-model: model.bin: this model needs {mb(size + state)} ({mb(size)} of file "
+                                f"and {mb(state)} of activations and KV cache), and a browser tab's WebAssembly "
+                                f"memory holds at most {mb(size + state - 1)}: use a Q80/Q4K file "
+                                f"(export.py --quant or --q4k)")
+    assert page.evaluate("document.body.dataset.state") == "ready", "the model loaded before was dropped"
+    limit_memory(page, 0)
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+def test_allocation_failure_is_reported(browser_page, files, tmp_path):
+    """With the size check out of the way, malloc itself fails for a file just under 4 GB: the loaded model
+    gives way first, then the page says what happened and stays usable."""
+    page = browser_page
+    limit_memory(page, 2**32 - 1)
+    big = sparse_file(tmp_path / "big.bin", 2**32 - 2**20)
+    pick_file(page, "#model-file", big)
+    assert error_text(page) == (f"load-model: big.bin: this model needs {mb(2**32 - 2**20)}, more than the browser "
+                                f"could give: a tab's WebAssembly memory holds at most {mb(2**32 - 1)}, less what "
+                                f"is in use: use a Q80/Q4K file (export.py --quant or --q4k)")
+    assert page.evaluate("document.body.dataset.state") == "no-model"
+    limit_memory(page, 0)
+    pick_file(page, "#model-file", files["model"])
+    assert error_text(page) == ""
+    assert generate(page, "again", "continue") == c_engine(files, "-g", "again")
+
+
+# ----------------------------------------------------------------------------- Qwen files
+
+WASM_F32_LOGITS_TOL = 1e-5    # max |page - C| / max |C|: the same core, only SIMD widths and sums differ
+WASM_QUANT_LOGITS_TOL = 1e-4  # Q80 / Q4K: a float difference could flip the rounding of a quantized activation
+# name: kind, quantization, config overrides; "long" has more positions than the page gives a model (4096),
+# "chat" room for two turns of a conversation
+QWEN_FILES = {"qwen3": ("qwen3", None, {}), "qwen3_q80": ("qwen3", "q80", {}), "qwen3_q4k": ("qwen3", "q4k", {}),
+              "qwen2": ("qwen2", None, {}), "long": ("qwen3", None, {"max_position_embeddings": 5000}),
+              "chat": ("qwen3", None, {"max_position_embeddings": 256})}
+PAGE_CONTEXT = 4096
+
+
+@pytest.fixture(scope="module")
+def qwen_c():
+    """tests/test_qwen_c.py: its FORMAT.md writer of Qwen files, its random models and its ctypes handle on the
+    C core (they need transformers)."""
+    pytest.importorskip("transformers")
+    import test_qwen_c
+    return test_qwen_c
+
+
+@pytest.fixture(scope="module")
+def qwen_vocabulary(qwen_c, tmp_path_factory):
+    """test_qwen_c's vocabulary: the reference tokenizer, and the token bytes and scores a .bin holds."""
+    return qwen_c.vocabulary.__wrapped__(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_files(qwen_c, qwen_vocabulary, tmp_path_factory):
+    """Random Qwen3 (head_dim other than n_embd / n_head, untied head) and Qwen2 (biases) files, each with its
+    tokenizer section's length making the file's parameters start off a 4-byte boundary."""
+    directory = tmp_path_factory.mktemp("qwen")
+    _, token_bytes, scores = qwen_vocabulary
+    paths = {}
+    for name, (kind, quant, overrides) in QWEN_FILES.items():
+        paths[name] = directory / f"{name}.bin"
+        qwen_c.write_qwen_bin(paths[name], qwen_c.random_qwen(kind, seed=5, **overrides), token_bytes, scores,
+                              quant=quant)
+        section_length = struct.unpack_from("<I", paths[name].read_bytes(), 256)[0]
+        assert section_length % 4 != 0, "the test should place the parameters off the file's alignment"
+    return paths
+
+
+@pytest.mark.parametrize("name", [name for name in QWEN_FILES if name != "chat"])
+def test_qwen_logits_equal_the_native_engine(browser_page, qwen_c, qwen_files, name):
+    page = browser_page
+    pick_file(page, "#model-file", qwen_files[name])
+    assert error_text(page) == ""
+    config = page.inner_text("#model-config")
+    kind, quant, overrides = QWEN_FILES[name]
+    assert f"architecture\t{kind.capitalize()}" in config and "in_place\ttrue" in config
+    positions = overrides.get("max_position_embeddings", qwen_c.MODELS[kind]["max_position_embeddings"])
+    assert f"block_size\t{positions}" in config and f"context\t{min(positions, PAGE_CONTEXT)}" in config
+    ids = qwen_c.random_ids(seed=7, n=12)
+    page_logits = np.array(worker_request(page, {"type": "logits", "ids": ids}, "logits")["logits"],
+                           dtype=np.float32).reshape(len(ids), -1)
+    native = qwen_c.CModel(qwen_c.library.__wrapped__(), str(qwen_files[name])).prefill(ids)
+    error = qwen_c.relative_error(page_logits, native)
+    assert error < (WASM_F32_LOGITS_TOL if quant is None else WASM_QUANT_LOGITS_TOL), error
+    print(f"{name}: page against C, max relative logit difference {error:.2e}")
+
+
+def set_thinking(page, on):
+    if page.is_checked("#think") != on:
+        page.click("#think")
+
+
+def test_qwen_chat_matches_c_engine(browser_page, qwen_c, qwen_files):
+    """Greedy chat in the page, thinking off (the default) and on, and a two-turn conversation whose first turn
+    is kept: the same text as the C CLI's; a continuation has no <|bos|>."""
+    page = browser_page
+    path = qwen_files["chat"]
+    pick_file(page, "#model-file", path)
+    assert error_text(page) == "" and not page.is_disabled("#think") and not page.is_checked("#think")
+    set_greedy(page)
+    question, other = qwen_c.QUESTIONS[0], qwen_c.QUESTIONS[2]   # Chinese; emoji and <|im_end|> typed
+    first = generate(page, question, "instruct")
+    second = generate(page, other, "instruct")
+    text, log = c_chat(path, [question, other], "-t", "0", "-n", str(NEW_TOKENS))
+    assert text == f"{first}\n{second}\n"
+    prompts = c_prompt_lengths(log)
+    assert prompts[1] == prompt_tokens(page) > prompts[0] + NEW_TOKENS // 2, "the first turn was dropped"
+
+    page.click("#new-conversation")   # single questions from here, as -i asks them
+    wait_idle(page)
+    set_thinking(page, True)
+    thought = generate(page, qwen_c.QUESTIONS[1], "instruct")
+    native, _ = run_c(path, "-i", qwen_c.QUESTIONS[1], "--think", "-t", "0", "-n", str(NEW_TOKENS))
+    assert thought == native[:-1]
+    set_thinking(page, False)
+    page.click("#new-conversation")
+    wait_idle(page)
+    unthought = generate(page, qwen_c.QUESTIONS[1], "instruct")
+    native, _ = run_c(path, "-i", qwen_c.QUESTIONS[1], "-t", "0", "-n", str(NEW_TOKENS))
+    assert unthought == native[:-1] and unthought != thought
+
+    continued = generate(page, "今天天气很好，", "continue")
+    native, _ = run_c(path, "-g", "今天天气很好，", "-t", "0", "-n", str(NEW_TOKENS))
+    assert continued == native[:-1]
+
+
+def model_that_stops(qwen_c, vocabulary, prompt_ids, steps):
+    """A random Qwen3 whose head row of <|im_end|> beats the greedy token at step `steps` after the prompt."""
+    reference = vocabulary[0]
+    model = qwen_c.random_qwen("qwen3", seed=3)
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps, do_sample=False)[0]
+        hidden = model.model(greedy[None]).last_hidden_state[0, -2]   # what picks the last step's token
+        row = model.lm_head.weight[greedy[-1]] + 0.1 * hidden / hidden.norm()
+        model.lm_head.weight[reference.token_to_id("<|im_end|>")] = row
+    return model
+
+
+def test_qwen_answer_ends_at_the_stop_token(browser_page, qwen_c, qwen_vocabulary, tmp_path):
+    page = browser_page
+    reference, token_bytes, scores = qwen_vocabulary
+    question, steps = qwen_c.QUESTIONS[0], 5
+    prompt = reference.encode(qwen_c.chat_text(question, "qwen3")).ids
+    path = tmp_path / "stops.bin"
+    qwen_c.write_qwen_bin(path, model_that_stops(qwen_c, qwen_vocabulary, prompt, steps), token_bytes, scores)
+    native_ids = [int(i) for i in run_c(path, "-i", question, "-t", "0", "-r", "1", "-n", "30", "--print-ids")[0].split()]
+    assert len(native_ids) < steps, "the native engine went past <|im_end|>: the test tests nothing"
+    pick_file(page, "#model-file", path)
+    page.fill("#max-new", "30")
+    page.fill("#repetition-penalty", "1")
+    answer = generate(page, question, "instruct")
+    assert answer == run_c(path, "-i", question, "-t", "0", "-r", "1", "-n", "30")[0][:-1]
+    # the stop token is generated, counted and not shown
+    assert f"{len(native_ids) + 1} generated" in page.inner_text("#speed")
+    page.fill("#repetition-penalty", "")
+    set_greedy(page)
+
+
+def test_qwen_text_streams_whole_characters(browser_page, qwen_c, qwen_vocabulary, qwen_files):
+    """A random Qwen2 writes tokens that end inside a character: the page shows what the C CLI prints, the
+    answer's bytes decoded at once."""
+    page = browser_page
+    _, token_bytes, _ = qwen_vocabulary
+    path = qwen_files["qwen2"]
+    pick_file(page, "#model-file", path)
+    split_characters = 0
+    for prompt in ("中文", "你好，世界", "😀"):
+        text = generate(page, prompt, "continue")
+        native, _ = run_c(path, "-g", prompt, "-t", "0", "-n", str(NEW_TOKENS))
+        assert text == native[:-1]
+        ids = run_c(path, "-g", prompt, "-t", "0", "-n", str(NEW_TOKENS), "--print-ids")[0].split()
+        split_characters += sum(not qwen_c.is_utf8(token_bytes[int(i)]) for i in ids)
+    assert split_characters > 0, "no token of the answers ends inside a character: the test tests nothing"
 
 
 def test_no_network_requests_and_no_console_errors(browser_page):
