@@ -158,10 +158,10 @@ def evaluate_text(model, tokenizer, path):
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no text")
-    template = infer.prompt_template(model, tokenizer)
+    template = infer.prompt_template(model.config, tokenizer)
     windows = []
     for ids in encode_all(tokenizer, lines, path):
-        windows += text_windows(template.document_start + ids + template.document_end, infer.context_of(model))
+        windows += text_windows(template.document_start + ids + template.document_end, infer.context_of(model.config))
     nll = -sum(scored_log_likelihoods(model, [w for w, _ in windows], [s for _, s in windows]))
     predicted_tokens = sum(len(w) - s for w, s in windows)
     characters = sum(len(line) + 1 for line in lines)
@@ -176,8 +176,8 @@ def evaluate_choices(model, tokenizer, path, instruct=False):
     records = read_jsonl(path, ("question", "choices", "answer"))
     questions = encode_all(tokenizer, [r["question"] for r in records], path)
     choices = iter(encode_all(tokenizer, [c for r in records for c in r["choices"]], path))
-    template = infer.prompt_template(model, tokenizer)
-    block = infer.context_of(model)
+    template = infer.prompt_template(model.config, tokenizer)
+    block = infer.context_of(model.config)
     sequences, score_from = [], []
     for number, (record, question) in enumerate(zip(records, questions), 1):
         context = template.wrap_question(record["question"], question) if instruct else \
@@ -206,8 +206,8 @@ def evaluate_choices(model, tokenizer, path, instruct=False):
 def evaluate_qa(model, tokenizer, path):
     records = read_jsonl(path, ("question", "answer"))
     greedy = infer.make_sampler(temperature=0, repetition_penalty=1.0)
-    template = infer.prompt_template(model, tokenizer)
-    block = infer.context_of(model)
+    template = infer.prompt_template(model.config, tokenizer)
+    block = infer.context_of(model.config)
     exact = contains = 0
     for record in records:
         expected = str(record["answer"]).strip()

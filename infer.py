@@ -156,6 +156,18 @@ class NanoTemplate:
         """A question already encoded as ids, in the instruct template."""
         return [INSTRUCT_ID] + ids + [RESPONSE_ID]
 
+    def conversation(self, messages):
+        """The prompt after (role, content) messages that end with the user's (serve.py's chats): system and
+        user messages in a row make one question, an assistant message is its answer."""
+        ids, question = [], []
+        for role, content in messages:
+            if role == "assistant":
+                ids += self.question("\n".join(question)) + encode_text(self.tokenizer, content) + self.answer_end
+                question = []
+            else:
+                question.append(content)
+        return ids + self.question("\n".join(question))
+
 
 class ChatMLTemplate:
     """Qwen's ChatML (see the module's docstring). Stops at the ids of <|endoftext|> and <|im_end|>; documents
@@ -180,17 +192,23 @@ class ChatMLTemplate:
     def wrap_question(self, text, ids):
         return self.question(text)
 
+    def conversation(self, messages):
+        """The prompt after (role, content) messages that end with the user's: each one as
+        <|im_start|>role\ncontent<|im_end|>\n, then the assistant's opening."""
+        turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+        return self.tokenizer.encode(turns + self.assistant_opening)
 
-def prompt_template(model, tokenizer, think=False):
+
+def prompt_template(config, tokenizer, think=False):
     """The prompts of a model: ChatML for a Qwen file (with Qwen3's empty think block unless think), else Nano's."""
     if isinstance(tokenizer, BPETokenizer):
-        return ChatMLTemplate(tokenizer, empty_think_block=model.config.qk_norm and not think)
+        return ChatMLTemplate(tokenizer, empty_think_block=config.qk_norm and not think)
     return NanoTemplate(tokenizer)
 
 
-def context_of(model):
+def context_of(config):
     """The context a front end uses by default: the model's, at most CONTEXT_LIMIT tokens."""
-    return min(model.config.block_size, CONTEXT_LIMIT)
+    return min(config.block_size, CONTEXT_LIMIT)
 
 
 def answer_room(context_length):
@@ -274,7 +292,7 @@ def profile_report(timings):
 
 def answer(model, tokenizer, prompt_ids, args, sample, stop_ids=STOP_IDS):
     """Generate and print one answer within --max_seq_length; returns the new ids."""
-    prompt_ids = keep_last_tokens(prompt_ids, context_of(model))
+    prompt_ids = keep_last_tokens(prompt_ids, context_of(model.config))
     max_new_tokens = args.max_seq_length - len(prompt_ids)
     if max_new_tokens <= 0:
         warn(f"the prompt of {len(prompt_ids)} tokens leaves no room under --max_seq_length "
@@ -298,7 +316,7 @@ def seq2seq(model, tokenizer, text):
 def interactive(model, tokenizer, args, sample, template):
     """Read a line, answer it, repeat. /reset clears the conversation, /quit or EOF leaves."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignored Ctrl-C
-    context = context_of(model)
+    context = context_of(model.config)
     conversation = Conversation(tokenizer, context, answer_room(context), template)
     print("Nano: Ctrl-C stops an answer, /reset starts a new conversation, /quit or Ctrl-D leaves.", flush=True)
     while True:
@@ -369,9 +387,9 @@ def main():
             checkpoint.attach_lora(model, args.lora)
     except (OSError, ValueError, KeyError) as error:  # a missing or foreign file: say which, no traceback
         sys.exit(f"infer.py: {error}")
-    args.max_seq_length = args.max_seq_length or context_of(model)
+    args.max_seq_length = args.max_seq_length or context_of(model.config)
     sample = make_sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    template = prompt_template(model, tokenizer, args.think)
+    template = prompt_template(model.config, tokenizer, args.think)
     if args.prompt is None:
         interactive(model, tokenizer, args, sample, template)
     elif not model.config.is_causal:

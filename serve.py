@@ -21,9 +21,12 @@ Each request samples with its own settings (infer.py's sampler on PyTorch, the C
 C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
 frees its slot at the next step.
 
-Prompts follow infer.py: a completion continues <|bos|>text; a chat is
+Prompts follow infer.py's templates. A Nano model's completion continues <|bos|>text and its chat is
 <|instruct_mark|>question<|response_mark|>answer<|eos|> per turn, a system message opening the first
-question. Prompt and answer must fit the context: a request that cannot is refused (400), never cut.
+question; a Qwen file's chat is ChatML, every message <|im_start|>role\ncontent<|im_end|>\n, with Qwen3's
+empty think block unless the request's chat_template_kwargs has "enable_thinking": true. The context is
+the model's, at most infer.CONTEXT_LIMIT positions unless --context says otherwise; prompt and answer must
+fit it: a request that cannot is refused (400), never cut.
 """
 
 import argparse
@@ -43,7 +46,6 @@ import torch
 import checkpoint
 import infer
 from model import KVCache
-from tokenizer import EOS_ID
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LIBRARY = os.path.join(ROOT, "infer_c", "libnano.so")
@@ -82,6 +84,7 @@ class NanoLibrary:
         p, i, f, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
         signatures = {
             "nano_model_load": (i, [p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
+            "nano_model_limit_context": (None, [p, i]),
             "nano_lora_load": (i, [p, p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
             "nano_state_init": (i, [p, p]),
             "nano_state_free": (None, [p]),
@@ -132,14 +135,16 @@ class CSampler:
 
 
 class CEngine:
-    """A .bin model (and .bin adapters) on the C core, with a NanoState (KV cache) per slot."""
+    """A .bin model (and .bin adapters) on the C core, with a NanoState (KV cache of context positions) per slot."""
 
-    def __init__(self, path, adapters, slots):
+    def __init__(self, path, adapters, slots, context=None):
         self.library = NanoLibrary()
         from export import read_bin  # the Python reader of the file, for the config and the vocabulary
         self.config, self.tokenizer, _, _, _ = read_bin(path)
         self.data = {path: np.memmap(path, dtype=np.uint8, mode="r")}
         self.model = self.library.load("model", self.data[path], path)
+        self.context = min(context or infer.context_of(self.config), self.config.block_size)
+        self.library.lib.nano_model_limit_context(self.model, self.context)
         self.adapters = {None: None}
         self.adapter_names = list(adapters)
         for name, adapter_path in adapters.items():
@@ -148,7 +153,7 @@ class CEngine:
             self.data[adapter_path] = np.memmap(adapter_path, dtype=np.uint8, mode="r")
             self.adapters[name] = self.library.load("lora", self.data[adapter_path], adapter_path, self.model)
         self.free_states = []
-        self.slots = min(slots, self.config.block_size)   # nano_forward_batch takes up to block_size rows
+        self.slots = min(slots, self.context)   # nano_forward_batch takes up to a context of rows
         for _ in range(self.slots):
             state = self.library.struct("state")
             if self.library.lib.nano_state_init(state, self.model):
@@ -170,11 +175,11 @@ class CEngine:
 
     def step(self, sequences, inputs):
         """inputs[i] (a prompt, or the token of a decoding step) into each sequence, batched: one pass, or several
-        when they hold more than block_size tokens. A row of logits each, valid until the next step."""
+        when they hold more tokens than the context. A row of logits each, valid until the next step."""
         first = 0
         while first < len(sequences):
             end, rows = first + 1, len(inputs[first])
-            while end < len(sequences) and rows + len(inputs[end]) <= self.config.block_size:
+            while end < len(sequences) and rows + len(inputs[end]) <= self.context:
                 rows += len(inputs[end])
                 end += 1
             self.forward_batch(sequences[first:end], inputs[first:end], self.logits[first:end])
@@ -207,16 +212,16 @@ class TorchBatch:
     """The running sequences of one model in the rows 0..n-1 of one KV cache with a length per row, so that a
     decoding step is one forward pass of n rows (model.py's per-row KVCache)."""
 
-    def __init__(self, model, slots, device):
-        self.model, self.device = model, device
-        self.cache = KVCache(model.config, slots, device, model.tok_embeddings.weight.dtype)
+    def __init__(self, model, slots, device, context):
+        self.model, self.device, self.context = model, device, context
+        self.cache = KVCache(model.config, slots, device, model.tok_embeddings.weight.dtype, capacity=context)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.sequences = []
 
     @torch.inference_mode()
     def prefill(self, sequence, prompt_ids):
         """The logits after the prompt, run alone; its keys and values then move into the next row."""
-        alone = KVCache(self.model.config, 1, self.device, self.model.tok_embeddings.weight.dtype)
+        alone = KVCache(self.model.config, 1, self.device, self.model.tok_embeddings.weight.dtype, capacity=self.context)
         logits, _ = self.model(torch.tensor([prompt_ids], device=self.device), kv_cache=alone)
         sequence.row = len(self.sequences)
         self.copy_row(alone, 0, sequence.row, len(prompt_ids))
@@ -252,13 +257,14 @@ class TorchBatch:
 class TorchEngine:
     """A .pt checkpoint (or a .bin off the CPU) on PyTorch: a model and a batch of rows per adapter."""
 
-    def __init__(self, path, adapters, device, slots):
+    def __init__(self, path, adapters, device, slots, context=None):
         base, self.tokenizer = checkpoint.load_model(path, device)
         self.config, self.slots, self.adapter_names = base.config, slots, list(adapters)
-        self.batches = {None: TorchBatch(base, slots, device)}
+        self.context = min(context or infer.context_of(self.config), self.config.block_size)
+        self.batches = {None: TorchBatch(base, slots, device, self.context)}
         for name, adapter_path in adapters.items():
             model, _ = checkpoint.load_model(path, device)
-            self.batches[name] = TorchBatch(checkpoint.attach_lora(model, adapter_path), slots, device)
+            self.batches[name] = TorchBatch(checkpoint.attach_lora(model, adapter_path), slots, device, self.context)
 
     def sampler(self, settings):
         return infer.make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
@@ -289,9 +295,9 @@ class TorchEngine:
         sequence.batch.release(sequence)
 
 
-def load_engine(model_path, adapters, device, slots):
-    engine = CEngine(model_path, adapters, slots) if model_path.endswith(".bin") and device == "cpu" \
-        else TorchEngine(model_path, adapters, device, slots)
+def load_engine(model_path, adapters, device, slots, context=None):
+    engine = CEngine(model_path, adapters, slots, context) if model_path.endswith(".bin") and device == "cpu" \
+        else TorchEngine(model_path, adapters, device, slots, context)
     if not engine.config.is_causal:
         raise ValueError(f"{model_path} is a non-causal (seq2seq) model: serve.py serves language models; "
                          "use infer.py")
@@ -304,9 +310,10 @@ class Job:
     """One request in the decoding loop: its prompt, sampler and stop conditions, and where its text goes.
     emit(event) is called on the decoding thread with {"text"} pieces, then one {"finish_reason", ...}."""
 
-    def __init__(self, tokenizer, prompt_ids, max_tokens, stop, sampler, adapter, emit):
-        self.tokenizer, self.prompt_ids, self.max_tokens, self.stop = tokenizer, prompt_ids, max_tokens, stop
+    def __init__(self, template, prompt_ids, max_tokens, stop, sampler, adapter, emit):
+        self.stop_ids, self.prompt_ids, self.max_tokens, self.stop = template.stop_ids, prompt_ids, max_tokens, stop
         self.sample, self.adapter, self.emit = sampler, adapter, emit
+        self.decoder = template.tokenizer.stream_decoder()   # a BPE token may end inside a character
         self.history, self.new_ids = list(prompt_ids), []
         self.next_input = list(prompt_ids)    # what the next forward pass feeds this sequence
         self.text, self.sent = "", 0            # the answer so far, and how much of it went out
@@ -315,22 +322,32 @@ class Job:
 
     def take(self, token):
         """Sample bookkeeping for one token; returns the finish reason, or None to go on."""
-        if token in infer.STOP_IDS:
-            return "stop"
+        if token in self.stop_ids:
+            return self.close_text() or "stop"
         self.new_ids.append(token)
         self.history.append(token)
         self.next_input = [token]
-        self.text += self.tokenizer.decode([token])   # every vocabulary entry is whole characters
-        hits = [self.text.find(s) for s in self.stop if s in self.text]
-        if hits:
-            self.text = self.text[:min(hits)]
+        self.text += self.decoder.push(token)
+        if self.cut_at_stop_string():
             return "stop"
         if len(self.new_ids) == self.max_tokens:
-            return "length"
+            return self.close_text() or "length"
         # text that may be the start of a stop string waits until it is known not to be
         held = max((len(s) - 1 for s in self.stop), default=0)
         self.send(len(self.text) - held)
         return None
+
+    def cut_at_stop_string(self):
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text = self.text[:min(hits)]
+        return bool(hits)
+
+    def close_text(self):
+        """The bytes of a character the answer ended inside of join the text (as U+FFFD); "stop" when that
+        completes a stop string."""
+        self.text += self.decoder.flush()
+        return "stop" if self.cut_at_stop_string() else None
 
     def send(self, upto):
         if upto > self.sent:
@@ -449,38 +466,43 @@ def message_text(content):
     return content
 
 
-def chat_prompt(tokenizer, messages):
-    """The ids of a conversation in the SFT template; it must end with the question to answer."""
+def chat_prompt(template, messages):
+    """The ids of a conversation in the model's template; it must end with the question to answer."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    ids, question = [], []
+    turns, question_open = [], False   # a system or user message waits for its answer
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         content = message_text(message.get("content")) if isinstance(message, dict) else None
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise ApiError(400, f"messages[{index}] must be {{\"role\": system|user|assistant, \"content\": "
                                 "string or text parts}", param="messages")
-        if role == "assistant":
-            if not question:
-                raise ApiError(400, f"messages[{index}]: an assistant message must follow a user message",
-                               param="messages")
-            ids += infer.instruct_prompt(tokenizer, "\n".join(question)) + infer.encode_text(tokenizer, content)
-            ids.append(EOS_ID)
-            question = []
-        else:
-            question.append(content)
+        if role == "assistant" and not question_open:
+            raise ApiError(400, f"messages[{index}]: an assistant message must follow a user message",
+                           param="messages")
+        question_open = role != "assistant"
+        turns.append((role, content))
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", param="messages")
-    return ids + infer.instruct_prompt(tokenizer, "\n".join(question))
+    return template.conversation(turns)
 
 
-def completion_prompt(tokenizer, body):
+def completion_prompt(template, body):
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-    return infer.continuation_prompt(tokenizer, prompt)
+    return template.continuation(prompt)
+
+
+def thinking(body):
+    """Qwen3's thinking, asked for as vLLM and SGLang take it: chat_template_kwargs {"enable_thinking": true}."""
+    options = field(body, "chat_template_kwargs", (dict,), {}, need='an object such as {"enable_thinking": true}')
+    think = options.get("enable_thinking", False)
+    if not isinstance(think, bool):
+        raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be true or false", param="chat_template_kwargs")
+    return think
 
 
 def answer_budget(body, prompt_length, context):
@@ -561,15 +583,18 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
                            code="model_not_found")
         return None if name == base_name else name
 
-    async def generate(request, body, prompt_ids, shape):
+    def template_of(body):
+        return infer.prompt_template(engine.config, engine.tokenizer, think=thinking(body))
+
+    async def generate(request, body, template, prompt_ids, shape):
         """Run a job; the whole response, or its server-sent events when body['stream']."""
         field(body, "n", (int,), 1, lambda v: v == 1, "1 (one choice per request)")
         stream = field(body, "stream", (bool,), False, need="true or false")
         adapter = adapter_of(body)
-        max_tokens = answer_budget(body, len(prompt_ids), engine.config.block_size)
+        max_tokens = answer_budget(body, len(prompt_ids), engine.context)
         stop, settings = stop_strings(body), sampling_settings(body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(engine.tokenizer, prompt_ids, max_tokens, stop, engine.sampler(settings), adapter,
+        job = Job(template, prompt_ids, max_tokens, stop, engine.sampler(settings), adapter,
                   lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         scheduler.submit(job)
         reply = {"id": f"{shape['id_prefix']}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -629,12 +654,14 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
-        return await generate(request, body, chat_prompt(engine.tokenizer, body.get("messages")), chat_shape)
+        template = template_of(body)
+        return await generate(request, body, template, chat_prompt(template, body.get("messages")), chat_shape)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await json_body(request)
-        return await generate(request, body, completion_prompt(engine.tokenizer, body), completion_shape)
+        template = template_of(body)
+        return await generate(request, body, template, completion_prompt(template, body), completion_shape)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -646,7 +673,7 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting.qsize(),
-                "slots": engine.slots, "context": engine.config.block_size,
+                "slots": engine.slots, "context": engine.context,
                 "steps": scheduler.steps, "batched_tokens": scheduler.batched_tokens,
                 "defaults": {**infer.SAMPLING_DEFAULTS, "max_new_tokens": 0}}   # the page fills its settings in
 
@@ -693,6 +720,8 @@ def build_parser():
     parser.add_argument("--api-key", default=os.environ.get("NANO_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANO_API_KEY, else none)")
     parser.add_argument("--parallel", type=int, default=16, help="requests decoded together (default %(default)s)")
+    parser.add_argument("--context", type=int, default=None,
+                        help=f"positions of each request's context (default: the model's, at most {infer.CONTEXT_LIMIT})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help=".pt models run here; a .bin runs on the C engine on the CPU, on PyTorch elsewhere")
@@ -704,7 +733,9 @@ def main():
     try:
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
-        engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel)
+        if args.context is not None and args.context < 1:
+            raise ValueError(f"--context must be >= 1, got {args.context}")
+        engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel, args.context)
     except (OSError, ValueError, KeyError, MemoryError) as error:
         sys.exit(f"serve.py: {error}")
     app = create_app(engine, os.path.basename(args.model), args.api_key, args.max_body_bytes)

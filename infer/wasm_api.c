@@ -15,9 +15,6 @@
 
 #include "../infer_c/nano.h"
 
-/* Positions a model gets in the page at most: a Qwen model's 32k or 40k would need gigabytes of KV cache. */
-#define PAGE_CONTEXT 4096
-
 static struct {
     void *model_bytes, *lora_bytes;   /* the files (from wasm_file_buffer), owned here: the core points into them */
     int file_block_size;              /* the model's own context; its config's block_size is the page's */
@@ -125,7 +122,7 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_model(void *bytes, size_t size, const char *n
     }
     /* the state and every bound of the forward pass follow block_size; the RoPE tables keep their longer rows */
     int file_block_size = model.config.block_size;
-    if (model.config.block_size > PAGE_CONTEXT) model.config.block_size = PAGE_CONTEXT;
+    nano_model_limit_context(&model, NANO_CONTEXT_LIMIT);
     size_t state_bytes = nano_state_bytes(&model);
     if ((double)size + (double)state_bytes > (double)wasm_memory_capacity()) {
         explain_no_room(name, "model", (double)size, state_bytes, 0);
@@ -176,7 +173,7 @@ EMSCRIPTEN_KEEPALIVE int wasm_load_lora(void *bytes, size_t size, const char *na
     return 0;
 }
 
-/* The model's config as JSON, for the page to show; context is the page's (PAGE_CONTEXT), block_size the file's;
+/* The model's config as JSON, for the page to show; context is the page's (at most NANO_CONTEXT_LIMIT), block_size the file's;
  * in_place tells that the core uses the file where the worker streamed it (no aligned copy). */
 EMSCRIPTEN_KEEPALIVE const char *wasm_model_info(void) {
     const NanoConfig *c = &engine.model.config;

@@ -31,6 +31,7 @@ static void usage(void) {
         "  -r FLOAT     repetition penalty, 1 = off (default %g)\n"
         "  -n INT       max new tokens, 0 = until the context is full (default %d)\n"
         "  -s INT       random seed (default: time)\n"
+        "  -c INT       context in positions (default: the model's, at most %d)\n"
         "  --raw        interactive mode continues raw text instead of holding an instruct conversation\n"
         "  --think      Qwen3: let the model think before it answers (default: an empty thought in the prompt)\n"
         "  --seq2seq    non-causal model: one pass over the -g input as typed, print the argmax at each position\n"
@@ -43,7 +44,7 @@ static void usage(void) {
         "threads: OMP_NUM_THREADS (default: one per core; a pass opens one parallel region, so the wait\n"
         "policy does not matter)\n",
         (double)NANO_DEFAULT_TEMPERATURE, NANO_DEFAULT_TOP_K, (double)NANO_DEFAULT_TOP_P,
-        (double)NANO_DEFAULT_REPETITION_PENALTY, NANO_DEFAULT_MAX_NEW);
+        (double)NANO_DEFAULT_REPETITION_PENALTY, NANO_DEFAULT_MAX_NEW, NANO_CONTEXT_LIMIT);
 }
 
 /* ---------------------------------------------------------------------------- files */
@@ -439,7 +440,7 @@ static int interactive(Session *s, int raw) {
 
 typedef struct {
     const char *model_path, *lora_path, *prompt, *prompt_file, *logits_path, *scales_path, *weights_path;
-    int instruct, top_k, max_new, raw, seq2seq, profile, print_ids, encode_only, thinking;
+    int instruct, top_k, max_new, context, raw, seq2seq, profile, print_ids, encode_only, thinking;
     float temperature, top_p, penalty;
     unsigned long long seed;
 } Options;
@@ -447,7 +448,7 @@ typedef struct {
 static int parse_options(Options *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
     o->temperature = NANO_DEFAULT_TEMPERATURE; o->top_k = NANO_DEFAULT_TOP_K; o->top_p = NANO_DEFAULT_TOP_P;
-    o->penalty = NANO_DEFAULT_REPETITION_PENALTY; o->max_new = NANO_DEFAULT_MAX_NEW;
+    o->penalty = NANO_DEFAULT_REPETITION_PENALTY; o->max_new = NANO_DEFAULT_MAX_NEW; o->context = NANO_CONTEXT_LIMIT;
     o->seed = (unsigned long long)time(NULL);
     if (argc < 2 || argv[1][0] == '-') return -1;
     o->model_path = argv[1];
@@ -475,16 +476,18 @@ static int parse_options(Options *o, int argc, char **argv) {
             else if (!strcmp(a, "-r")) o->penalty = strtof(v, &end);
             else if (!strcmp(a, "-k")) o->top_k = (int)strtol(v, &end, 10);
             else if (!strcmp(a, "-n")) o->max_new = (int)strtol(v, &end, 10);
+            else if (!strcmp(a, "-c")) o->context = (int)strtol(v, &end, 10);
             else if (!strcmp(a, "-s")) o->seed = strtoull(v, &end, 10);
             else { fprintf(stderr, "error: unknown option %s\n", a); return -1; }
-            if (a[1] != '-' && strchr("tprkns", a[1]) && (errno || *end || end == v)) {
+            if (a[1] != '-' && strchr("tprknsc", a[1]) && (errno || *end || end == v)) {
                 fprintf(stderr, "error: option %s: '%s' is not a number\n", a, v);
                 return -1;
             }
         }
     }
-    if (o->temperature < 0 || o->top_p <= 0 || o->top_p > 1 || o->penalty <= 0 || o->top_k < 0 || o->max_new < 0) {
-        fprintf(stderr, "error: need -t >= 0, 0 < -p <= 1, -r > 0, -k >= 0, -n >= 0\n");
+    if (o->temperature < 0 || o->top_p <= 0 || o->top_p > 1 || o->penalty <= 0 || o->top_k < 0 || o->max_new < 0 ||
+        o->context < 1) {
+        fprintf(stderr, "error: need -t >= 0, 0 < -p <= 1, -r > 0, -k >= 0, -n >= 0, -c >= 1\n");
         return -1;
     }
     if (o->prompt && o->prompt_file) { fprintf(stderr, "error: give either a prompt or -f, not both\n"); return -1; }
@@ -510,6 +513,7 @@ int main(int argc, char **argv) {
         unmap_file(&model_file);
         return 1;
     }
+    nano_model_limit_context(&model, opt.context);
     if (opt.lora_path) {
         if (map_file(&lora_file, opt.lora_path)) goto done_model;
         if (nano_lora_load(&lora, &model, lora_file.data, lora_file.size, opt.lora_path, err, sizeof err)) {

@@ -574,6 +574,10 @@ failed:
     return -1;
 }
 
+void nano_model_limit_context(NanoModel *m, int n) {
+    if (n > 0 && n < m->config.block_size) m->config.block_size = n;
+}
+
 void nano_model_free(NanoModel *m) {
     free(m->layers);
     free(m->rope_computed);

@@ -148,6 +148,9 @@ typedef struct {
 size_t nano_model_placement(const void *start, size_t n);   /* from the file's first 260 bytes; 0..3 */
 int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap);
 void nano_model_free(NanoModel *m);
+/* Run the model with a context of at most n positions (from now on: states made later hold n positions of
+ * KV cache); the file's RoPE tables keep their longer rows. */
+void nano_model_limit_context(NanoModel *m, int n);
 int nano_lora_load(NanoLora *lora, const NanoModel *m, const void *data, size_t size, const char *name,
                    char *err, size_t err_cap);
 
@@ -229,6 +232,9 @@ double nano_seconds(void);
 #define NANO_DEFAULT_TOP_P 0.95f               /* 1 = off */
 #define NANO_DEFAULT_REPETITION_PENALTY 1.1f   /* 1 = off */
 #define NANO_DEFAULT_MAX_NEW 0                 /* 0 = until the context is full */
+/* The most positions a front end gives a model unless told otherwise (infer.py's CONTEXT_LIMIT): a Qwen
+ * model's own 32768-40960 would need gigabytes of KV cache per sequence. */
+#define NANO_CONTEXT_LIMIT 4096
 
 /* New tokens to generate after a prompt of n_prompt: the number asked for, or (asked 0) as many as the
  * context has room for, like infer.py, whose -s (prompt + answer) defaults to the context. */

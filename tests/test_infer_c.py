@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_export import ROOT, corrupt, float_bits, lora_model, tiny_model, tiny_tokenizer, write_checkpoint  # noqa: E402,F401
 
 import export  # noqa: E402
+from infer import CONTEXT_LIMIT  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BOS_ID, EOS_ID, INSTRUCT_ID, PAD_ID, RESPONSE_ID, UNK_ID, Tokenizer  # noqa: E402
 
@@ -286,6 +287,23 @@ def test_norm_eps_from_the_file(infer, tmp_path, tok):
     assert np.abs(logits.reshape(reference.shape) - reference).max() < F32_LOGITS_TOL
     default_eps = corrupt(path, tmp_path / "default.bin", offset=18, word=0)
     assert np.abs(c_greedy(infer, default_eps, prompt, 1, tmp_path)[1] - logits[:tok.vocab_size]).max() > 1e-3
+
+
+def test_context_is_the_models_at_most_the_limit(infer, tmp_path, tok):
+    """A model of more positions than NANO_CONTEXT_LIMIT gets that many (infer.py's CONTEXT_LIMIT) unless -c
+    says otherwise: its KV cache would otherwise hold them all."""
+    path = str(tmp_path / "long.bin")
+    export.write_model(path, tiny_model(tok, block_size=CONTEXT_LIMIT + 8), tok)
+    fits, too_long = "a" * (CONTEXT_LIMIT - 2), "a" * CONTEXT_LIMIT   # and <|bos|>
+    assert run_c(infer, path, "-g", fits, "-n", "1").returncode == 0
+    r = run_c(infer, path, "-g", too_long, "-n", "1")
+    assert r.returncode != 0 and f"the prompt has {CONTEXT_LIMIT + 1} tokens but the model's context (block_size) is " \
+                                  f"{CONTEXT_LIMIT}" in r.stderr
+    assert run_c(infer, path, "-g", too_long, "-n", "1", "-c", str(CONTEXT_LIMIT + 8)).returncode == 0
+    r = run_c(infer, path, "-g", "a" * 10, "-c", "8")
+    assert r.returncode != 0 and "the prompt has 11 tokens but the model's context (block_size) is 8" in r.stderr
+    r = run_c(infer, path, "-g", "a", "-c", "0")
+    assert r.returncode == 2 and "-c >= 1" in r.stderr
 
 
 def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):

@@ -485,9 +485,9 @@ def test_chatml_template_and_stop_ids(qwen3_file, tmp_path, tokenizer_dir):
     reference = reference_tokenizer(directory)
     question = "用一句话介绍你自己"
     opening = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    template = infer.prompt_template(model, tokenizer)
+    template = infer.prompt_template(model.config, tokenizer)
     assert template.question(question) == reference.encode(opening + "<think>\n\n</think>\n\n").ids
-    assert infer.prompt_template(model, tokenizer, think=True).question(question) == reference.encode(opening).ids
+    assert infer.prompt_template(model.config, tokenizer, think=True).question(question) == reference.encode(opening).ids
     assert template.stop_ids == (reference.token_to_id("<|endoftext|>"), reference.token_to_id("<|im_end|>"))
     assert template.continuation("Hello") == reference.encode("Hello").ids   # no BOS
     conversation = infer.Conversation(tokenizer, 128, 32, template)
@@ -497,7 +497,7 @@ def test_chatml_template_and_stop_ids(qwen3_file, tmp_path, tokenizer_dir):
     assert second == first + [300, 301] + reference.encode("<|im_end|>\n").ids + template.question("再说一遍")
     qwen2_dir = save_checkpoint(make_hf_model("Qwen2", QWEN2), tmp_path / "qwen2", tokenizer_dir)
     qwen2, qwen2_tokenizer = export_hf(qwen2_dir, tmp_path / "qwen2.bin")
-    assert infer.prompt_template(qwen2, qwen2_tokenizer).question(question) == reference.encode(opening).ids
+    assert infer.prompt_template(qwen2.config, qwen2_tokenizer).question(question) == reference.encode(opening).ids
 
 
 def reference_greedy(hf_model, ids, count):

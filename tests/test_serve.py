@@ -479,3 +479,69 @@ def test_prompts_beyond_one_pass_are_split(files):
         engine.release(sequence)
     together = engine.step([engine.start(None), engine.start(None)], prompts)
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
+# ----------------------------------------------------------------------------- Qwen files
+
+QWEN_POSITIONS = 40960   # Qwen3's own context: served with infer.CONTEXT_LIMIT positions
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A random Qwen3 file of 40960 positions (tests/test_qwen_c.py's writer, the original's layout), the
+    transformers model it holds, the reference tokenizer, and serve.py on the file's C engine."""
+    qwen_c = pytest.importorskip("test_qwen_c")
+    from qwen_tokenizer import train_qwen_style_tokenizer
+    from tokenizer import BPETokenizer
+    directory = tmp_path_factory.mktemp("qwen_serve")
+    tokenizer_path = train_qwen_style_tokenizer(directory, vocab_size=qwen_c.TOKENIZER_MERGES)
+    bpe = BPETokenizer.from_tokenizer_json(tokenizer_path)
+    path = directory / "qwen3.bin"
+    model = qwen_c.write_qwen_bin(str(path), qwen_c.random_qwen("qwen3", seed=3, max_position_embeddings=QWEN_POSITIONS),
+                                  bpe.token_bytes, bpe.scores)
+    reference = qwen_c.tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    server = Server("-m", path)
+    yield {"server": server, "path": path, "model": model, "reference": reference, "qwen_c": qwen_c}
+    server.stop()
+
+
+def qwen_chat(qwen, messages, think=None, max_tokens=16):
+    extra = {"repetition_penalty": 1.0, **({"chat_template_kwargs": {"enable_thinking": think}} if think is not None else {})}
+    return qwen["server"].client().chat.completions.create(model="", messages=messages, temperature=0,
+                                                           max_tokens=max_tokens, extra_body=extra)
+
+
+def test_qwen_file_is_served_with_the_front_ends_context(qwen):
+    import infer
+    status, health = request(qwen["server"], "GET", "/health")
+    assert status == 200 and health["context"] == infer.CONTEXT_LIMIT < QWEN_POSITIONS
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_qwen_chat_equals_the_c_cli(qwen, think):
+    """The ChatML turn (Qwen3's empty think block unless enable_thinking) and the answer streamed through the
+    stream decoder, against the CLI's -i [--think]: the same greedy text, split characters included."""
+    for question in ("用一句话介绍你自己", "What is 2+2?\n\nanswer <think> briefly"):
+        answer = qwen_chat(qwen, [{"role": "user", "content": question}], think).choices[0].message.content
+        cli, _ = run_c(qwen["path"], "-i", question, "-t", "0", "-r", "1", "-n", "16", *(["--think"] if think else []))
+        assert answer == cli[:-1]
+
+
+def test_qwen_conversation_equals_transformers(qwen):
+    """A system message, a question, an answer and the next question, rendered as Qwen's chat template renders
+    them: the prompt has the reference tokenizer's ids and the answer is transformers' greedy continuation."""
+    messages = [{"role": "system", "content": "你是一个小模型。"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "讲个故事"}]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    prompt_ids = qwen["reference"].encode(text + "<|im_start|>assistant\n<think>\n\n</think>\n\n").ids
+    want = qwen["qwen_c"].transformers_greedy(qwen["model"], prompt_ids, 12, qwen["reference"])
+    response = qwen_chat(qwen, messages, max_tokens=12)
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    assert response.choices[0].message.content == qwen["reference"].decode(want, skip_special_tokens=False)
+
+
+def test_qwen_thinking_option_is_checked(qwen):
+    status, body = request(qwen["server"], "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": "yes"}})
+    assert_openai_error(status, body, 400)
+    assert body["error"]["param"] == "chat_template_kwargs"

@@ -24,6 +24,7 @@ try:
 except ImportError:   # the browser tests skip, saying why
     expect = sync_playwright = None
 
+from infer import CONTEXT_LIMIT
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -453,7 +454,6 @@ WASM_QUANT_LOGITS_TOL = 1e-4  # Q80 / Q4K: a float difference could flip the rou
 QWEN_FILES = {"qwen3": ("qwen3", None, {}), "qwen3_q80": ("qwen3", "q80", {}), "qwen3_q4k": ("qwen3", "q4k", {}),
               "qwen2": ("qwen2", None, {}), "long": ("qwen3", None, {"max_position_embeddings": 5000}),
               "chat": ("qwen3", None, {"max_position_embeddings": 256})}
-PAGE_CONTEXT = 4096
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +496,7 @@ def test_qwen_logits_equal_the_native_engine(browser_page, qwen_c, qwen_files, n
     kind, quant, overrides = QWEN_FILES[name]
     assert f"architecture\t{kind.capitalize()}" in config and "in_place\ttrue" in config
     positions = overrides.get("max_position_embeddings", qwen_c.MODELS[kind]["max_position_embeddings"])
-    assert f"block_size\t{positions}" in config and f"context\t{min(positions, PAGE_CONTEXT)}" in config
+    assert f"block_size\t{positions}" in config and f"context\t{min(positions, CONTEXT_LIMIT)}" in config
     ids = qwen_c.random_ids(seed=7, n=12)
     page_logits = np.array(worker_request(page, {"type": "logits", "ids": ids}, "logits")["logits"],
                            dtype=np.float32).reshape(len(ids), -1)
