@@ -1463,6 +1463,53 @@ static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
 
 /* Multihead attention of each row over the visible positions of its sequence's cache into xb2, a head per
  * iteration. */
+/* out[0 .. nv vectors) = sum over p < n of a[p] v_p for the rows v_p = v + p * stride, each element summed in
+ * the order of p, as a multiply and an add (so that it equals the portable loop below). The nv accumulators
+ * stay in registers while the rows go by, where updating out row after row would load and store it for
+ * every row. */
+#if defined(__AVX512F__)
+#define SUM_VECTOR 16
+#define SUM_VECTORS 8
+BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const float *v, size_t stride, int n, int nv) {
+    __m512 acc[SUM_VECTORS];
+    for (int j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        __m512 weight = _mm512_set1_ps(a[p]);
+        for (int j = 0; j < nv; j++)
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(weight, _mm512_loadu_ps(v + (size_t)p * stride + SUM_VECTOR * j)));
+    }
+    for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + SUM_VECTOR * j, acc[j]);
+}
+#elif defined(__AVX2__)
+#define SUM_VECTOR 8
+#define SUM_VECTORS 8
+BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const float *v, size_t stride, int n, int nv) {
+    __m256 acc[SUM_VECTORS];
+    for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        __m256 weight = _mm256_set1_ps(a[p]);
+        for (int j = 0; j < nv; j++)
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(weight, _mm256_loadu_ps(v + (size_t)p * stride + SUM_VECTOR * j)));
+    }
+    for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + SUM_VECTOR * j, acc[j]);
+}
+#endif
+
+/* out = sum over p < n of a[p] v_p, the rows v_p = v + p * stride of width hd (the attention's values). */
+static void weighted_sum(float *restrict out, const float *restrict a, const float *restrict v, size_t stride, int n,
+                         int hd) {
+    int c = 0;
+#if defined(SUM_VECTOR)
+    for (; c + SUM_VECTOR * SUM_VECTORS <= hd; c += SUM_VECTOR * SUM_VECTORS)
+        weighted_sum_vectors(out + c, a, v + c, stride, n, SUM_VECTORS);
+    for (; c + SUM_VECTOR <= hd; c += SUM_VECTOR) weighted_sum_vectors(out + c, a, v + c, stride, n, 1);
+#endif
+    if (c == hd) return;
+    memset(out + c, 0, sizeof(float) * (hd - c));
+    for (int p = 0; p < n; p++)
+        for (int i = c; i < hd; i++) out[i] += a[p] * v[(size_t)p * stride + i];
+}
+
 static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
@@ -1478,14 +1525,13 @@ static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
             const float *keys = rows[t].state->key_cache + layer_offset;
             const float *values = rows[t].state->value_cache + layer_offset;
             int visible = rows[t].visible;
-            for (int p = 0; p < visible; p++) scores[p] = dot_f32(q, keys + (size_t)p * kv_dim + kv_offset, hd) * scale;
+            int p = 0;
+            for (; p + TOKEN_BLOCK <= visible; p += TOKEN_BLOCK)   /* the query meets keys as a weight row meets tokens */
+                dot_f32_rows(q, keys + (size_t)p * kv_dim + kv_offset, kv_dim, hd, TOKEN_BLOCK, scores + p);
+            for (; p < visible; p++) scores[p] = dot_f32(q, keys + (size_t)p * kv_dim + kv_offset, hd);
+            for (p = 0; p < visible; p++) scores[p] *= scale;
             softmax(scores, visible);
-            float *out = s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd;
-            memset(out, 0, sizeof(float) * hd);
-            for (int p = 0; p < visible; p++) {
-                const float *v = values + (size_t)p * kv_dim + kv_offset;
-                for (int i = 0; i < hd; i++) out[i] += scores[p] * v[i];
-            }
+            weighted_sum(s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd, scores, values + kv_offset, kv_dim, visible, hd);
         }
     }
 }
