@@ -32,6 +32,7 @@ fit it: a request that cannot is refused (400), never cut.
 import argparse
 import asyncio
 import ctypes
+import gc
 import json
 import os
 import queue
@@ -738,6 +739,9 @@ def main():
         engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel, args.context)
     except (OSError, ValueError, KeyError, MemoryError) as error:
         sys.exit(f"serve.py: {error}")
+    # the model's and the vocabulary's objects (a Qwen vocabulary is 150k of them) live as long as the server:
+    # the collector's full passes, which the decoding loop's small allocations set off, need not walk them
+    gc.freeze()
     app = create_app(engine, os.path.basename(args.model), args.api_key, args.max_body_bytes)
     import uvicorn
     print(f"serve.py: {args.model} on http://{args.host}:{args.port}/ ({type(engine).__name__}, {engine.slots} slots)",

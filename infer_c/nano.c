@@ -976,34 +976,34 @@ static float dot_q80_wasm(const int8_t *w, const float *ws, const int8_t *x, con
 }
 #endif
 
-/* out[k] = the Q80 dot of w with activation row k, k < rows <= TOKEN_BLOCK (see dot_q80_avx512_rows). */
-BLOCK_KERNEL void dot_q80_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride, int n,
-                         int group, int rows, float *out) {
+/* The Q80 dot of w with one activation row (values x, scales xs). */
+static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group) {
+    float out;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (group % 64 == 0) {   /* a constant row count for a full block lets the compiler keep acc in registers */
-        if (rows == TOKEN_BLOCK) dot_q80_avx512_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out);
-        else for (int k = 0; k < rows; k++) dot_q80_avx512_rows(w, ws, x + k * stride, xs + k * stride / group, 0, n, group, 1, out + k);
-        return;
-    }
+    if (group % 64 == 0) { dot_q80_avx512_rows(w, ws, x, xs, 0, n, group, 1, &out); return out; }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (group % 32 == 0) {
-        if (rows == TOKEN_BLOCK) dot_q80_avx2_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out);
-        else for (int k = 0; k < rows; k++) dot_q80_avx2_rows(w, ws, x + k * stride, xs + k * stride / group, 0, n, group, 1, out + k);
-        return;
-    }
-#endif
-    for (int k = 0; k < rows; k++) {
-        const int8_t *xk = x + k * stride;
-        const float *xsk = xs + k * stride / group;
-#if defined(__AVX2__) && defined(__FMA__)
-        if (group == 16) { out[k] = dot_q80_avx2_16(w, ws, xk, xsk, n); continue; }
+    if (group % 32 == 0) { dot_q80_avx2_rows(w, ws, x, xs, 0, n, group, 1, &out); return out; }
+    if (group == 16) return dot_q80_avx2_16(w, ws, x, xs, n);
 #endif
 #if defined(__wasm_simd128__)
-        if (group % 16 == 0) { out[k] = dot_q80_wasm(w, ws, xk, xsk, n, group); continue; }
+    if (group % 16 == 0) return dot_q80_wasm(w, ws, x, xs, n, group);
 #endif
-        out[k] = dot_q80_scalar(w, ws, xk, xsk, n, group);
-    }
+    (void)out;
+    return dot_q80_scalar(w, ws, x, xs, n, group);
+}
+
+/* out[k] = the Q80 dot of w with activation row k < TOKEN_BLOCK (values x + k * stride, scales
+ * xs + k * stride / group): a block kernel where one exists, else row by row. */
+static void dot_q80_block(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride, int n,
+                          int group, float *out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (group % 64 == 0) { dot_q80_avx512_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out); return; }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (group % 32 == 0) { dot_q80_avx2_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out); return; }
+#endif
+    for (int k = 0; k < TOKEN_BLOCK; k++) out[k] = dot_q80(w, ws, x + k * stride, xs + k * stride / group, n, group);
 }
 
 /* Q4K row dot, 4-bit weights x 8-bit activations: per block, sum over groups of sc * (codes . x) and
@@ -1294,33 +1294,42 @@ typedef struct {
     float *out;   /* [n, w->rows] */
 } MatmulJob;
 
-/* out[k] = output `row` of W for input row t + k, k < rows <= TOKEN_BLOCK: float32 weights read x, quantized
- * ones its activations in act_q & co. */
-BLOCK_KERNEL void row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, int rows, const float *x, float *out) {
+/* Output `row` of W for input row t: float32 weights read x, quantized ones its activations in act_q & co. */
+static float row_dot(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x) {
     int cols = w->cols;
     if (w->q4k) {
         int blocks = q4k_blocks_per_row(cols);
-        for (int k = 0; k < rows; k++) {
-            size_t at = (size_t)(t + k) * blocks;
-            out[k] = dot_q4k(w->q4k + (size_t)row * blocks * NANO_Q4K_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
-                             s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks);
-        }
-        return;
+        size_t at = (size_t)t * blocks;
+        return dot_q4k(w->q4k + (size_t)row * blocks * NANO_Q4K_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
+                       s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks);
     }
     size_t offset = (size_t)row * cols;
     if (w->q) {
         int group = s->model->config.group_size;
-        dot_q80_rows(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
-                     s->act_scale + (size_t)t * cols / group, cols, cols, group, rows, out);
-        return;
+        return dot_q80(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
+                       s->act_scale + (size_t)t * cols / group, cols, group);
     }
-    if (rows == TOKEN_BLOCK) dot_f32_rows(w->f32 + offset, x + (size_t)t * cols, cols, cols, TOKEN_BLOCK, out);
-    else for (int k = 0; k < rows; k++) out[k] = dot_f32(w->f32 + offset, x + (size_t)(t + k) * cols, cols);
+    return dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
+}
+
+/* out[k] = output `row` of W for the input rows t + k, k < TOKEN_BLOCK: the weight row read once for all. */
+static void row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x, float *out) {
+    int cols = w->cols;
+    size_t offset = (size_t)row * cols;
+    if (w->q) {
+        int group = s->model->config.group_size;
+        dot_q80_block(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
+                      s->act_scale + (size_t)t * cols / group, cols, cols, group, out);
+    } else if (w->f32) {
+        dot_f32_rows(w->f32 + offset, x + (size_t)t * cols, cols, cols, TOKEN_BLOCK, out);
+    } else {
+        for (int k = 0; k < TOKEN_BLOCK; k++) out[k] = row_dot(s, w, row, t + k, x);
+    }
 }
 
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their output rows, each meeting the inputs TOKEN_BLOCK at a time. Quantized weights read x as
- * quantized beforehand into act_q & co. */
+ * all their output rows, each meeting the inputs TOKEN_BLOCK at a time, then the rest one by one. Quantized
+ * weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
     int total_rows = 0;
     for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
@@ -1329,12 +1338,14 @@ static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, 
         int j = 0, row = r;
         while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
         const NanoMatrix *w = jobs[j].w;
-        for (int t = 0; t < n; t += TOKEN_BLOCK) {
-            int rows = n - t < TOKEN_BLOCK ? n - t : TOKEN_BLOCK;
+        float *out = jobs[j].out;
+        int t = 0;
+        for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) {
             float dots[TOKEN_BLOCK];
-            row_dots(s, w, row, t, rows, x, dots);
-            for (int k = 0; k < rows; k++) jobs[j].out[(size_t)(t + k) * w->rows + row] = dots[k];
+            row_dots(s, w, row, t, x, dots);
+            for (int k = 0; k < TOKEN_BLOCK; k++) out[(size_t)(t + k) * w->rows + row] = dots[k];
         }
+        for (; t < n; t++) out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
     }
 }
 
