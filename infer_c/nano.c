@@ -1479,30 +1479,31 @@ static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
  * stay in registers while the rows go by, where updating out row after row would load and store it for
  * every row. */
 #if defined(__AVX512F__)
+typedef __m512 SumVector;
 #define SUM_VECTOR 16
-#define SUM_VECTORS 8
-BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const float *v, size_t stride, int n, int nv) {
-    __m512 acc[SUM_VECTORS];
-    for (int j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
-    for (int p = 0; p < n; p++) {
-        __m512 weight = _mm512_set1_ps(a[p]);
-        for (int j = 0; j < nv; j++)
-            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(weight, _mm512_loadu_ps(v + (size_t)p * stride + SUM_VECTOR * j)));
-    }
-    for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + SUM_VECTOR * j, acc[j]);
-}
+#define sum_zero _mm512_setzero_ps
+#define sum_broadcast _mm512_set1_ps
+#define sum_add_product(acc, a, p) _mm512_add_ps(acc, _mm512_mul_ps(a, _mm512_loadu_ps(p)))
+#define sum_store _mm512_storeu_ps
 #elif defined(__AVX2__)
+typedef __m256 SumVector;
 #define SUM_VECTOR 8
+#define sum_zero _mm256_setzero_ps
+#define sum_broadcast _mm256_set1_ps
+#define sum_add_product(acc, a, p) _mm256_add_ps(acc, _mm256_mul_ps(a, _mm256_loadu_ps(p)))
+#define sum_store _mm256_storeu_ps
+#endif
+
+#if defined(SUM_VECTOR)
 #define SUM_VECTORS 8
 BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const float *v, size_t stride, int n, int nv) {
-    __m256 acc[SUM_VECTORS];
-    for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+    SumVector acc[SUM_VECTORS];
+    for (int j = 0; j < nv; j++) acc[j] = sum_zero();
     for (int p = 0; p < n; p++) {
-        __m256 weight = _mm256_set1_ps(a[p]);
-        for (int j = 0; j < nv; j++)
-            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(weight, _mm256_loadu_ps(v + (size_t)p * stride + SUM_VECTOR * j)));
+        SumVector weight = sum_broadcast(a[p]);
+        for (int j = 0; j < nv; j++) acc[j] = sum_add_product(acc[j], weight, v + (size_t)p * stride + SUM_VECTOR * j);
     }
-    for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + SUM_VECTOR * j, acc[j]);
+    for (int j = 0; j < nv; j++) sum_store(out + SUM_VECTOR * j, acc[j]);
 }
 #endif
 
