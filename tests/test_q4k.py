@@ -325,13 +325,14 @@ def test_bad_q4k_files_are_refused_clearly(infer, bad_q4k, tmp_path):
 
 
 def mutations(data, offsets, rng, count):
-    """Copies of a file with words overwritten by edge values (at frame and block headers and at random),
-    random bytes flipped, or the end cut off."""
-    edges = [0, 1, 0x42, 255, 256, 257, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0x7FC00000]
+    """Copies of a file with words overwritten by edge values (in the 524 bytes from one of offsets, such as a
+    frame header and its first blocks or a tokenizer section's start, and in the header), random bytes flipped,
+    or the end cut off."""
+    edges = [0, 1, 2, 3, 0x42, 255, 256, 257, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0x7FC00000, len(data)]
     for k in range(count):
         out = bytearray(data)
         kind = k % 4
-        if kind == 0:   # a word of a frame header or of its first blocks
+        if kind == 0:   # a word near one of offsets
             base = offsets[rng.integers(len(offsets))]
             at = base + 4 * int(rng.integers(0, 11 + 40 * 3))
             struct.pack_into("<I", out, min(at, len(out) - 4) // 4 * 4, edges[rng.integers(len(edges))])

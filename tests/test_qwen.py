@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import export  # noqa: E402
 import hf  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, rope_tables  # noqa: E402
+from test_qwen_c import randomize_weights  # noqa: E402
 
 VOCAB = 700   # the trained tokenizer's ids, Qwen3's 26 added tokens after them, then unused ids (as Qwen's)
 
@@ -45,16 +46,7 @@ def make_hf_model(family, overrides, seed=0, vocab_size=VOCAB):
     model_class = getattr(transformers, f"{family}ForCausalLM")
     config = config_class(vocab_size=vocab_size, max_position_embeddings=128, rms_norm_eps=1e-5,
                           rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **overrides)
-    model = model_class(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            else:   # transformers' init (std 0.02) gives near-uniform logits that hide mistakes
-                p.normal_(0.0, 0.15)
-    return model
+    return randomize_weights(model_class(config).float().eval(), lambda name, p: 0.15)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_export import ROOT, corrupt, float_bits  # noqa: E402
+from test_infer_c import one_torch_thread  # noqa: E402,F401
+from test_q4k import mutations  # noqa: E402
 
 import export  # noqa: E402
 from tokenizer import BPETokenizer  # noqa: E402
@@ -46,14 +48,6 @@ TOKENIZER_MERGES = 800   # the tokenizer: 256 bytes and 544 merges, then Qwen3's
 VOCAB_SIZE = 840         # ids past the tokenizer's are empty records, as in the released models' files
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_qwen(kind, seed=0, **overrides):
     """A transformers Qwen2/Qwen3 model whose every tensor matters: weights of unit-scale outputs, norm weights
     around 1 (q_norm and k_norm too), nonzero biases."""
@@ -61,16 +55,20 @@ def random_qwen(kind, seed=0, **overrides):
     config_class = transformers.Qwen3Config if kind == "qwen3" else transformers.Qwen2Config
     model_class = transformers.Qwen3ForCausalLM if kind == "qwen3" else transformers.Qwen2ForCausalLM
     model = model_class(config_class(vocab_size=VOCAB_SIZE, **dict(MODELS[kind], **overrides))).eval()
+    return randomize_weights(model, lambda name, p: 1.0 if "embed_tokens" in name else p.shape[1] ** -0.5)
+
+
+def randomize_weights(model, matrix_std):
+    """Norm weights (q_norm and k_norm too) around 1, biases well away from 0, each matrix normal with
+    matrix_std(name, parameter): transformers' own init (std 0.02) gives near-uniform logits that hide mistakes."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.5)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
             else:
-                p.normal_(0.0, p.shape[1] ** -0.5)
+                p.normal_(0.0, matrix_std(name, p))
     return model
 
 
@@ -565,25 +563,6 @@ def test_malformed_qwen_files_under_address_sanitizer(bad_qwen_files):
     check_qwen_refusals(os.path.join(ENGINE_DIR, "infer-asan"), bad_qwen_files)
 
 
-def qwen_mutations(data, rng, count):
-    """Copies of a Qwen file with a header word or a word of the tokenizer section set to an edge value, bytes
-    flipped, or the end cut off."""
-    edges = [0, 1, 2, 3, 255, 256, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0x7FC00000, len(data)]
-    for k in range(count):
-        out = bytearray(data)
-        kind = k % 4
-        if kind == 0:
-            struct.pack_into("<I", out, 4 * int(rng.integers(0, 20)), edges[rng.integers(len(edges))])
-        elif kind == 1:   # T, max_token_bytes, or a word among the first records
-            struct.pack_into("<I", out, 256 + int(rng.integers(0, 400)), edges[rng.integers(len(edges))])
-        elif kind == 2:
-            for at in rng.integers(0, len(out), 8):
-                out[at] ^= 1 << int(rng.integers(8))
-        else:
-            out = out[:int(rng.integers(0, len(out)))]
-        yield bytes(out)
-
-
 def test_mutated_qwen_files_under_address_sanitizer(tmp_path, vocabulary):
     """The fuzz harness (fuzz_replay) over mutated Qwen2 float32 and Qwen3 Q4K files, under ASan and UBSan: every
     input loads, builds a chat prompt, runs a step and streams its text, or is refused, without a memory error."""
@@ -594,7 +573,7 @@ def test_mutated_qwen_files_under_address_sanitizer(tmp_path, vocabulary):
         good = str(tmp_path / f"{kind}.bin")
         write_qwen_bin(good, random_qwen(kind, tie_word_embeddings=True), token_bytes, scores, quant=quant)
         paths.append(good)
-        for i, mutated in enumerate(qwen_mutations(open(good, "rb").read(), rng, 100)):
+        for i, mutated in enumerate(mutations(open(good, "rb").read(), [256], rng, 100)):
             paths.append(str(tmp_path / f"{kind}_{i}.bin"))
             open(paths[-1], "wb").write(mutated)
     r = subprocess.run([os.path.join(ENGINE_DIR, "fuzz_replay"), *paths], capture_output=True, text=True,
