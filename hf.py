@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from data import read_json
 from model import ModelConfig, rope_tables
 
 ARCHITECTURES = {"Qwen3ForCausalLM": 3, "Qwen2ForCausalLM": 2}   # architecture -> .bin model_type
@@ -48,16 +49,6 @@ def hf_name(name):
 
 
 # ----------------------------------------------------------------------------- config.json
-
-def read_json(path, what):
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: missing ({what})")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
 
 def _architecture(config, path):
     architectures = config.get("architectures")
@@ -223,7 +214,7 @@ class HFCheckpoint:
         if not os.path.isdir(self.directory):
             raise ValueError(f"{directory}: not a directory (expected a Hugging Face checkpoint)")
         config_path = os.path.join(self.directory, "config.json")
-        self.model_type, self.config = model_config_from_hf(read_json(config_path, "the model's config"), config_path)
+        self.model_type, self.config = model_config_from_hf(read_json(config_path), config_path)
         self.tokenizer_path = os.path.join(self.directory, "tokenizer.json")
         if not os.path.isfile(self.tokenizer_path):
             raise ValueError(f"{self.tokenizer_path}: missing (the model's tokenizer)")
@@ -238,7 +229,7 @@ class HFCheckpoint:
         single = os.path.join(self.directory, "model.safetensors")
         index_path = os.path.join(self.directory, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            weight_map = read_json(index_path, "the shards' index").get("weight_map")
+            weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no weight_map object")
         elif os.path.isfile(single):
