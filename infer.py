@@ -292,6 +292,9 @@ def profile_report(timings):
 
 def answer(model, tokenizer, prompt_ids, args, sample, stop_ids=STOP_IDS):
     """Generate and print one answer within --max_seq_length; returns the new ids."""
+    if not prompt_ids:   # an empty continuation of a model without <|bos|> (Qwen)
+        warn("the prompt is empty: there is nothing to continue")
+        return []
     prompt_ids = keep_last_tokens(prompt_ids, context_of(model.config))
     max_new_tokens = args.max_seq_length - len(prompt_ids)
     if max_new_tokens <= 0:

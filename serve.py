@@ -494,7 +494,11 @@ def completion_prompt(template, body):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-    return template.continuation(prompt)
+    ids = template.continuation(prompt)
+    if not ids:   # a model without <|bos|> (Qwen) has nothing to continue
+        raise ApiError(400, "'prompt' is empty: this model has no beginning-of-text token to continue from",
+                       param="prompt")
+    return ids
 
 
 def thinking(body):

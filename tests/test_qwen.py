@@ -535,6 +535,13 @@ def test_infer_chats_over_two_turns_like_transformers(tmp_path, tokenizer_dir):
     assert answers == expected
 
 
+def test_infer_refuses_an_empty_continuation_of_a_qwen_file(qwen3_file):
+    """Qwen has no <|bos|>: an empty --prompt has nothing to continue, said in a line, not a traceback."""
+    result = subprocess.run([sys.executable, "infer.py", "-m", str(qwen3_file[2]), "--prompt", "", "-t", "0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "the prompt is empty" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_eval_text_perplexity_and_choices_on_a_qwen_file(qwen3_file, tmp_path):
     import checkpoint
     import eval as evaluation

@@ -540,6 +540,14 @@ def test_qwen_conversation_equals_transformers(qwen):
     assert response.choices[0].message.content == qwen["reference"].decode(want, skip_special_tokens=False)
 
 
+def test_qwen_empty_completion_is_400_and_the_server_goes_on(qwen):
+    """A Qwen prompt has no <|bos|>: an empty one has nothing to continue, refused before it reaches the batch."""
+    status, body = request(qwen["server"], "POST", "/v1/completions", {"prompt": "", "max_tokens": 2})
+    assert_openai_error(status, body, 400)
+    assert body["error"]["param"] == "prompt"
+    assert qwen_chat(qwen, [{"role": "user", "content": "hi"}], max_tokens=2).choices[0].message.content is not None
+
+
 def test_qwen_thinking_option_is_checked(qwen):
     status, body = request(qwen["server"], "POST", "/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": "yes"}})
