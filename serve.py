@@ -75,6 +75,10 @@ class NanoLibrary:
     class StateHead(ctypes.Structure):
         _fields_ = [("model", ctypes.c_void_p), ("lora", ctypes.c_void_p), ("pos", ctypes.c_int)]
 
+    class File(ctypes.Structure):   # NanoFile
+        _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_size_t), ("base", ctypes.c_void_p),
+                    ("mapped", ctypes.c_int)]
+
     def __init__(self, path=LIBRARY):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: build it with `make -C infer_c`")
@@ -84,7 +88,10 @@ class NanoLibrary:
         lib = ctypes.CDLL(path)
         p, i, f, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
         signatures = {
+            "nano_file_read": (i, [p, ctypes.c_char_p, i, ctypes.c_char_p, size]),
+            "nano_file_free": (None, [p]),
             "nano_model_load": (i, [p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
+            "nano_model_free": (None, [p]),
             "nano_model_limit_context": (None, [p, i]),
             "nano_lora_load": (i, [p, p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
             "nano_state_init": (i, [p, p]),
@@ -105,11 +112,18 @@ class NanoLibrary:
     def struct(self, kind):
         return ctypes.create_string_buffer(self.sizes[kind])
 
-    def load(self, kind, data, name, *model):
-        """A NanoModel or NanoLora from the bytes of a file (kept alive by the caller)."""
+    def read(self, path, is_model):
+        """The file in memory as the CLI reads it (nano_file_read); free it with nano_file_free."""
+        file, err = self.File(), ctypes.create_string_buffer(512)
+        if self.lib.nano_file_read(ctypes.byref(file), path.encode(), is_model, err, len(err)):
+            raise ValueError(err.value.decode(errors="replace"))
+        return file
+
+    def load(self, kind, file, name, *model):
+        """A NanoModel or NanoLora from a file read by read() (kept alive by the caller)."""
         handle, err = self.struct(kind), ctypes.create_string_buffer(512)
         loader = self.lib.nano_model_load if kind == "model" else self.lib.nano_lora_load
-        if loader(handle, *model, data.ctypes.data, data.nbytes, name.encode(), err, len(err)):
+        if loader(handle, *model, file.data, file.size, name.encode(), err, len(err)):
             raise ValueError(err.value.decode(errors="replace"))
         return handle
 
@@ -142,8 +156,8 @@ class CEngine:
         self.library = NanoLibrary()
         from export import read_bin  # the Python reader of the file, for the config and the vocabulary
         self.config, self.tokenizer, _, _, _ = read_bin(path)
-        self.data = {path: np.memmap(path, dtype=np.uint8, mode="r")}
-        self.model = self.library.load("model", self.data[path], path)
+        self.files = {path: self.library.read(path, is_model=True)}
+        self.model = self.library.load("model", self.files[path], path)
         self.context = min(context or infer.context_of(self.config), self.config.block_size)
         self.library.lib.nano_model_limit_context(self.model, self.context)
         self.adapters = {None: None}
@@ -151,8 +165,8 @@ class CEngine:
         for name, adapter_path in adapters.items():
             if not adapter_path.endswith(".bin"):
                 raise ValueError(f"{adapter_path}: a .bin model takes .bin adapters (export.py --lora)")
-            self.data[adapter_path] = np.memmap(adapter_path, dtype=np.uint8, mode="r")
-            self.adapters[name] = self.library.load("lora", self.data[adapter_path], adapter_path, self.model)
+            self.files[adapter_path] = self.library.read(adapter_path, is_model=False)
+            self.adapters[name] = self.library.load("lora", self.files[adapter_path], adapter_path, self.model)
         self.free_states = []
         self.slots = min(slots, self.context)   # nano_forward_batch takes up to a context of rows
         for _ in range(self.slots):
@@ -197,6 +211,15 @@ class CEngine:
 
     def release(self, state):
         self.free_states.append(state)
+
+    def __del__(self):   # the states (all released by now), the model, then the files they point into
+        lib = self.library.lib
+        for state in getattr(self, "free_states", []):
+            lib.nano_state_free(state)
+        if hasattr(self, "model"):
+            lib.nano_model_free(self.model)
+        for file in getattr(self, "files", {}).values():
+            lib.nano_file_free(ctypes.byref(file))
 
 
 # ----------------------------------------------------------------------------- the PyTorch engine

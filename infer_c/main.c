@@ -1,19 +1,15 @@
 /*
- * ./infer: command-line front end of the Nano engine. Maps the model (and adapter) files into memory,
+ * ./infer: command-line front end of the Nano engine. Reads the model (and adapter) files into memory,
  * then generates from an instruct prompt, a raw prompt, or interactively from stdin.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "nano.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <time.h>
-#include <unistd.h>
 
 static void usage(void) {
     fprintf(stderr,
@@ -49,39 +45,18 @@ static void usage(void) {
 
 /* ---------------------------------------------------------------------------- files */
 
-typedef struct {
-    void *data;
-    size_t size;
-} MappedFile;
-
-static int map_file(MappedFile *f, const char *path) {
-    int fd = open(path, O_RDONLY);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        fprintf(stderr, "error: %s: cannot open: %s\n", path, strerror(errno));
-        if (fd >= 0) close(fd);
+static int read_file(NanoFile *f, const char *path, int is_model) {
+    char err[512];
+    if (nano_file_read(f, path, is_model, err, sizeof err)) {
+        fprintf(stderr, "error: %s\n", err);
         return -1;
     }
-    f->size = (size_t)st.st_size;
-    f->data = NULL;
     if (f->size == 0) {
         fprintf(stderr, "error: %s: header: file is empty\n", path);
-        close(fd);
-        return -1;
-    }
-    f->data = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (f->data == MAP_FAILED) {
-        fprintf(stderr, "error: %s: cannot map: %s\n", path, strerror(errno));
-        f->data = NULL;
+        nano_file_free(f);
         return -1;
     }
     return 0;
-}
-
-static void unmap_file(MappedFile *f) {
-    if (f->data) munmap(f->data, f->size);
-    f->data = NULL;
 }
 
 /* ---------------------------------------------------------------------------- output */
@@ -498,7 +473,7 @@ static int parse_options(Options *o, int argc, char **argv) {
 int main(int argc, char **argv) {
     Options opt;
     if (parse_options(&opt, argc, argv)) { usage(); return 2; }
-    MappedFile model_file = {0}, lora_file = {0};
+    NanoFile model_file = {0}, lora_file = {0};
     NanoModel model;
     NanoLora lora;
     NanoState state;
@@ -507,15 +482,15 @@ int main(int argc, char **argv) {
     int status = 1, *ids = NULL, n = 0;
     Output out = {.model = &model, .print_ids = opt.print_ids};
 
-    if (map_file(&model_file, opt.model_path)) return 1;
+    if (read_file(&model_file, opt.model_path, 1)) return 1;
     if (nano_model_load(&model, model_file.data, model_file.size, opt.model_path, err, sizeof err)) {
         fprintf(stderr, "error: %s\n", err);
-        unmap_file(&model_file);
+        nano_file_free(&model_file);
         return 1;
     }
     nano_model_limit_context(&model, opt.context);
     if (opt.lora_path) {
-        if (map_file(&lora_file, opt.lora_path)) goto done_model;
+        if (read_file(&lora_file, opt.lora_path, 0)) goto done_model;
         if (nano_lora_load(&lora, &model, lora_file.data, lora_file.size, opt.lora_path, err, sizeof err)) {
             fprintf(stderr, "error: %s\n", err);
             goto done_model;
@@ -570,7 +545,7 @@ done_state:
 done_model:
     free(ids);
     nano_model_free(&model);
-    unmap_file(&lora_file);
-    unmap_file(&model_file);
+    nano_file_free(&lora_file);
+    nano_file_free(&model_file);
     return status;
 }

@@ -114,7 +114,7 @@ typedef struct {
     int8_t *act_q;            /* activations quantized for Q80 and Q4K matmuls */
     float *act_scale;
     int32_t *act_group_sum;   /* Q4K: the sum of each group of 32 quantized activations */
-    float *key_cache, *value_cache;   /* [n_layer, block_size, kv_dim] */
+    float *key_cache, *value_cache;   /* per layer and KV head: keys [head_dim, context], values [context, head_dim] */
     float *lora_hidden;       /* [block_size, rank] */
     int lora_capacity;
 } NanoState;
@@ -146,6 +146,17 @@ typedef struct {
  * tokenizer section has any length) when the buffer's address is nano_model_placement(file) modulo 4, which
  * a caller that reads the file itself can arrange (mmap cannot); otherwise the loader works on a copy. */
 size_t nano_model_placement(const void *start, size_t n);   /* from the file's first 260 bytes; 0..3 */
+
+/* A file read whole into memory (a model file at its placement, so that nano_model_load need not copy it),
+ * in 2 MB pages where the system grants them; a file larger than half the physical memory is mapped. */
+typedef struct {
+    void *data;
+    size_t size;
+    void *base;               /* the allocation, or NULL when mapped */
+    int mapped;
+} NanoFile;
+int nano_file_read(NanoFile *f, const char *path, int is_model, char *err, size_t err_cap);   /* 0, or -1 with err */
+void nano_file_free(NanoFile *f);
 int nano_model_load(NanoModel *m, const void *data, size_t size, const char *name, char *err, size_t err_cap);
 void nano_model_free(NanoModel *m);
 /* Run the model with a context of at most n positions (from now on: states made later hold n positions of
