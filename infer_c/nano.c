@@ -872,6 +872,12 @@ static inline float sum_of_lanes_avx(__m256 sum) {
     half = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
+
+static inline float largest_of_lanes_avx(__m256 a) {
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+}
 #endif
 
 /* A float vector and its operations, for each instruction set (one lane without one). power_of_two(p, n)
@@ -886,11 +892,15 @@ typedef __m512 FloatVector;
 #define vector_add _mm512_add_ps
 #define vector_sub _mm512_sub_ps
 #define vector_mul _mm512_mul_ps
+#define vector_div _mm512_div_ps
+#define vector_min _mm512_min_ps
 #define vector_max _mm512_max_ps
 #define vector_multiply_add(acc, a, b) _mm512_fmadd_ps(a, b, acc)
 #define vector_round(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vector_power_of_two(p, n) _mm512_scalef_ps(p, n)
 #define vector_sum _mm512_reduce_add_ps
+#define vector_abs _mm512_abs_ps
+#define vector_largest _mm512_reduce_max_ps
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 FloatVector;
 #define FLOAT_LANES 8
@@ -901,12 +911,16 @@ typedef __m256 FloatVector;
 #define vector_add _mm256_add_ps
 #define vector_sub _mm256_sub_ps
 #define vector_mul _mm256_mul_ps
+#define vector_div _mm256_div_ps
+#define vector_min _mm256_min_ps
 #define vector_max _mm256_max_ps
 #define vector_multiply_add(acc, a, b) _mm256_fmadd_ps(a, b, acc)
 #define vector_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vector_power_of_two(p, n) \
     _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))
 #define vector_sum sum_of_lanes_avx
+#define vector_abs(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a)
+#define vector_largest largest_of_lanes_avx
 #elif defined(__wasm_simd128__)
 typedef v128_t FloatVector;
 #define FLOAT_LANES 4
@@ -917,6 +931,8 @@ typedef v128_t FloatVector;
 #define vector_add wasm_f32x4_add
 #define vector_sub wasm_f32x4_sub
 #define vector_mul wasm_f32x4_mul
+#define vector_div wasm_f32x4_div
+#define vector_min wasm_f32x4_pmin
 #define vector_max wasm_f32x4_pmax
 #define vector_multiply_add(acc, a, b) wasm_f32x4_add(acc, wasm_f32x4_mul(a, b))
 #define vector_round wasm_f32x4_nearest
@@ -924,6 +940,9 @@ typedef v128_t FloatVector;
     wasm_f32x4_mul(p, wasm_i32x4_shl(wasm_i32x4_add(wasm_i32x4_trunc_sat_f32x4(n), wasm_i32x4_splat(127)), 23))
 #define vector_sum(a) (wasm_f32x4_extract_lane(a, 0) + wasm_f32x4_extract_lane(a, 1) + \
                        wasm_f32x4_extract_lane(a, 2) + wasm_f32x4_extract_lane(a, 3))
+#define vector_abs wasm_f32x4_abs
+#define vector_largest(a) fmaxf(fmaxf(wasm_f32x4_extract_lane(a, 0), wasm_f32x4_extract_lane(a, 1)), \
+                                fmaxf(wasm_f32x4_extract_lane(a, 2), wasm_f32x4_extract_lane(a, 3)))
 #else
 typedef float FloatVector;
 #define FLOAT_LANES 1
@@ -934,17 +953,21 @@ typedef float FloatVector;
 #define vector_add(a, b) ((a) + (b))
 #define vector_sub(a, b) ((a) - (b))
 #define vector_mul(a, b) ((a) * (b))
+#define vector_div(a, b) ((a) / (b))
+#define vector_min(a, b) ((a) < (b) ? (a) : (b))
 #define vector_max(a, b) ((a) > (b) ? (a) : (b))
 #define vector_multiply_add(acc, a, b) ((acc) + (a) * (b))
 #define vector_round rintf
 #define vector_power_of_two(p, n) ldexpf(p, (int)(n))
 #define vector_sum(a) (a)
+#define vector_abs fabsf
+#define vector_largest(a) (a)
 #endif
 
-/* e^x for x <= 0 (a softmax's exponents), within 1 ulp of expf down to -87 (2^-126 below -87.3): x =
- * n ln 2 + r with |r| <= ln(2) / 2, e^r from Cephes' degree-5 polynomial for expf. */
+/* e^x within 1 ulp of expf for x in [-87, 88] (x is clamped to [-87.3, 88.3]): x = n ln 2 + r with
+ * |r| <= ln(2) / 2, e^r from Cephes' degree-5 polynomial for expf. */
 static inline FloatVector vector_exp(FloatVector x) {
-    x = vector_max(x, vector_broadcast(-87.3f));
+    x = vector_min(vector_max(x, vector_broadcast(-87.3f)), vector_broadcast(88.3f));
     FloatVector n = vector_round(vector_mul(x, vector_broadcast(1.44269504f)));
     FloatVector r = vector_multiply_add(x, n, vector_broadcast(-0.693359375f));   /* ln 2 in two parts */
     r = vector_multiply_add(r, n, vector_broadcast(2.12194440e-4f));
@@ -1334,8 +1357,11 @@ static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const i
 /* The largest |x| of n values, and x rounded to the nearest integer, ties to even, as lrintf does for
  * |x| <= 127; both inline, where the C99 library calls cost as much as a small matmul. */
 static inline float max_abs_of(const float *x, int n) {
-    float max_abs = 0.0f;
-    for (int i = 0; i < n; i++) max_abs = fabsf(x[i]) > max_abs ? fabsf(x[i]) : max_abs;
+    FloatVector largest = vector_zero();
+    int i = 0;
+    for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) largest = vector_max(largest, vector_abs(vector_load(x + i)));
+    float max_abs = vector_largest(largest);
+    for (; i < n; i++) max_abs = fabsf(x[i]) > max_abs ? fabsf(x[i]) : max_abs;
     return max_abs;
 }
 
@@ -1358,13 +1384,18 @@ static void quantize_block_q4k(int8_t *q, float *scale, int32_t *group_sum, cons
     float max_abs = max_abs_of(x, n);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
-    memset(group_sum, 0, sizeof(int32_t) * Q4K_GROUPS);
-    for (int i = 0; i < NANO_Q4K_BLOCK; i++) {
-        int8_t v = i < n ? round_to_int8(x[i] * inverse) : 0;
-        int byte = i / 2;
-        q[byte / Q4K_ACT_CHUNK * 2 * Q4K_ACT_CHUNK + (i & 1) * Q4K_ACT_CHUNK + byte % Q4K_ACT_CHUNK] = v;
-        group_sum[i / 32] += v;
+    int8_t v[NANO_Q4K_BLOCK] = {0};   /* in element order first: three loops a compiler can vectorize */
+    for (int i = 0; i < n; i++) v[i] = round_to_int8(x[i] * inverse);
+    for (int g = 0; g < Q4K_GROUPS; g++) {
+        int32_t sum = 0;
+        for (int i = 32 * g; i < 32 * g + 32; i++) sum += v[i];
+        group_sum[g] = sum;
     }
+    for (int c = 0; c < NANO_Q4K_BLOCK; c += 2 * Q4K_ACT_CHUNK)
+        for (int j = 0; j < Q4K_ACT_CHUNK; j++) {
+            q[c + j] = v[c + 2 * j];
+            q[c + Q4K_ACT_CHUNK + j] = v[c + 2 * j + 1];
+        }
 }
 
 /* Row `row` (of width cols) of the quantized activations from x: Q80 groups or Q4K blocks; nothing for float32. */
@@ -1742,7 +1773,13 @@ static void swiglu(NanoState *s, int n) {
 #pragma omp for schedule(static) nowait
     for (size_t k = 0; k < (size_t)n * F / chunk; k++) {
         float *gate = s->hb + k * chunk, *up = s->hb2 + k * chunk;
-        for (int i = 0; i < chunk; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        int i = 0;
+        for (; i + FLOAT_LANES <= chunk; i += FLOAT_LANES) {
+            FloatVector g = vector_load(gate + i);
+            FloatVector e = vector_exp(vector_sub(vector_zero(), g));
+            vector_store(gate + i, vector_mul(vector_div(g, vector_add(vector_broadcast(1.0f), e)), vector_load(up + i)));
+        }
+        for (; i < chunk; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         quantize_row(s, k, gate, chunk);
     }
 }
