@@ -119,11 +119,11 @@ class NanoLibrary:
             raise ValueError(err.value.decode(errors="replace"))
         return file
 
-    def load(self, kind, file, name, *model):
-        """A NanoModel or NanoLora from a file read by read() (kept alive by the caller)."""
+    def load(self, kind, address, size, name, *model):
+        """A NanoModel or NanoLora from the size bytes of a file at address (kept alive by the caller)."""
         handle, err = self.struct(kind), ctypes.create_string_buffer(512)
         loader = self.lib.nano_model_load if kind == "model" else self.lib.nano_lora_load
-        if loader(handle, *model, file.data, file.size, name.encode(), err, len(err)):
+        if loader(handle, *model, address, size, name.encode(), err, len(err)):
             raise ValueError(err.value.decode(errors="replace"))
         return handle
 
@@ -157,7 +157,7 @@ class CEngine:
         from export import read_bin  # the Python reader of the file, for the config and the vocabulary
         self.config, self.tokenizer, _, _, _ = read_bin(path)
         self.files = {path: self.library.read(path, is_model=True)}
-        self.model = self.library.load("model", self.files[path], path)
+        self.model = self.library.load("model", self.files[path].data, self.files[path].size, path)
         self.context = min(context or infer.context_of(self.config), self.config.block_size)
         self.library.lib.nano_model_limit_context(self.model, self.context)
         self.adapters = {None: None}
@@ -166,7 +166,8 @@ class CEngine:
             if not adapter_path.endswith(".bin"):
                 raise ValueError(f"{adapter_path}: a .bin model takes .bin adapters (export.py --lora)")
             self.files[adapter_path] = self.library.read(adapter_path, is_model=False)
-            self.adapters[name] = self.library.load("lora", self.files[adapter_path], adapter_path, self.model)
+            file = self.files[adapter_path]
+            self.adapters[name] = self.library.load("lora", file.data, file.size, adapter_path, self.model)
         self.free_states = []
         self.slots = min(slots, self.context)   # nano_forward_batch takes up to a context of rows
         for _ in range(self.slots):

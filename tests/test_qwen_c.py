@@ -206,7 +206,7 @@ class CModel:
 
     def __init__(self, library, path):
         self.library, self.data = library, np.fromfile(path, dtype=np.uint8)
-        self.handle = library.load("model", self.data, path)
+        self.handle = library.load("model", self.data.ctypes.data, self.data.nbytes, path)
         self.vocab_size = struct.unpack_from("<I", self.data, 28)[0]
 
     def state(self):
@@ -505,7 +505,7 @@ def test_parameters_after_a_section_of_any_length_load_wherever_the_buffer_is(li
             start = (shift - buffer.ctypes.data) % 4
             buffer[start:start + data.nbytes] = data
             placed = buffer[start:start + data.nbytes]
-            handle = library.load("model", placed, path)
+            handle = library.load("model", placed.ctypes.data, placed.nbytes, path)
             c = CModel.__new__(CModel)
             c.library, c.data, c.handle, c.vocab_size = library, placed, handle, VOCAB_SIZE
             assert relative_error(c.prefill(ids), reference) < F32_LOGITS_TOL
