@@ -1805,10 +1805,29 @@ void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *ou
     else dequantize_row_q4k(w->q4k + (size_t)row * q4k_blocks_per_row(w->cols) * NANO_Q4K_BLOCK_BYTES, w->cols, out);
 }
 
+/* out[t] = classifier x[first + t] for n rows of s->x, on the threads of the region it runs in. */
+static void classifier(NanoState *s, int first, int n, float *out, Barrier *barrier) {
+    const NanoMatrix *w = &s->model->classifier;
+    const float *x = s->x + (size_t)first * s->model->config.n_embd;
+    if (w->q || w->q4k) {
+        quantize_input(s, x, n, w->cols);
+        barrier_wait(barrier);
+    }
+    matmul(s, out, x, n, w);
+}
+
+/* A region's threads when the classifier of n rows has PARALLEL_MIN_WORK multiply-adds. */
+static int classifier_parallel(const NanoModel *m, int n) {
+    return (size_t)n * m->classifier.rows * m->classifier.cols >= PARALLEL_MIN_WORK;
+}
+
 /* The forward pass of n rows, row t being tokens[t] as rows[t] describes, in the activation buffers of s (so
  * n <= block_size). nano_forward runs a sequence's tokens as rows, nano_forward_batch the tokens of several
- * sequences: the weights are read once for all the rows, which is what batching buys. */
-static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n) {
+ * sequences: the weights are read once for all the rows, which is what batching buys. When logits is not
+ * NULL, the pass ends with the classifier of the rows logit_rows[0 .. n_logits) (ascending) into logits: in
+ * the same region, since under OMP_WAIT_POLICY=passive each region costs a wake-up of its threads. */
+static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, int n, const int *logit_rows,
+                         int n_logits, float *logits) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int E = c->n_embd, quantized = c->quant_type != NANO_QUANT_F32;
@@ -1817,8 +1836,10 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
         nano_matrix_row(m, &m->embedding, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN, s->x + (size_t)t * E);
     Barrier barrier = {0, 0};
     /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
-     * model; threads only when a layer's matmuls (these multiply-adds) reach PARALLEL_MIN_WORK */
-#pragma omp parallel if((size_t)n * E * (2 * m->q_dim + 2 * m->kv_dim + 3 * c->n_hidden) >= PARALLEL_MIN_WORK)
+     * model; threads only when a layer's matmuls (these multiply-adds), or the classifier, reach
+     * PARALLEL_MIN_WORK */
+#pragma omp parallel if((size_t)n * E * (2 * m->q_dim + 2 * m->kv_dim + 3 * c->n_hidden) >= PARALLEL_MIN_WORK || \
+                       (logits && classifier_parallel(m, n_logits)))
     {
         for (int l = 0; l < c->n_layer; l++) {
             const NanoLayer *layer = &m->layers[l];
@@ -1861,38 +1882,41 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
             matmul(s, s->xb, s->hb, n, &layer->w2);
             barrier_wait(&barrier);
         }
-        /* last residual connection and the final rmsnorm; the classifier runs in nano_logits, only for the
-         * positions asked for */
+        /* last residual connection and the final rmsnorm, then the classifier of the rows asked for (else
+         * nano_logits runs it later), each moved up to row i of x first (never below itself, so in order) */
         residual_norm(s, n, 1, m->final_norm, s->x);
+        if (logits) {
+            barrier_wait(&barrier);
+#pragma omp master
+            for (int i = 0; i < n_logits; i++)
+                memmove(s->x + (size_t)i * E, s->x + (size_t)logit_rows[i] * E, sizeof(float) * E);
+            barrier_wait(&barrier);
+            classifier(s, 0, n_logits, logits, &barrier);
+        }
     }
 }
 
-int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
-    int start = s->pos;
+/* n tokens of one sequence from its position, then, when logits is not NULL, the logits of the last. */
+static int forward_sequence(NanoState *s, const int *tokens, int n, int causal, float *logits) {
+    int start = s->pos, last = n - 1;
     if (n < 1 || n > s->model->config.block_size - start) return -1;
     PassRow *rows = malloc(sizeof(PassRow) * n);
     if (!rows) return -1;
     for (int t = 0; t < n; t++) rows[t] = (PassRow){s, start + t, causal ? start + t + 1 : start + n};
-    forward_rows(s, tokens, rows, n);
+    forward_rows(s, tokens, rows, n, &last, 1, logits);
     free(rows);
     s->pos = start + n;
     return 0;
 }
 
-/* out[t] = classifier x[first + t] for n rows of s->x. */
+int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
+    return forward_sequence(s, tokens, n, causal, NULL);
+}
+
 static void classify(NanoState *s, int first, int n, float *out) {
-    const NanoMatrix *w = &s->model->classifier;
-    const float *x = s->x + (size_t)first * s->model->config.n_embd;
     Barrier barrier = {0, 0};
-    /* a team of its own: the classifier is the largest matmul of a step */
-#pragma omp parallel if((size_t)n * w->rows * w->cols >= PARALLEL_MIN_WORK)
-    {
-        if (w->q || w->q4k) {
-            quantize_input(s, x, n, w->cols);
-            barrier_wait(&barrier);
-        }
-        matmul(s, out, x, n, w);
-    }
+#pragma omp parallel if(classifier_parallel(s->model, n))
+    classifier(s, first, n, out, &barrier);
 }
 
 float *nano_logits(NanoState *s, int t) {
@@ -1902,7 +1926,7 @@ float *nano_logits(NanoState *s, int t) {
 
 int nano_forward_batch(NanoState **states, const int *tokens, const int *counts, int n, float *logits) {
     const NanoModel *m = states[0]->model;
-    int total = 0, E = m->config.n_embd;
+    int total = 0;
     if (n < 1) return -1;
     for (int i = 0; i < n; i++) {
         if (states[i]->model != m || counts[i] < 1 || counts[i] > m->config.block_size - states[i]->pos) return -1;
@@ -1910,18 +1934,20 @@ int nano_forward_batch(NanoState **states, const int *tokens, const int *counts,
     }
     if (total > m->config.block_size) return -1;
     PassRow *rows = malloc(sizeof(PassRow) * total);
-    if (!rows) return -1;
-    for (int i = 0, r = 0; i < n; i++)
-        for (int t = 0; t < counts[i]; t++, r++) rows[r] = (PassRow){states[i], states[i]->pos + t, states[i]->pos + t + 1};
-    forward_rows(states[0], tokens, rows, total);
-    free(rows);
-    /* each sequence's last row moves up to row i (never below it), for one classifier pass over the n */
-    for (int i = 0, last = -1; i < n; i++) {
-        last += counts[i];
-        memmove(states[0]->x + (size_t)i * E, states[0]->x + (size_t)last * E, sizeof(float) * E);
-        states[i]->pos += counts[i];
+    int *last_rows = malloc(sizeof(int) * n);   /* each sequence's last row: the one with logits */
+    if (!rows || !last_rows) {
+        free(rows);
+        free(last_rows);
+        return -1;
     }
-    classify(states[0], 0, n, logits);
+    for (int i = 0, r = 0; i < n; i++) {
+        for (int t = 0; t < counts[i]; t++, r++) rows[r] = (PassRow){states[i], states[i]->pos + t, states[i]->pos + t + 1};
+        last_rows[i] = r - 1;
+    }
+    forward_rows(states[0], tokens, rows, total, last_rows, n, logits);
+    free(rows);
+    free(last_rows);
+    for (int i = 0; i < n; i++) states[i]->pos += counts[i];
     return 0;
 }
 
@@ -2103,8 +2129,8 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
 
     double start = nano_seconds();
     s->pos = 0;
-    nano_forward(s, prompt, n_prompt, causal);
-    const float *logits = nano_logits(s, n_prompt - 1);
+    forward_sequence(s, prompt, n_prompt, causal, s->logits);
+    const float *logits = s->logits;
     stats->prefill_seconds = nano_seconds() - start;
     int length = n_prompt;
     for (int step = 0; step < max_new; step++) {
@@ -2117,14 +2143,12 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
         nano_sampler_see(sampler, token);
         double step_start = nano_seconds();
         if (causal && s->pos < block) {
-            nano_forward(s, &token, 1, 1);
-            logits = nano_logits(s, 0);
+            forward_sequence(s, &token, 1, 1, s->logits);
         } else {   /* from position 0 again, like model.generate: a causal model whose window is full keeps its
                     * last half, a non-causal one runs its last block_size tokens */
             int keep = causal ? (block / 2 > 0 ? block / 2 : 1) : (length < block ? length : block);
             s->pos = 0;
-            nano_forward(s, history + length - keep, keep, causal);
-            logits = nano_logits(s, keep - 1);
+            forward_sequence(s, history + length - keep, keep, causal, s->logits);
         }
         stats->decode_seconds += nano_seconds() - step_start;
         stats->decode_steps++;
