@@ -38,15 +38,21 @@ NANO_56M = dict(block_size=512, vocab_size=16384, n_layer=16, n_embd=512, n_head
 PROMPT_TOKENS = 16
 C_KINDS = ("f32", "q80", "q4k")   # the weight formats the C engine runs here
 
-# Sums a large float array with every thread, several times; prints the best read bandwidth in GB/s.
+# Sums a large float array with every thread, several times; prints the best read bandwidth in GB/s. The
+# array is in huge pages where the system grants them, as the engine's weights are (nano_file_read).
 BANDWIDTH_SOURCE = r"""
+#define _DEFAULT_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
 int main(void) {
     size_t n = (size_t)256 << 20;   /* 1 GiB of floats: far beyond any cache */
-    float *a = malloc(n * sizeof(float));
-    if (!a) return 1;
+    float *a;
+    if (posix_memalign((void **)&a, (size_t)2 << 20, n * sizeof(float))) return 1;
+#ifdef MADV_HUGEPAGE
+    madvise(a, n * sizeof(float), MADV_HUGEPAGE);
+#endif
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
     double best = 1e9; float total = 0.0f;

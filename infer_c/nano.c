@@ -526,9 +526,11 @@ size_t nano_model_placement(const void *start, size_t n) {
 }
 
 /* Files are read into memory aligned to 2 MB and advised into 2 MB pages (Linux's transparent huge pages),
- * where a mapped file has 4 KB pages, at each of which the hardware prefetcher stops and the TLB misses:
- * a decode step streams every weight, and on Nano-56M it runs 1.4x faster in float32 and 1.16x in Q80 and
- * Q4K (one thread). A file larger than half the physical memory is mapped instead, to stay pageable. */
+ * where a mapped file may have 4 KB pages, at each of which the hardware prefetcher stops and the TLB
+ * misses: a decode step streams every weight. On Nano-56M at one thread that was 1.38x faster in float32
+ * and 1.16x in Q80 and Q4K than a fresh file's mapping in one A/B, and 1.0-1.05x in later ones (the page
+ * cache's own page sizes vary). A file larger than half the physical memory is mapped instead, to stay
+ * pageable. */
 #define HUGE_PAGE ((size_t)2 << 20)
 
 int nano_file_read(NanoFile *f, const char *path, int is_model, char *err, size_t err_cap) {

@@ -1,7 +1,7 @@
 /*
  * Nano inference engine core: model file, forward pass, tokenizer, sampler, generation.
  *
- * The same sources build the native CLI (main.c, weights memory-mapped) and the browser page
+ * The same sources build the native CLI (main.c, weights read by nano_file_read) and the browser page
  * (Emscripten): every loader takes a buffer in memory, so the caller decides how the bytes arrive.
  * The layout of the files is described in FORMAT.md at the repository root.
  */
@@ -144,7 +144,7 @@ typedef struct {
  * The buffer must stay alive while the model or adapter is in use, and an adapter's be 4-byte aligned. A model
  * file's parameters must be 4-byte aligned in memory: a Nano file's when the buffer is, a Qwen file's (its
  * tokenizer section has any length) when the buffer's address is nano_model_placement(file) modulo 4, which
- * a caller that reads the file itself can arrange (mmap cannot); otherwise the loader works on a copy. */
+ * nano_file_read arranges (a memory map cannot); otherwise the loader works on a copy. */
 size_t nano_model_placement(const void *start, size_t n);   /* from the file's first 260 bytes; 0..3 */
 
 /* A file read whole into memory (a model file at its placement, so that nano_model_load need not copy it),
