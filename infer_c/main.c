@@ -51,11 +51,6 @@ static int read_file(NanoFile *f, const char *path, int is_model) {
         fprintf(stderr, "error: %s\n", err);
         return -1;
     }
-    if (f->size == 0) {
-        fprintf(stderr, "error: %s: header: file is empty\n", path);
-        nano_file_free(f);
-        return -1;
-    }
     return 0;
 }
 

@@ -543,6 +543,11 @@ int nano_file_read(NanoFile *f, const char *path, int is_model, char *err, size_
         return -1;
     }
     f->size = (size_t)st.st_size;
+    if (f->size == 0) {
+        snprintf(err, err_cap, "%s: header: file is empty", path);
+        close(fd);
+        return -1;
+    }
     uint8_t head[NANO_HEADER_BYTES + 4];
     ssize_t head_bytes = pread(fd, head, sizeof head, 0);
     size_t placement = is_model && head_bytes > 0 ? nano_model_placement(head, (size_t)head_bytes) : 0;
@@ -1679,9 +1684,10 @@ static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
         for (int g = 0; g < m->config.n_kv_head; g++) {
             const float *k = s->k + (size_t)t * m->kv_dim + (size_t)g * hd, *v = s->v + (size_t)t * m->kv_dim + (size_t)g * hd;
             int pos = rows[t].pos;
-            float *keys = rows[t].state->key_cache + cache_head(m, layer, g) + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE;
+            size_t head = cache_head(m, layer, g);
+            float *keys = rows[t].state->key_cache + head + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE;
             for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = k[d];
-            memcpy(rows[t].state->value_cache + cache_head(m, layer, g) + (size_t)pos * hd, v, sizeof(float) * hd);
+            memcpy(rows[t].state->value_cache + head + (size_t)pos * hd, v, sizeof(float) * hd);
         }
 }
 
