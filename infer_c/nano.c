@@ -988,19 +988,21 @@ static inline FloatVector vector_exp(FloatVector x) {
     return vector_power_of_two(p, n);
 }
 
-/* Matmuls read a weight row once for up to TOKEN_BLOCK activation rows (a prefill's tokens, a server's
+/* Matmuls read a weight row once for a block of activation rows (a prefill's tokens, a server's
  * sequences): the row stays in registers and L1 while it meets each of them. Every kernel sums each row in
- * the order of its one-row case, so a batched pass gives bit for bit the logits of token after token. */
+ * the order of its one-row case, so a batched pass gives bit for bit the logits of token after token.
+ * Blocks are of TOKEN_BLOCK rows, or of WIDE_TOKEN_BLOCK where a kernel's sums fit 32 vector registers. */
 #define TOKEN_BLOCK 4
+#define WIDE_TOKEN_BLOCK 8
 /* the block kernels are specialized for each row count they are called with (kept in registers) */
 #define BLOCK_KERNEL static inline __attribute__((always_inline))
 
-/* out[k] = w . x_k for the rows x_k = x + k * stride, k < rows <= TOKEN_BLOCK (float32). */
+/* out[k] = w . x_k for the rows x_k = x + k * stride, k < rows (float32). */
 BLOCK_KERNEL void dot_f32_rows(const float *w, const float *x, size_t stride, int n, int rows, float *out) {
     int i = 0;
-    float sum[TOKEN_BLOCK] = {0};
+    float sum[WIDE_TOKEN_BLOCK] = {0};
 #if defined(__AVX512F__)
-    __m512 acc[TOKEN_BLOCK][4];
+    __m512 acc[WIDE_TOKEN_BLOCK][4];
     for (int k = 0; k < rows; k++)
         for (int a = 0; a < 4; a++) acc[k][a] = _mm512_setzero_ps();
     for (; i + 64 <= n; i += 64)
@@ -1015,7 +1017,7 @@ BLOCK_KERNEL void dot_f32_rows(const float *w, const float *x, size_t stride, in
     for (int k = 0; k < rows; k++)
         sum[k] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]), _mm512_add_ps(acc[k][2], acc[k][3])));
 #elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[TOKEN_BLOCK][2];
+    __m256 acc[WIDE_TOKEN_BLOCK][2];
     for (int k = 0; k < rows; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16)
         for (int a = 0; a < 2; a++) {
@@ -1024,7 +1026,7 @@ BLOCK_KERNEL void dot_f32_rows(const float *w, const float *x, size_t stride, in
         }
     for (int k = 0; k < rows; k++) sum[k] = sum_of_lanes_avx(_mm256_add_ps(acc[k][0], acc[k][1]));
 #elif defined(__wasm_simd128__)
-    v128_t acc[TOKEN_BLOCK];
+    v128_t acc[WIDE_TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) acc[k] = wasm_f32x4_splat(0.0f);
     for (; i + 4 <= n; i += 4) {
         v128_t wv = wasm_v128_load(w + i);
@@ -1071,10 +1073,10 @@ static inline __m512i dot_u8s8_avx512(__m512i acc, __m512i u, __m512i s) {
  * u8 x s8 products need an unsigned operand: |w|, with w's sign moved onto x (x is never -128). */
 BLOCK_KERNEL void dot_q80_avx512_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
                                 int n, int group, int rows, float *out) {
-    __m512 sum[TOKEN_BLOCK];
+    __m512 sum[WIDE_TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
     for (int g = 0; g < n / group; g++) {
-        __m512i acc[TOKEN_BLOCK];
+        __m512i acc[WIDE_TOKEN_BLOCK];
         for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
         for (int j = g * group; j < (g + 1) * group; j += 64) {
             __m512i wv = _mm512_loadu_si512(w + j), w_abs = _mm512_abs_epi8(wv);
@@ -1100,10 +1102,10 @@ static inline __m256i dot_i8_avx2(__m256i w, __m256i x) {
 
 BLOCK_KERNEL void dot_q80_avx2_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
                               int n, int group, int rows, float *out) {
-    __m256 sum[TOKEN_BLOCK];
+    __m256 sum[WIDE_TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) sum[k] = _mm256_setzero_ps();
     for (int g = 0; g < n / group; g++) {
-        __m256i acc[TOKEN_BLOCK];
+        __m256i acc[WIDE_TOKEN_BLOCK];
         for (int k = 0; k < rows; k++) acc[k] = _mm256_setzero_si256();
         for (int j = g * group; j < (g + 1) * group; j += 32) {
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j)), w_abs = _mm256_abs_epi8(wv);
@@ -1173,17 +1175,26 @@ static float dot_q80(const int8_t *w, const float *ws, const int8_t *x, const fl
     return dot_q80_scalar(w, ws, x, xs, n, group);
 }
 
-/* out[k] = the Q80 dot of w with activation row k < TOKEN_BLOCK (values x + k * stride, scales
- * xs + k * stride / group): a block kernel where one exists, else row by row. */
-static void dot_q80_block(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride, int n,
-                          int group, float *out) {
+/* The widest block of rows dot_q80_block takes for this group size. */
+static int q80_token_block(int group) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (group % 64 == 0) { dot_q80_avx512_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out); return; }
+    if (group % 64 == 0) return WIDE_TOKEN_BLOCK;
+#endif
+    (void)group;
+    return TOKEN_BLOCK;
+}
+
+/* out[k] = the Q80 dot of w with activation row k < rows (values x + k * stride, scales xs + k * stride /
+ * group), rows <= q80_token_block(group): a block kernel where one exists, else row by row. */
+BLOCK_KERNEL void dot_q80_block(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride, int n,
+                                int group, int rows, float *out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (group % 64 == 0) { dot_q80_avx512_rows(w, ws, x, xs, stride, n, group, rows, out); return; }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (group % 32 == 0) { dot_q80_avx2_rows(w, ws, x, xs, stride, n, group, TOKEN_BLOCK, out); return; }
+    if (group % 32 == 0) { dot_q80_avx2_rows(w, ws, x, xs, stride, n, group, rows, out); return; }
 #endif
-    for (int k = 0; k < TOKEN_BLOCK; k++) out[k] = dot_q80(w, ws, x + k * stride, xs + k * stride / group, n, group);
+    for (int k = 0; k < rows; k++) out[k] = dot_q80(w, ws, x + k * stride, xs + k * stride / group, n, group);
 }
 
 /* Q4K row dot, 4-bit weights x 8-bit activations: per block, sum over groups of sc * (codes . x) and
@@ -1501,24 +1512,38 @@ static float row_dot(const NanoState *s, const NanoMatrix *w, int row, int t, co
     return dot_f32(w->f32 + offset, x + (size_t)t * cols, cols);
 }
 
-/* out[k] = output `row` of W for the input rows t + k, k < TOKEN_BLOCK: the weight row read once for all. */
-static void row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x, float *out) {
+/* The widest block of input rows row_dots takes for W. */
+static int token_block(const NanoState *s, const NanoMatrix *w) {
+    return w->q ? q80_token_block(s->model->config.group_size) : TOKEN_BLOCK;
+}
+
+/* out[k] = output `row` of W for the input rows t + k, k < rows <= token_block(s, w): the weight row read
+ * once for all. */
+BLOCK_KERNEL void row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x, int rows, float *out) {
     int cols = w->cols;
     size_t offset = (size_t)row * cols;
     if (w->q) {
         int group = s->model->config.group_size;
         dot_q80_block(w->q + offset, w->scale + offset / group, s->act_q + (size_t)t * cols,
-                      s->act_scale + (size_t)t * cols / group, cols, cols, group, out);
+                      s->act_scale + (size_t)t * cols / group, cols, cols, group, rows, out);
     } else if (w->f32) {
-        dot_f32_rows(w->f32 + offset, x + (size_t)t * cols, cols, cols, TOKEN_BLOCK, out);
+        dot_f32_rows(w->f32 + offset, x + (size_t)t * cols, cols, cols, rows, out);
     } else {
-        for (int k = 0; k < TOKEN_BLOCK; k++) out[k] = row_dot(s, w, row, t + k, x);
+        for (int k = 0; k < rows; k++) out[k] = row_dot(s, w, row, t + k, x);
     }
 }
 
+/* out[t + k * w->rows + row] for the input rows t + k, k < rows: one block of row_dots. */
+BLOCK_KERNEL void store_row_dots(const NanoState *s, const NanoMatrix *w, int row, int t, const float *x, int rows,
+                                 float *out) {
+    float dots[WIDE_TOKEN_BLOCK];
+    row_dots(s, w, row, t, x, rows, dots);
+    for (int k = 0; k < rows; k++) out[(size_t)(t + k) * w->rows + row] = dots[k];
+}
+
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their output rows, each meeting the inputs TOKEN_BLOCK at a time, then the rest one by one. Quantized
- * weights read x as quantized beforehand into act_q & co. */
+ * all their output rows, each meeting the inputs in blocks as wide as its kernel takes, then of TOKEN_BLOCK,
+ * then one by one. Quantized weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
     int total_rows = 0;
     for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
@@ -1529,11 +1554,9 @@ static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, 
         const NanoMatrix *w = jobs[j].w;
         float *out = jobs[j].out;
         int t = 0;
-        for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) {
-            float dots[TOKEN_BLOCK];
-            row_dots(s, w, row, t, x, dots);
-            for (int k = 0; k < TOKEN_BLOCK; k++) out[(size_t)(t + k) * w->rows + row] = dots[k];
-        }
+        if (token_block(s, w) == WIDE_TOKEN_BLOCK)
+            for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_row_dots(s, w, row, t, x, WIDE_TOKEN_BLOCK, out);
+        for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) store_row_dots(s, w, row, t, x, TOKEN_BLOCK, out);
         for (; t < n; t++) out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
     }
 }
