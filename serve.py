@@ -11,12 +11,12 @@ true), GET /v1/models (the base model and each named LoRA adapter, chosen per re
 GET /health, GET / (the page). Errors come in the OpenAI error shape.
 
 Engines: a .bin file runs on the C core (infer_c/libnano.so, the nano.c of the CLI and the page) through
-ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding thread serves
-every request: each step it admits waiting requests, then advances every running request by one token
-(a new one by its prompt). On the C core that step is one forward pass of all the requests, the new
-ones' prompts included (nano_forward_batch: the weights are read once for all of them); on PyTorch, one
-pass of the running requests of each model (base or adapter), a row of a KV cache each at its own
-position, and a prefill of each new one.
+ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding loop, a task of the
+event loop, serves every request: each step it admits waiting requests, advances every running request by
+one token (a new one by its prompt), then lets the streams send what the step made. On the C core that
+step is one forward pass of all the requests, the new ones' prompts included (nano_forward_batch: the
+weights are read once for all of them); on PyTorch, one pass of the running requests of each model (base
+or adapter), a row of a KV cache each at its own position, and a prefill of each new one.
 Each request samples with its own settings (infer.py's sampler on PyTorch, the CLI's nano_sample on the
 C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
 frees its slot at the next step.
@@ -31,13 +31,14 @@ fit it: a request that cannot is refused (400), never cut.
 
 import argparse
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import ctypes
 import gc
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import uuid
 
@@ -82,8 +83,8 @@ class NanoLibrary:
     def __init__(self, path=LIBRARY):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: build it with `make -C infer_c`")
-        # Between forward passes the decoding thread and the HTTP side need the cores, which OpenMP's idle
-        # threads would spin on under the default policy; the engine's own speed does not depend on it.
+        # Between forward passes the HTTP side and the clients need the cores, which OpenMP's idle threads
+        # would spin on under the default policy; the engine's own speed does not depend on it.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(path)
         p, i, f, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
@@ -333,7 +334,7 @@ def load_engine(model_path, adapters, device, slots, context=None):
 
 class Job:
     """One request in the decoding loop: its prompt, sampler and stop conditions, and where its text goes.
-    emit(event) is called on the decoding thread with {"text"} pieces, then one {"finish_reason", ...}."""
+    emit(event) is called on the event loop with {"text"} pieces, then one {"finish_reason", ...}."""
 
     def __init__(self, template, prompt_ids, max_tokens, stop, sampler, adapter, emit):
         self.stop_ids, self.prompt_ids, self.max_tokens, self.stop = template.stop_ids, prompt_ids, max_tokens, stop
@@ -386,25 +387,28 @@ class Job:
 
 
 class Scheduler:
-    """The decoding thread: admits waiting jobs into free slots, runs one forward pass of every running job (the
-    prompts of the new ones, a token of the others), samples each one's next token, repeats."""
+    """The decoding loop, a task of the server's event loop: admits waiting jobs into free slots, runs one forward
+    pass of every running job (the prompts of the new ones, a token of the others), samples each one's next
+    token, lets the streams send it, repeats.
+    A decoding step runs on the event loop's own thread: handing each token to another thread would wake it, and
+    that wake-up, on a machine whose cores the pass keeps busy, costs more than the step's sending does. A step
+    with prompts in it, which may take long, runs on a thread of its own so that the server goes on answering."""
 
     def __init__(self, engine, slots):
         self.engine, self.slots = engine, slots
-        self.waiting = queue.Queue()
+        self.waiting = collections.deque()
+        self.arrived = asyncio.Event()
         self.running = []
         self.steps = self.batched_tokens = 0    # decoding steps and the tokens they made: how full batches are
-        threading.Thread(target=self.run, name="decoding", daemon=True).start()
+        self.prefills = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
 
     def submit(self, job):
-        self.waiting.put(job)
+        self.waiting.append(job)
+        self.arrived.set()
 
     def admit(self):
-        while len(self.running) < self.slots:
-            try:
-                job = self.waiting.get(block=not self.running)
-            except queue.Empty:
-                return
+        while len(self.running) < self.slots and self.waiting:
+            job = self.waiting.popleft()
             if job.cancelled:
                 continue
             try:
@@ -434,11 +438,20 @@ class Scheduler:
         self.steps += 1
         self.batched_tokens += len(self.running)
 
-    def run(self):
+    async def run(self):
+        loop = asyncio.get_running_loop()
         while True:
-            self.admit()   # waits for a job when none is running
+            if not self.running and not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            self.admit()
+            if not self.running:
+                continue
             try:
-                self.step()
+                if any(len(job.next_input) > 1 for job in self.running):
+                    await loop.run_in_executor(self.prefills, self.step)
+                else:
+                    self.step()
             except (MemoryError, RuntimeError) as error:   # the engine failed: its jobs end with the error
                 for job in self.running:
                     job.emit({"error": str(error)})
@@ -446,6 +459,11 @@ class Scheduler:
                 self.running = []
                 continue
             self.sample_all()
+            # Two turns of the event loop: in the first the streams send what this step made; in the second,
+            # with nothing new for them, a stream whose client left is cancelled (anyio cancels only a task
+            # that is waiting, and each step would otherwise hand it a token just before)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -565,8 +583,15 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="Nano", docs_url=None, redoc_url=None, openapi_url=None)
     scheduler = Scheduler(engine, engine.slots)
+
+    @contextlib.asynccontextmanager
+    async def decoding(app):
+        task = asyncio.create_task(scheduler.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="Nano", docs_url=None, redoc_url=None, openapi_url=None, lifespan=decoding)
     page = page_for_server()
     created = int(time.time())
     model_names = [base_name] + engine.adapter_names
@@ -622,9 +647,9 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
         adapter = adapter_of(body)
         max_tokens = answer_budget(body, len(prompt_ids), engine.context)
         stop, settings = stop_strings(body), sampling_settings(body)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events = asyncio.Queue()
         job = Job(template, prompt_ids, max_tokens, stop, engine.sampler(settings), adapter,
-                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                  events.put_nowait)
         scheduler.submit(job)
         reply = {"id": f"{shape['id_prefix']}-{uuid.uuid4().hex}", "created": int(time.time()),
                  "model": body.get("model") or base_name}
@@ -701,7 +726,7 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting.qsize(),
+        return {"status": "ok", "running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "slots": engine.slots, "context": engine.context,
                 "steps": scheduler.steps, "batched_tokens": scheduler.batched_tokens,
                 "defaults": {**infer.SAMPLING_DEFAULTS, "max_new_tokens": 0}}   # the page fills its settings in

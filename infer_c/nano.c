@@ -2109,18 +2109,22 @@ static int by_descending_prob(const void *a, const void *b) {
 }
 
 /* Picks the next token from raw logits (left unchanged; the work happens in s->probs). */
+/* The index of the largest of p[0 .. n), the first of equal ones. */
+static int argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
+    return best;
+}
+
 int nano_sample(NanoSampler *s, const float *logits) {
     int V = s->vocab_size;
+    if (s->temperature <= 0.0f && s->repetition_penalty == 1.0f) return argmax(logits, V);   /* nothing to change */
     float *p = s->probs;
     memcpy(p, logits, sizeof(float) * V);
     if (s->repetition_penalty != 1.0f)   /* sign-aware: a seen token always becomes less likely */
         for (int i = 0; i < V; i++)
             if (s->seen[i]) p[i] = p[i] > 0 ? p[i] / s->repetition_penalty : p[i] * s->repetition_penalty;
-    if (s->temperature <= 0.0f) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (p[i] > p[best]) best = i;
-        return best;
-    }
+    if (s->temperature <= 0.0f) return argmax(p, V);
     for (int i = 0; i < V; i++) { p[i] /= s->temperature; s->candidates[i] = i; }
     softmax(p, V, 1.0f);
     sort_probs = p;
