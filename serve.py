@@ -103,6 +103,7 @@ class NanoLibrary:
             "nano_sampler_free": (None, [p]),
             "nano_sampler_see": (None, [p, i]),
             "nano_sample": (i, [p, p]),
+            "nano_sample_batch": (None, [p, p, i, p]),
         }
         for name, (result, arguments) in signatures.items():
             function = getattr(lib, name)
@@ -130,8 +131,9 @@ class NanoLibrary:
 
 
 class CSampler:
-    """The `sample(logits, history) -> id` of infer.py, done by the C engine's nano_sample: the tokens of
-    history it has not seen yet are marked seen first, as nano_generate does."""
+    """The sampler of infer.py's make_sampler, done by the C engine's nano_sample (CEngine.sample draws for a
+    batch of them at once); the tokens of a history it has not seen yet are marked seen first, as
+    nano_generate does."""
 
     def __init__(self, library, vocab_size, settings):
         self.library, self.handle, self.seen = library, library.struct("sampler"), 0
@@ -139,12 +141,12 @@ class CSampler:
         if library.lib.nano_sampler_init(self.handle, vocab_size, settings["temperature"], settings["top_k"],
                                          settings["top_p"], settings["repetition_penalty"], seed & (2**64 - 1)):
             raise MemoryError("out of memory for a sampler")
+        self.address = ctypes.addressof(self.handle)
 
-    def __call__(self, logits, history):
+    def see(self, history):
         for token in history[self.seen:]:
             self.library.lib.nano_sampler_see(self.handle, token)
         self.seen = len(history)
-        return self.library.lib.nano_sample(self.handle, logits.ctypes.data)
 
     def __del__(self):
         self.library.lib.nano_sampler_free(self.handle)
@@ -202,6 +204,15 @@ class CEngine:
             self.forward_batch(sequences[first:end], inputs[first:end], self.logits[first:end])
             first = end
         return list(self.logits[:len(sequences)])
+
+    def sample(self, samplers, histories):
+        """Each sequence's next token from its row of the last step's logits, by its sampler, in one call."""
+        for sampler, history in zip(samplers, histories):
+            sampler.see(history)
+        handles = (ctypes.c_void_p * len(samplers))(*(sampler.address for sampler in samplers))
+        tokens = np.zeros(len(samplers), dtype=np.int32)
+        self.library.lib.nano_sample_batch(handles, self.logits.ctypes.data, len(samplers), tokens.ctypes.data)
+        return tokens.tolist()
 
     def forward_batch(self, sequences, inputs, logits):
         states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
@@ -315,7 +326,12 @@ class TorchEngine:
         for sequence, ids in zip(sequences, inputs):
             if sequence not in logits:
                 logits[sequence] = sequence.batch.prefill(sequence, ids)
-        return [logits[sequence] for sequence in sequences]
+        self.last_logits = [logits[sequence] for sequence in sequences]
+        return self.last_logits
+
+    def sample(self, samplers, histories):
+        """Each sequence's next token from its row of the last step's logits, by its sampler."""
+        return [sample(logits, history) for sample, logits, history in zip(samplers, self.last_logits, histories)]
 
     def release(self, sequence):
         sequence.batch.release(sequence)
@@ -338,12 +354,12 @@ class Job:
 
     def __init__(self, template, prompt_ids, max_tokens, stop, sampler, adapter, emit):
         self.stop_ids, self.prompt_ids, self.max_tokens, self.stop = template.stop_ids, prompt_ids, max_tokens, stop
-        self.sample, self.adapter, self.emit = sampler, adapter, emit
+        self.sampler, self.adapter, self.emit = sampler, adapter, emit
         self.decoder = template.tokenizer.stream_decoder()   # a BPE token may end inside a character
         self.history, self.new_ids = list(prompt_ids), []
         self.next_input = list(prompt_ids)    # what the next forward pass feeds this sequence
         self.text, self.sent = "", 0            # the answer so far, and how much of it went out
-        self.sequence = self.logits = None
+        self.sequence = None
         self.cancelled = False
 
     def take(self, token):
@@ -420,9 +436,10 @@ class Scheduler:
 
     def sample_all(self):
         """Each running job's next token; finished and cancelled jobs leave their slots."""
+        tokens = self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])
         still_running = []
-        for job in self.running:
-            reason = None if job.cancelled else job.take(job.sample(job.logits, job.history))
+        for job, token in zip(self.running, tokens):
+            reason = None if job.cancelled else job.take(token)
             if reason or job.cancelled:
                 if not job.cancelled:
                     job.finish(reason)
@@ -432,9 +449,7 @@ class Scheduler:
         self.running = still_running
 
     def step(self):
-        logits = self.engine.step([job.sequence for job in self.running], [job.next_input for job in self.running])
-        for job, row in zip(self.running, logits):
-            job.logits = row
+        self.engine.step([job.sequence for job in self.running], [job.next_input for job in self.running])
         self.steps += 1
         self.batched_tokens += len(self.running)
 
@@ -672,12 +687,14 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
 
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
 
+        text_event = sse_of_text(lambda text: {**reply, "object": shape["chunk_object"], "choices": [shape["delta"](text)]})
+
         async def server_sent_events():
             try:
                 for chunk in shape["opening"]():
                     yield sse({**reply, "object": shape["chunk_object"], "choices": [chunk]})
                 while "finish_reason" not in (event := await next_event()):
-                    yield sse({**reply, "object": shape["chunk_object"], "choices": [shape["delta"](event["text"])]})
+                    yield text_event(event["text"])
                 yield sse({**reply, "object": shape["chunk_object"], "choices": [shape["last"](event)],
                            **({"usage": usage(event)} if include_usage else {})})
                 yield "data: [DONE]\n\n"
@@ -740,6 +757,14 @@ def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
 
 def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_of_text(payload_of):
+    """text -> sse(payload_of(text)), the payload encoded once around a marker: each token's event then costs the
+    encoding of its text alone."""
+    marker = "\0text\0"
+    head, tail = sse(payload_of(marker)).split(json.dumps(marker))
+    return lambda text: head + json.dumps(text, ensure_ascii=False) + tail
 
 
 def usage(end):

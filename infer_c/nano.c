@@ -2143,6 +2143,10 @@ int nano_sample(NanoSampler *s, const float *logits) {
     return s->candidates[kept - 1];
 }
 
+void nano_sample_batch(NanoSampler **samplers, const float *logits, int n, int *next) {
+    for (int i = 0; i < n; i++) next[i] = nano_sample(samplers[i], logits + (size_t)i * samplers[i]->vocab_size);
+}
+
 /* ============================================================================ generation */
 
 double nano_seconds(void) {
