@@ -44,7 +44,8 @@ def files(tmp_path_factory):
     tokenizer = Tokenizer(SPECIAL_TOKENS + list(CHARSET))
     model, cfg = random_model(tokenizer, seed=0, block_size=64)
     paths = {name: directory / name for name in ("model.pt", "model.bin", "q80.bin", "q4k.bin", "lora.pt", "lora.bin",
-                                                 "slow.bin", "seq2seq.bin")}
+                                                 "slow.bin", "seq2seq.bin", "wide.pt", "q80_64.bin", "wide_lora.pt",
+                                                 "wide_lora.bin")}
     save_checkpoint(paths["model.pt"], model, tokenizer)
     export.write_model(str(paths["model.bin"]), model, tokenizer, progress=False)
     export.write_model(str(paths["q80.bin"]), model, tokenizer, quant=True, group_size=32, progress=False)
@@ -58,6 +59,13 @@ def files(tmp_path_factory):
     with torch.no_grad():   # a zero logit for the stop tokens, below the best of the others: it never stops
         slow.tok_embeddings.weight[[PAD_ID, EOS_ID]] = 0.0
     export.write_model(str(paths["slow.bin"]), slow, tokenizer, progress=False)
+    # every width a multiple of 64, for Q80 groups of 64: the AVX-512 kernel, which meets eight rows at once
+    wide, wide_cfg = random_model(tokenizer, seed=7, block_size=64, n_hidden=192)
+    save_checkpoint(paths["wide.pt"], wide, tokenizer)
+    export.write_model(str(paths["q80_64.bin"]), wide, tokenizer, quant=True, group_size=64, progress=False)
+    save_lora(paths["wide_lora.pt"], wide, wide_cfg, tokenizer, paths["wide.pt"], seed=8)
+    subprocess.run([sys.executable, "export.py", str(paths["wide_lora.bin"]), "--lora", str(paths["wide_lora.pt"])],
+                   cwd=ROOT, check=True, capture_output=True)
     seq2seq, _ = random_model(tokenizer, seed=6, is_causal=False)
     export.write_model(str(paths["seq2seq.bin"]), seq2seq, tokenizer, progress=False)
     return paths
@@ -395,6 +403,26 @@ def test_a_client_that_hangs_up_frees_its_slot(files):
         server.stop()
 
 
+def test_the_server_answers_while_a_long_prompt_runs(files):
+    """A step with a prompt in it runs beside the event loop: while a prompt of most of the context is read,
+    /health still answers, and says that a request is running."""
+    server = Server("-m", files["slow.bin"])
+    try:
+        finished = {}
+        completion = threading.Thread(target=lambda: finished.update(reply=request(
+            server, "POST", "/v1/completions", {"prompt": "ab " * 300, "max_tokens": 1, "temperature": 0})))
+        completion.start()
+        answers_while_running = 0
+        while completion.is_alive():
+            status, health = request(server, "GET", "/health")
+            answers_while_running += status == 200 and health["running"] == 1
+        completion.join()
+        assert finished["reply"][0] == 200, finished
+        assert answers_while_running >= 2
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- the page
 
 def test_the_page_chats_through_the_server(browser_page, c_server, files):
@@ -427,10 +455,11 @@ def make_engine(files, kind):
     import serve
     if kind == "torch":
         return serve.TorchEngine(str(files["model.pt"]), {"style": str(files["lora.pt"])}, "cpu", slots=6)
-    return serve.CEngine(str(files[kind]), {"style": str(files["lora.bin"])}, slots=6)
+    lora = files["wide_lora.bin" if kind == "q80_64.bin" else "lora.bin"]
+    return serve.CEngine(str(files[kind]), {"style": str(lora)}, slots=6)
 
 
-@pytest.mark.parametrize("kind", ["model.bin", "q80.bin", "q4k.bin", "torch"])
+@pytest.mark.parametrize("kind", ["model.bin", "q80.bin", "q80_64.bin", "q4k.bin", "torch"])
 def test_batched_step_equals_each_sequence_alone(files, kind):
     """A decoding step of sequences at different positions, some with an adapter, gives each the logits it
     gets alone: on the C core bit for bit (nano_forward_batch runs the same kernels on the same rows), on
