@@ -3,11 +3,11 @@ serve.py under load: streaming completions from 1, 4 and 16 concurrent clients o
 a Nano-56M-sized Q80 file with random weights (its stop tokens never win, so every answer has its full
 length) and on any model files given with --model (the main job's, exported to .bin). For each: the
 aggregate tokens/s of all streams, one stream's decode tokens/s, time to first token p50/p99, and the C
-CLI's decode tokens/s on the same file, alternating with the server runs, for the ratios the server aims
-at: one stream >= 0.9 x the CLI, 16 streams >= 3 x one stream.
+CLI's decode tokens/s on the same file, for the ratios the server aims at: one stream >= 0.9 x the CLI
+(the CLI's runs alternate with the one-stream requests), 16 streams >= 3 x one stream.
 
     python bench/bench_serve.py [--model checkpoint/sft/model.bin] [--threads 2] [--tokens 128]
-                                [--requests 2] [--rounds 2] [--tiny]
+                                [--requests 2] [--pairs 6] [--rounds 2] [--tiny]
 
 --tiny runs a small random model instead of the 56M one (to try the benchmark, not to quote it). Prints a
 markdown table and writes bench/results/bench_serve.json with the machine's description.
@@ -120,9 +120,14 @@ def bench_file(name, path, args, infer):
     process, port = start_server(path, args.threads)
     try:
         stream_completion(port, PROMPTS[0], 8)   # warm up
-        for round_index in range(args.rounds):   # the CLI and the server alternate: the machine is shared
-            samples["cli"].append(c_decode(infer, path, PROMPTS[0], env, args.tokens, until_the_end=False))
-            for streams in CONCURRENCY:
+        for round_index in range(args.rounds):
+            # one stream alternates with the CLI, request by request: this machine's speed drifts within minutes
+            for _ in range(args.pairs):
+                samples["cli"].append(c_decode(infer, path, PROMPTS[0], env, args.tokens, until_the_end=False))
+                aggregate, results = load_phase(port, 1, 1, args.tokens)
+                samples[1]["aggregate"].append(aggregate)
+                samples[1]["results"] += results
+            for streams in CONCURRENCY[1:]:
                 aggregate, results = load_phase(port, streams, args.requests, args.tokens)
                 samples[streams]["aggregate"].append(aggregate)
                 samples[streams]["results"] += results
@@ -153,7 +158,8 @@ def main():
     parser.add_argument("--model", action="append", default=[], help="a .bin model file to serve too (repeatable)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase of several streams")
+    parser.add_argument("--pairs", type=int, default=6, help="CLI runs and one-stream requests alternated per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a small random model instead of the 56M-sized one")
     args = parser.parse_args()
@@ -174,8 +180,9 @@ def main():
 
     print(f"\n{machine_info()['cpu']}, {args.threads} OpenMP thread(s), load average after the run "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"\nserve.py, streamed greedy completions of {args.tokens} tokens, {args.requests} request(s) per client per "
-          f"round, medians of {args.rounds} rounds\n")
+    print(f"\nserve.py, streamed greedy completions of {args.tokens} tokens; per round {args.pairs} one-stream requests, "
+          f"each after a CLI run, and {args.requests} request(s) per client of 4 and 16 streams; medians of "
+          f"{args.rounds} rounds\n")
     print("| model | streams | aggregate tok/s | × one stream | per-stream decode tok/s | TTFT p50 ms | TTFT p99 ms | "
           "C CLI decode tok/s | one stream / CLI |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -186,7 +193,8 @@ def main():
               f"{r['cli_decode_tok_s']:.1f} | {ratio} |")
     write_results("bench_serve", {"benchmark": "bench_serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                   "machine": machine_info(threads=args.threads), "tokens": args.tokens,
-                                  "requests": args.requests, "rounds": args.rounds, "results": rows})
+                                  "requests": args.requests, "pairs": args.pairs, "rounds": args.rounds,
+                                  "results": rows})
 
 
 if __name__ == "__main__":

@@ -888,7 +888,7 @@ static inline float largest_of_lanes_avx(__m256 a) {
 #endif
 
 /* A float vector and its operations, for each instruction set (one lane without one). power_of_two(p, n)
- * is p * 2^n for integral n in [-126, 127]. */
+ * is p * 2^n for integral n in [-126, 127]; max(a, b) is b in a lane where either is NaN, as on x86. */
 #if defined(__AVX512F__)
 typedef __m512 FloatVector;
 #define FLOAT_LANES 16
@@ -940,7 +940,7 @@ typedef v128_t FloatVector;
 #define vector_mul wasm_f32x4_mul
 #define vector_div wasm_f32x4_div
 #define vector_min wasm_f32x4_pmin
-#define vector_max wasm_f32x4_pmax
+#define vector_max(a, b) wasm_f32x4_pmax(b, a)
 #define vector_multiply_add(acc, a, b) wasm_f32x4_add(acc, wasm_f32x4_mul(a, b))
 #define vector_round wasm_f32x4_nearest
 #define vector_power_of_two(p, n) \
@@ -2109,11 +2109,17 @@ static int by_descending_prob(const void *a, const void *b) {
 }
 
 /* Picks the next token from raw logits (left unchanged; the work happens in s->probs). */
-/* The index of the largest of p[0 .. n), the first of equal ones. */
+/* The index of the largest of p[0 .. n), the first of equal ones, as `if (p[i] > p[best]) best = i` finds
+ * it (NaNs never win, and a NaN p[0] does): the largest value in vectors, then its first place. */
 static int argmax(const float *p, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
-    return best;
+    if (p[0] != p[0]) return 0;
+    FloatVector largest = vector_broadcast(p[0]);
+    int i = 0;
+    for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) largest = vector_max(vector_load(p + i), largest);
+    float best = vector_largest(largest);
+    for (; i < n; i++) if (p[i] > best) best = p[i];
+    for (i = 0; p[i] != best; i++) {}
+    return i;
 }
 
 int nano_sample(NanoSampler *s, const float *logits) {
