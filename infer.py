@@ -393,6 +393,8 @@ def main():
     args.max_seq_length = args.max_seq_length or context_of(model.config)
     sample = make_sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     template = prompt_template(model.config, tokenizer, args.think)
+    if args.think and not model.config.qk_norm:
+        warn("--think: only a Qwen3 model thinks; this one answers as it would without it")
     if args.prompt is None:
         interactive(model, tokenizer, args, sample, template)
     elif not model.config.is_causal:

@@ -495,6 +495,8 @@ int main(int argc, char **argv) {
         status = dump_weights(&model, opt.scales_path ? opt.scales_path : opt.weights_path, opt.scales_path != NULL) ? 1 : 0;
         goto done_model;
     }
+    if (opt.thinking && model.config.model_type != NANO_TYPE_QWEN3)
+        fprintf(stderr, "[warning] --think: only a Qwen3 model thinks; this one answers as it would without it\n");
     int seq2seq = opt.seq2seq || !model.config.is_causal;
     PromptKind kind = seq2seq ? PROMPT_AS_TYPED : opt.instruct ? PROMPT_INSTRUCT : PROMPT_CONTINUATION;
     if (opt.prompt_file) {

@@ -235,6 +235,14 @@ def test_prompt_longer_than_context_is_cut_with_a_message(tmp_path):
     assert result.stdout.startswith("cdefgh")
 
 
+def test_think_on_a_model_that_does_not_think_is_a_warning(tmp_path):
+    path = save(cyclic_checkpoint(), tmp_path / "cyclic.pt")
+    plain, thinking = (run_infer("-m", path, "--prompt", "ab", "-t", "0", "-s", "6", *flag) for flag in ([], ["--think"]))
+    assert plain.returncode == thinking.returncode == 0, thinking.stderr
+    assert "--think: only a Qwen3 model thinks" in thinking.stderr and "--think" not in plain.stderr
+    assert thinking.stdout == plain.stdout
+
+
 def test_non_causal_model_runs_as_seq2seq(tmp_path):
     tokenizer = Tokenizer.build([CYCLE])
     config = ModelConfig(block_size=8, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2,

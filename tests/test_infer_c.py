@@ -400,6 +400,9 @@ def test_profile_instruct_and_interactive(infer, trained):
         assert field in r.stderr
     r = run_c(infer, f32, "--raw", "-n", "5", "-t", "0", stdin="the cat\nsat\n\n\nthe dog\n\n")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout + r.stderr
+    thinking = run_c(infer, f32, "-i", "the dog", "-n", "10", "-t", "0", "--think")   # a Nano model: a warning
+    assert thinking.returncode == 0 and "--think: only a Qwen3 model thinks" in thinking.stderr
+    assert thinking.stdout == run_c(infer, f32, "-i", "the dog", "-n", "10", "-t", "0").stdout
 
 
 # ----------------------------------------------------------------------------- bad input
