@@ -999,8 +999,8 @@ static inline FloatVector vector_exp(FloatVector x) {
 
 /* The weights stream from memory once a pass, and for one input row (a decoding step) the hardware
  * prefetcher alone leaves the kernels waiting for them: they ask for the line WEIGHTS_AHEAD bytes ahead of
- * the one they read (A/B on Nano-56M decoding, one / two threads: Q80 1.26x / 1.15x, Q4K 1.10x / 1.11x,
- * float32 1.07x / 1.02x; 1 KB ahead was slower, 4-8 KB best). Blocks of rows, whose work per weight byte is
+ * the one they read (A/B on Nano-56M decoding, one / two threads: Q80 1.27x / 1.13x, Q4K 1.09x / 1.13x,
+ * float32 1.05x / 1.01x; 1 KB ahead was slower, 4-8 KB best). Blocks of rows, whose work per weight byte is
  * several times larger, keep up without it. A no-op where the target has no prefetch (WebAssembly). */
 #ifndef WEIGHTS_AHEAD
 #define WEIGHTS_AHEAD 8192
