@@ -13,7 +13,8 @@ GET /health, GET / (the page). Errors come in the OpenAI error shape.
 Engines: a .bin file runs on the C core (infer_c/libnano.so, the nano.c of the CLI and the page) through
 ctypes; a .pt checkpoint runs on PyTorch (model.py), on the CPU or a GPU. One decoding loop, a task of the
 event loop, serves every request: each step it admits waiting requests, advances every running request by
-one token (a new one by its prompt), then lets the streams send what the step made. On the C core that
+one token (a new one by its prompt), then lets the streams send what the step made (a stream's text goes out
+at most every --stream-interval seconds, the first token at once). On the C core that
 step is one forward pass of all the requests, the new ones' prompts included (nano_forward_batch: the
 weights are read once for all of them); on PyTorch, one pass of the running requests of each model (base
 or adapter), a row of a KV cache each at its own position, and a prefill of each new one.
@@ -54,6 +55,7 @@ LIBRARY = os.path.join(ROOT, "infer_c", "libnano.so")
 PAGE = os.path.join(ROOT, "infer", "index.html")
 MAX_BODY_BYTES = 1 << 20
 MAX_STOP_STRINGS = 4
+STREAM_INTERVAL = 0.02   # seconds between a stream's events (SGLang's --stream-interval counts tokens instead)
 
 
 class ApiError(Exception):
@@ -359,6 +361,7 @@ class Job:
         self.history, self.new_ids = list(prompt_ids), []
         self.next_input = list(prompt_ids)    # what the next forward pass feeds this sequence
         self.text, self.sent = "", 0            # the answer so far, and how much of it went out
+        self.sendable, self.send_due = 0, 0.0   # how much of it may go out, and from when
         self.sequence = None
         self.cancelled = False
 
@@ -376,8 +379,15 @@ class Job:
             return self.close_text() or "length"
         # text that may be the start of a stop string waits until it is known not to be
         held = max((len(s) - 1 for s in self.stop), default=0)
-        self.send(len(self.text) - held)
+        self.sendable = len(self.text) - held
         return None
+
+    def send_if_due(self, now, interval):
+        """The text goes out at most once per interval, the first piece at once: an event costs the server and its
+        client more than a small model's decoding step does, and a reader sees no difference at 50 a second."""
+        if now >= self.send_due and self.sendable > self.sent:
+            self.send(self.sendable)
+            self.send_due = now + interval
 
     def cut_at_stop_string(self):
         hits = [self.text.find(s) for s in self.stop if s in self.text]
@@ -410,8 +420,8 @@ class Scheduler:
     that wake-up, on a machine whose cores the pass keeps busy, costs more than the step's sending does. A step
     with prompts in it, which may take long, runs on a thread of its own so that the server goes on answering."""
 
-    def __init__(self, engine, slots):
-        self.engine, self.slots = engine, slots
+    def __init__(self, engine, slots, stream_interval):
+        self.engine, self.slots, self.stream_interval = engine, slots, stream_interval
         self.waiting = collections.deque()
         self.arrived = asyncio.Event()
         self.running = []
@@ -437,6 +447,7 @@ class Scheduler:
     def sample_all(self):
         """Each running job's next token; finished and cancelled jobs leave their slots."""
         tokens = self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])
+        now = time.monotonic()
         still_running = []
         for job, token in zip(self.running, tokens):
             reason = None if job.cancelled else job.take(token)
@@ -445,6 +456,7 @@ class Scheduler:
                     job.finish(reason)
                 self.engine.release(job.sequence)
             else:
+                job.send_if_due(now, self.stream_interval)
                 still_running.append(job)
         self.running = still_running
 
@@ -593,12 +605,12 @@ def page_for_server(path=PAGE):
     return page.replace(policy, "connect-src data: 'self';", 1)
 
 
-def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES):
+def create_app(engine, base_name, api_key=None, max_body_bytes=MAX_BODY_BYTES, stream_interval=STREAM_INTERVAL):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    scheduler = Scheduler(engine, engine.slots)
+    scheduler = Scheduler(engine, engine.slots, stream_interval)
 
     @contextlib.asynccontextmanager
     async def decoding(app):
@@ -802,6 +814,8 @@ def build_parser():
     parser.add_argument("--context", type=int, default=None,
                         help=f"positions of each request's context (default: the model's, at most {infer.CONTEXT_LIMIT})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    parser.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
+                        help="a stream sends its new text at most this often (default %(default)s; 0: every token)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help=".pt models run here; a .bin runs on the C engine on the CPU, on PyTorch elsewhere")
     return parser
@@ -812,6 +826,8 @@ def main():
     try:
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+        if args.stream_interval < 0:
+            raise ValueError(f"--stream-interval must be >= 0, got {args.stream_interval}")
         if args.context is not None and args.context < 1:
             raise ValueError(f"--context must be >= 1, got {args.context}")
         engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel, args.context)
@@ -820,7 +836,7 @@ def main():
     # the model's and the vocabulary's objects (a Qwen vocabulary is 150k of them) live as long as the server:
     # the collector's full passes, which the decoding loop's small allocations set off, need not walk them
     gc.freeze()
-    app = create_app(engine, os.path.basename(args.model), args.api_key, args.max_body_bytes)
+    app = create_app(engine, os.path.basename(args.model), args.api_key, args.max_body_bytes, args.stream_interval)
     import uvicorn
     print(f"serve.py: {args.model} on http://{args.host}:{args.port}/ ({type(engine).__name__}, {engine.slots} slots)",
           file=sys.stderr, flush=True)

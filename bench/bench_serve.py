@@ -64,9 +64,12 @@ def start_server(path, threads):
 
 
 def stream_completion(port, prompt, tokens):
-    """(time to first token, decode tokens/s after it, tokens) of one greedy streamed completion."""
+    """(time to first token, decode tokens/s after it, tokens) of one greedy streamed completion. The server sends
+    a stream's text in pieces of several tokens (--stream-interval), the first token alone: the tokens are
+    counted by the usage of the last event, and decoding runs from the first piece to the last."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -77,10 +80,12 @@ def stream_completion(port, prompt, tokens):
     for line in response:
         if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
             continue
-        if json.loads(line[6:])["choices"][0]["text"]:
+        event = json.loads(line[6:])
+        if event["choices"][0]["text"]:
             last = time.perf_counter()
             first = first or last
-            count += 1
+        if event.get("usage"):
+            count = event["usage"]["completion_tokens"]
     connection.close()
     decode = (count - 1) / (last - first) if count > 1 and last > first else 0.0
     return first - start, decode, count

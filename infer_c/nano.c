@@ -2126,7 +2126,69 @@ static int by_descending_prob(const void *a, const void *b) {
     return pa < pb ? 1 : pa > pb ? -1 : *(const int *)a - *(const int *)b;
 }
 
-/* Picks the next token from raw logits (left unchanged; the work happens in s->probs). */
+/* Whether token a comes before token b in by_descending_prob's order. */
+static int more_likely(const float *p, int a, int b) { return !(p[a] < p[b]) && (p[a] > p[b] || a < b); }
+
+static void sift_down(const float *p, int *heap, int n, int i) {   /* heap[0] the least likely */
+    for (int child; (child = 2 * i + 1) < n; i = child) {
+        if (child + 1 < n && more_likely(p, heap[child], heap[child + 1])) child++;
+        if (!more_likely(p, heap[i], heap[child])) break;
+        int t = heap[i]; heap[i] = heap[child]; heap[child] = t;
+    }
+}
+
+/* The k most likely tokens of p[0 .. V) into out, most likely first: a heap of the k best so far, then their
+ * sort (a token's rank costs one comparison with the heap's least likely, not a sort of the vocabulary). */
+static void most_likely(const float *p, int V, int k, int *out) {
+    for (int i = 0; i < k; i++) out[i] = i;
+    for (int i = k / 2 - 1; i >= 0; i--) sift_down(p, out, k, i);
+    for (int i = k; i < V; i++)
+        if (more_likely(p, i, out[0])) { out[0] = i; sift_down(p, out, k, 0); }
+    sort_probs = p;
+    qsort(out, k, sizeof(int), by_descending_prob);
+}
+
+/* The tokens at least `floor` likely, most likely first; returns their count. */
+static int likely_at_least(const float *p, int V, float floor, int *out) {
+    int n = 0;
+    for (int i = 0; i < V; i++) if (p[i] >= floor) out[n++] = i;
+    sort_probs = p;
+    qsort(out, n, sizeof(int), by_descending_prob);
+    return n;
+}
+
+/* How many of the candidates, most likely first, the draw keeps: the top_k, then as many as first reach
+ * top_p of the mass (into *mass); 0 when they never reach it. */
+static int nucleus(const NanoSampler *s, const float *p, int n, float *mass) {
+    *mass = 0.0f;
+    for (int i = 0; i < n; i++) {
+        *mass += p[s->candidates[i]];
+        if (s->top_p < 1.0f && *mass >= s->top_p) return i + 1;
+    }
+    return s->top_p < 1.0f ? 0 : n;
+}
+
+/* The draw's candidates into s->candidates, most likely first, as many as it can need; returns how many it keeps
+ * (their mass into *mass). The top_k when top_k cuts. Else, when top_p does, the tokens at least
+ * (1 - top_p) / (V - 1) likely: a less likely one is never in the nucleus (every token after it in the order
+ * is no likelier, and with it they hold less than 1 - top_p), unless rounding says otherwise, and then all of
+ * them are sorted, as without the cut. */
+static int candidates(NanoSampler *s, const float *p, float *mass) {
+    int V = s->vocab_size, kept;
+    if (s->top_k > 0 && s->top_k < V) {
+        most_likely(p, V, s->top_k, s->candidates);
+        return (kept = nucleus(s, p, s->top_k, mass)) ? kept : s->top_k;
+    }
+    if (s->top_p < 1.0f && V > 1) {
+        int n = likely_at_least(p, V, (1.0f - s->top_p) / (V - 1), s->candidates);
+        if ((kept = nucleus(s, p, n, mass))) return kept;
+    }
+    for (int i = 0; i < V; i++) s->candidates[i] = i;
+    sort_probs = p;
+    qsort(s->candidates, V, sizeof(int), by_descending_prob);
+    return (kept = nucleus(s, p, V, mass)) ? kept : V;
+}
+
 /* The index of the largest of p[0 .. n), the first of equal ones, as `if (p[i] > p[best]) best = i` finds
  * it (NaNs never win, and a NaN p[0] does): the largest value in vectors, then its first place. */
 static int argmax(const float *p, int n) {
@@ -2140,6 +2202,7 @@ static int argmax(const float *p, int n) {
     return i;
 }
 
+/* Picks the next token from raw logits (left unchanged; the work happens in s->probs). */
 int nano_sample(NanoSampler *s, const float *logits) {
     int V = s->vocab_size;
     if (s->temperature <= 0.0f && s->repetition_penalty == 1.0f) return argmax(logits, V);   /* nothing to change */
@@ -2149,16 +2212,10 @@ int nano_sample(NanoSampler *s, const float *logits) {
         for (int i = 0; i < V; i++)
             if (s->seen[i]) p[i] = p[i] > 0 ? p[i] / s->repetition_penalty : p[i] * s->repetition_penalty;
     if (s->temperature <= 0.0f) return argmax(p, V);
-    for (int i = 0; i < V; i++) { p[i] /= s->temperature; s->candidates[i] = i; }
+    for (int i = 0; i < V; i++) p[i] /= s->temperature;
     softmax(p, V, 1.0f);
-    sort_probs = p;
-    qsort(s->candidates, V, sizeof(int), by_descending_prob);
-    int kept = s->top_k > 0 && s->top_k < V ? s->top_k : V;
-    float mass = 0.0f;
-    for (int i = 0; i < kept; i++) {
-        mass += p[s->candidates[i]];
-        if (s->top_p < 1.0f && mass >= s->top_p) { kept = i + 1; break; }
-    }
+    float mass;
+    int kept = candidates(s, p, &mass);
     float r = random_unit(s) * mass, cumulative = 0.0f;
     for (int i = 0; i < kept; i++) {
         cumulative += p[s->candidates[i]];
@@ -2197,8 +2254,10 @@ int nano_generate(NanoState *s, NanoSampler *sampler, const int *prompt, int n_p
     stats->prefill_seconds = nano_seconds() - start;
     int length = n_prompt;
     for (int step = 0; step < max_new; step++) {
+        double sample_start = nano_seconds();
         int token = nano_sample(sampler, logits);
         if (step == 0) stats->first_token_seconds = nano_seconds() - start;
+        else stats->decode_seconds += nano_seconds() - sample_start;   /* a decoded token's time is its pass and its draw */
         stats->generated_tokens++;
         int stop = nano_stop_token(s->model, token);
         if ((callback && callback(user, token, logits, V)) || stop || step + 1 == max_new) break;

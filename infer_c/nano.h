@@ -135,6 +135,8 @@ typedef struct {
  * Return 0 to go on, nonzero to stop. */
 typedef int (*NanoTokenCallback)(void *user, int token, const float *logits, int vocab_size);
 
+/* decode_seconds: the passes of the decode_steps and the draws of the tokens they made (the callback's time
+ * apart) */
 typedef struct {
     int prompt_tokens, generated_tokens, decode_steps;
     double prefill_seconds, first_token_seconds, decode_seconds;

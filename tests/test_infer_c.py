@@ -1,6 +1,7 @@
 """The C engine (infer_c/) against PyTorch: logits, greedy continuations, LoRA, tokenizer, Q80 scales,
 seq2seq, sampler options, and clear refusals of bad input (also under AddressSanitizer and valgrind)."""
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -390,6 +391,54 @@ def test_sampler_options(infer, trained):
                                        "--print-ids").stdout.split()]
     context = [BOS_ID] + tok.encode(prompt) + penalized
     assert len(set(context)) == len(context), "repetition penalty must avoid tokens already in the context"
+
+
+class CSampler:
+    """nano_sample through libnano.so, on logits given by the test."""
+
+    def __init__(self, vocab_size, temperature=1.0, top_k=0, top_p=1.0, seed=1):
+        subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so"], check=True, capture_output=True)
+        self.lib = ctypes.CDLL(os.path.join(ENGINE_DIR, "libnano.so"))
+        self.lib.nano_sampler_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                                               ctypes.c_float, ctypes.c_float, ctypes.c_uint64]
+        self.lib.nano_sample.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.handle = ctypes.create_string_buffer(ctypes.c_size_t.in_dll(self.lib, "nano_sampler_size").value)
+        assert self.lib.nano_sampler_init(self.handle, vocab_size, temperature, top_k, top_p, 1.0, seed) == 0
+
+    def draws(self, logits, n):
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        tokens = [self.lib.nano_sample(self.handle, logits.ctypes.data) for _ in range(n)]
+        self.lib.nano_sampler_free(self.handle)
+        return np.array(tokens)
+
+
+def likeliest_first(logits):
+    return np.lexsort((np.arange(len(logits)), -logits))   # ties: the lower id first, as nano_sample orders them
+
+
+def test_c_sampler_draws_the_top_k_as_often_as_their_shares():
+    logits = np.random.default_rng(0).standard_normal(20_000) * 2
+    top = likeliest_first(logits)[:20]
+    draws = CSampler(len(logits), top_k=20).draws(logits, 20_000)
+    assert set(draws) == set(top)
+    shares = np.exp(logits[top] - logits[top].max())
+    shares /= shares.sum()
+    observed = np.array([(draws == token).mean() for token in top])
+    assert np.abs(observed - shares).max() < 0.02, (observed, shares)
+    ties = np.random.default_rng(1).integers(0, 3, 5_000).astype(np.float32)   # thousands of equal logits
+    assert set(CSampler(len(ties), top_k=7).draws(ties, 3_000)) == set(likeliest_first(ties)[:7])
+
+
+def test_c_sampler_draws_the_nucleus_alone():
+    """top_p without top_k: the smallest set of the likeliest tokens reaching top_p, out of a vocabulary whose
+    long tail of unlikely tokens is never drawn."""
+    head = np.array([0.3, 0.2, 0.15, 0.1, 0.08])
+    probs = np.concatenate([head, np.full(30_000, (1 - head.sum()) / 30_000)])
+    order = np.random.default_rng(2).permutation(len(probs))   # the likeliest anywhere in the vocabulary
+    logits = np.empty(len(probs))
+    logits[order] = np.log(probs)
+    draws = CSampler(len(logits), top_p=0.7).draws(logits, 5_000)
+    assert set(draws) == set(order[:4])   # 0.3 + 0.2 + 0.15 + 0.1 reaches 0.7; 0.3 + 0.2 + 0.15 does not
 
 
 def test_profile_instruct_and_interactive(infer, trained):

@@ -219,6 +219,22 @@ def test_streaming_chat_matches_the_whole_answer(c_server):
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
 
+@pytest.mark.parametrize("interval", [0, 1000])
+def test_stream_interval_sets_how_often_text_goes_out(files, interval):
+    """At --stream-interval 0 each token is an event of its own; at an interval longer than the answer the first
+    token goes out at once and the rest together at the end."""
+    server = Server("-m", files["model.bin"], "--stream-interval", interval)
+    try:
+        client = server.client()
+        whole = client.completions.create(model="", prompt="hello", max_tokens=40, **GREEDY)
+        chunks = client.completions.create(model="", prompt="hello", max_tokens=40, stream=True, **GREEDY)
+        pieces = [chunk.choices[0].text for chunk in chunks if chunk.choices[0].text]
+        assert "".join(pieces) == whole.choices[0].text
+        assert len(pieces) == (whole.usage.completion_tokens if interval == 0 else 2), pieces
+    finally:
+        server.stop()
+
+
 def test_stop_strings_and_finish_reasons(c_server, files):
     client = c_server.client()
     full = c_cli(files, "-g", "hello", "-t", "0")
@@ -320,7 +336,8 @@ def test_refuses_bad_files_and_arguments(files, tmp_path):
     for args, message in [(["-m", broken], "broken.bin"), (["-m", tmp_path / "none.pt"], "does not exist"),
                           (["-m", files["seq2seq.bin"]], "non-causal"),
                           (["-m", files["model.bin"], "-l", files["lora.pt"]], "takes .bin adapters"),
-                          (["-m", files["model.bin"], "--parallel", "0"], "--parallel")]:
+                          (["-m", files["model.bin"], "--parallel", "0"], "--parallel"),
+                          (["-m", files["model.bin"], "--stream-interval", "-1"], "--stream-interval")]:
         result = subprocess.run([sys.executable, "serve.py", *map(str, args), "--port", str(free_port())], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
