@@ -135,7 +135,7 @@ class NanoLibrary:
 class CSampler:
     """The sampler of infer.py's make_sampler, done by the C engine's nano_sample (CEngine.sample draws for a
     batch of them at once); the tokens of a history it has not seen yet are marked seen first, as
-    nano_generate does."""
+    nano_generate does, and each token drawn by nano_sample_batch, which marks it itself."""
 
     def __init__(self, library, vocab_size, settings):
         self.library, self.handle, self.seen = library, library.struct("sampler"), 0
@@ -146,9 +146,10 @@ class CSampler:
         self.address = ctypes.addressof(self.handle)
 
     def see(self, history):
+        """Before a draw: the history's new tokens (a prompt), and the token drawn next, which joins it."""
         for token in history[self.seen:]:
-            self.library.lib.nano_sampler_see(self.handle, token)
-        self.seen = len(history)
+            self.library.lib.nano_sampler_see(self.address, token)
+        self.seen = len(history) + 1
 
     def __del__(self):
         self.library.lib.nano_sampler_free(self.handle)
@@ -181,6 +182,8 @@ class CEngine:
                 raise MemoryError(f"out of memory for {slots} KV caches: ask for fewer --parallel")
             self.free_states.append(state)
         self.logits = np.zeros((self.slots, self.config.vocab_size), dtype=np.float32)
+        self.tokens = np.zeros(self.slots, dtype=np.int32)   # the tokens of a batch's draws
+        self.logits_address, self.tokens_address = self.logits.ctypes.data, self.tokens.ctypes.data
 
     def sampler(self, settings):
         return CSampler(self.library, self.config.vocab_size, settings)
@@ -212,9 +215,8 @@ class CEngine:
         for sampler, history in zip(samplers, histories):
             sampler.see(history)
         handles = (ctypes.c_void_p * len(samplers))(*(sampler.address for sampler in samplers))
-        tokens = np.zeros(len(samplers), dtype=np.int32)
-        self.library.lib.nano_sample_batch(handles, self.logits.ctypes.data, len(samplers), tokens.ctypes.data)
-        return tokens.tolist()
+        self.library.lib.nano_sample_batch(handles, self.logits_address, len(samplers), self.tokens_address)
+        return self.tokens[:len(samplers)].tolist()
 
     def forward_batch(self, sequences, inputs, logits):
         states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))

@@ -1086,6 +1086,7 @@ static inline __m512i dot_u8s8_avx512(__m512i acc, __m512i u, __m512i s) {
  * u8 x s8 products need an unsigned operand: |w|, with w's sign moved onto x (x is never -128). */
 BLOCK_KERNEL void dot_q80_avx512_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
                                 int n, int group, int rows, float *out) {
+    size_t scale_stride = stride / group;   /* hoisted: a division per row and group costs as much as its dots */
     __m512 sum[WIDE_TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
     for (int g = 0; g < n / group; g++) {
@@ -1101,7 +1102,7 @@ BLOCK_KERNEL void dot_q80_avx512_rows(const int8_t *w, const float *ws, const in
             }
         }
         for (int k = 0; k < rows; k++)
-            sum[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k]), _mm512_set1_ps(ws[g] * xs[k * stride / group + g]), sum[k]);
+            sum[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k]), _mm512_set1_ps(ws[g] * xs[k * scale_stride + g]), sum[k]);
     }
     for (int k = 0; k < rows; k++) out[k] = _mm512_reduce_add_ps(sum[k]);
 }
@@ -1116,6 +1117,7 @@ static inline __m256i dot_i8_avx2(__m256i w, __m256i x) {
 
 BLOCK_KERNEL void dot_q80_avx2_rows(const int8_t *w, const float *ws, const int8_t *x, const float *xs, size_t stride,
                               int n, int group, int rows, float *out) {
+    size_t scale_stride = stride / group;
     __m256 sum[WIDE_TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) sum[k] = _mm256_setzero_ps();
     for (int g = 0; g < n / group; g++) {
@@ -1130,7 +1132,7 @@ BLOCK_KERNEL void dot_q80_avx2_rows(const int8_t *w, const float *ws, const int8
             }
         }
         for (int k = 0; k < rows; k++)
-            sum[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), _mm256_set1_ps(ws[g] * xs[k * stride / group + g]), sum[k]);
+            sum[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), _mm256_set1_ps(ws[g] * xs[k * scale_stride + g]), sum[k]);
     }
     for (int k = 0; k < rows; k++) out[k] = sum_of_lanes_avx(sum[k]);
 }
@@ -2225,7 +2227,10 @@ int nano_sample(NanoSampler *s, const float *logits) {
 }
 
 void nano_sample_batch(NanoSampler **samplers, const float *logits, int n, int *next) {
-    for (int i = 0; i < n; i++) next[i] = nano_sample(samplers[i], logits + (size_t)i * samplers[i]->vocab_size);
+    for (int i = 0; i < n; i++) {
+        next[i] = nano_sample(samplers[i], logits + (size_t)i * samplers[i]->vocab_size);
+        nano_sampler_see(samplers[i], next[i]);
+    }
 }
 
 /* ============================================================================ generation */

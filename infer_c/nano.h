@@ -228,7 +228,8 @@ int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top
 void nano_sampler_free(NanoSampler *s);
 void nano_sampler_see(NanoSampler *s, int token);
 int nano_sample(NanoSampler *s, const float *logits);   /* logits are left unchanged */
-/* next[i] = nano_sample(samplers[i], logits + i * vocab_size) for the n rows of a batch's logits, in one call */
+/* next[i] = nano_sample(samplers[i], logits + i * vocab_size) for the n rows of a batch's logits, in one call;
+ * each sampler then sees its token, as nano_generate's does (the next draw's history holds it) */
 void nano_sample_batch(NanoSampler **samplers, const float *logits, int n, int *next);
 
 /* Prefill the prompt, then sample up to max_new tokens, stopping at a stop token (nano_stop_token). When the
