@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -447,18 +448,22 @@ class Scheduler:
             self.running.append(job)
 
     def sample_all(self):
-        """Each running job's next token; finished and cancelled jobs leave their slots."""
+        """Each running job's next token; finished, cancelled and failed jobs leave their slots."""
         tokens = self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])
         now = time.monotonic()
         still_running = []
         for job, token in zip(self.running, tokens):
-            reason = None if job.cancelled else job.take(token)
-            if reason or job.cancelled:
-                if not job.cancelled:
+            try:
+                reason = None if job.cancelled else job.take(token)
+                if reason:
                     job.finish(reason)
+                else:
+                    job.send_if_due(now, self.stream_interval)
+            except Exception as error:  # noqa: BLE001  (a job that fails ends alone)
+                reason = fail(job, error)
+            if reason or job.cancelled:
                 self.engine.release(job.sequence)
             else:
-                job.send_if_due(now, self.stream_interval)
                 still_running.append(job)
         self.running = still_running
 
@@ -481,18 +486,28 @@ class Scheduler:
                     await loop.run_in_executor(self.prefills, self.step)
                 else:
                     self.step()
-            except (MemoryError, RuntimeError) as error:   # the engine failed: its jobs end with the error
+                self.sample_all()
+            except Exception as error:  # noqa: BLE001  (the engine failed: the step's jobs end, the loop goes on)
                 for job in self.running:
-                    job.emit({"error": str(error)})
+                    fail(job, error)
                     self.engine.release(job.sequence)
                 self.running = []
                 continue
-            self.sample_all()
             # Two turns of the event loop: in the first the streams send what this step made; in the second,
             # with nothing new for them, a stream whose client left is cancelled (anyio cancels only a task
             # that is waiting, and each step would otherwise hand it a token just before)
             await asyncio.sleep(0)
             await asyncio.sleep(0)
+
+
+def fail(job, error):
+    """A job ends with the error, which its client gets as a 503. The engine's refusals (MemoryError,
+    RuntimeError) say what went wrong; anything else is a bug, whose traceback goes to the log."""
+    refused = isinstance(error, (MemoryError, RuntimeError))
+    if not refused:
+        traceback.print_exception(error)
+    job.emit({"error": str(error) if refused else f"internal error: {type(error).__name__}: {error}"})
+    return "error"
 
 
 # ----------------------------------------------------------------------------- request bodies

@@ -513,6 +513,55 @@ def test_batched_step_equals_each_sequence_alone(files, kind):
     assert not np.allclose(alone[1][1:], alone[3][1:])   # different sequences: different logits
 
 
+def test_a_failing_job_or_step_ends_alone_and_the_loop_goes_on(files, capfd):
+    """Whatever goes wrong in a decoding step (here a job's text handling, then the engine itself, raising what
+    nothing expects), the requests in that step end with an error and the next requests are served."""
+    import asyncio
+    import infer
+    import serve
+    engine = make_engine(files, "model.bin")
+    template = infer.prompt_template(engine.config, engine.tokenizer, think=False)
+    scheduler = serve.Scheduler(engine, engine.slots, 0)
+
+    async def run(jobs):
+        events = {job: [] for job in jobs}
+        ended = asyncio.Event()
+
+        def emitter(job):
+            def emit(event):
+                events[job].append(event)
+                ended.set()
+            return emit
+        for job in jobs:
+            job.emit = emitter(job)
+            scheduler.submit(job)
+        while not all(any("error" in e or "finish_reason" in e for e in events[job]) for job in jobs):
+            ended.clear()
+            await ended.wait()
+        return [events[job][-1] for job in jobs]
+
+    def job():
+        return serve.Job(template, engine.tokenizer.encode("hello"), 8, [],
+                         engine.sampler(serve.sampling_settings({"temperature": 0})), None, None)
+
+    async def scenario():
+        task = asyncio.create_task(scheduler.run())
+        broken, healthy = job(), job()
+        broken.take = lambda token: 1 / 0
+        ends = await run([broken, healthy])
+        assert "ZeroDivisionError" in ends[0]["error"] and ends[1]["finish_reason"] == "length"
+        real_step, calls = engine.step, []
+        engine.step = lambda *args: calls.append(1) or (real_step(*args) if len(calls) > 1 else {}["no such key"])
+        ends = await run([job(), job()])
+        assert all("KeyError" in end["error"] for end in ends)
+        ends = await run([job()])
+        assert ends[0]["finish_reason"] == "length" and ends[0]["completion_tokens"] == 8
+        task.cancel()
+    asyncio.run(asyncio.wait_for(scenario(), 60))   # a loop that died would leave the requests waiting
+    assert len(engine.free_states) == engine.slots   # every slot came back
+    assert "Traceback" in capfd.readouterr().err
+
+
 def test_prompts_beyond_one_pass_are_split(files):
     # two prompts of 40 tokens hold more than the 64 rows of one pass: two passes, the same logits
     import numpy as np
