@@ -86,9 +86,6 @@ class NanoLibrary:
     def __init__(self, path=LIBRARY):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: build it with `make -C infer_c`")
-        # Between forward passes the HTTP side and the clients need the cores, which OpenMP's idle threads
-        # would spin on under the default policy; the engine's own speed does not depend on it.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(path)
         p, i, f, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
         signatures = {
