@@ -840,8 +840,8 @@ def main():
     try:
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
-        if args.stream_interval < 0:
-            raise ValueError(f"--stream-interval must be >= 0, got {args.stream_interval}")
+        if not 0 <= args.stream_interval < float("inf"):
+            raise ValueError(f"--stream-interval must be a number of seconds >= 0, got {args.stream_interval}")
         if args.context is not None and args.context < 1:
             raise ValueError(f"--context must be >= 1, got {args.context}")
         engine = load_engine(args.model, parse_adapters(args.lora), args.device, args.parallel, args.context)

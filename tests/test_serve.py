@@ -337,7 +337,8 @@ def test_refuses_bad_files_and_arguments(files, tmp_path):
                           (["-m", files["seq2seq.bin"]], "non-causal"),
                           (["-m", files["model.bin"], "-l", files["lora.pt"]], "takes .bin adapters"),
                           (["-m", files["model.bin"], "--parallel", "0"], "--parallel"),
-                          (["-m", files["model.bin"], "--stream-interval", "-1"], "--stream-interval")]:
+                          (["-m", files["model.bin"], "--stream-interval", "-1"], "--stream-interval"),
+                          (["-m", files["model.bin"], "--stream-interval", "nan"], "--stream-interval")]:
         result = subprocess.run([sys.executable, "serve.py", *map(str, args), "--port", str(free_port())], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
