@@ -454,7 +454,7 @@ class Scheduler:
                 reason = None if job.cancelled else job.take(token)
                 if reason:
                     job.finish(reason)
-                else:
+                elif not job.cancelled:
                     job.send_if_due(now, self.stream_interval)
             except Exception as error:  # noqa: BLE001  (a job that fails ends alone)
                 reason = fail(job, error)

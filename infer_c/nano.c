@@ -2128,7 +2128,13 @@ static int by_descending_prob(const void *a, const void *b) {
     return pa < pb ? 1 : pa > pb ? -1 : *(const int *)a - *(const int *)b;
 }
 
-/* Whether token a comes before token b in by_descending_prob's order. */
+/* ids[0 .. n) in by_descending_prob's order of p. */
+static void sort_likeliest_first(const float *p, int *ids, int n) {
+    sort_probs = p;
+    qsort(ids, n, sizeof(int), by_descending_prob);
+}
+
+/* Whether token a comes before token b in that order. */
 static int more_likely(const float *p, int a, int b) { return !(p[a] < p[b]) && (p[a] > p[b] || a < b); }
 
 static void sift_down(const float *p, int *heap, int n, int i) {   /* heap[0] the least likely */
@@ -2146,16 +2152,14 @@ static void most_likely(const float *p, int V, int k, int *out) {
     for (int i = k / 2 - 1; i >= 0; i--) sift_down(p, out, k, i);
     for (int i = k; i < V; i++)
         if (more_likely(p, i, out[0])) { out[0] = i; sift_down(p, out, k, 0); }
-    sort_probs = p;
-    qsort(out, k, sizeof(int), by_descending_prob);
+    sort_likeliest_first(p, out, k);
 }
 
 /* The tokens at least `floor` likely, most likely first; returns their count. */
 static int likely_at_least(const float *p, int V, float floor, int *out) {
     int n = 0;
     for (int i = 0; i < V; i++) if (p[i] >= floor) out[n++] = i;
-    sort_probs = p;
-    qsort(out, n, sizeof(int), by_descending_prob);
+    sort_likeliest_first(p, out, n);
     return n;
 }
 
@@ -2186,8 +2190,7 @@ static int candidates(NanoSampler *s, const float *p, float *mass) {
         if ((kept = nucleus(s, p, n, mass))) return kept;
     }
     for (int i = 0; i < V; i++) s->candidates[i] = i;
-    sort_probs = p;
-    qsort(s->candidates, V, sizeof(int), by_descending_prob);
+    sort_likeliest_first(p, s->candidates, V);
     return (kept = nucleus(s, p, V, mass)) ? kept : V;
 }
 

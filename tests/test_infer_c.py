@@ -1,7 +1,6 @@
 """The C engine (infer_c/) against PyTorch: logits, greedy continuations, LoRA, tokenizer, Q80 scales,
 seq2seq, sampler options, and clear refusals of bad input (also under AddressSanitizer and valgrind)."""
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -393,23 +392,15 @@ def test_sampler_options(infer, trained):
     assert len(set(context)) == len(context), "repetition penalty must avoid tokens already in the context"
 
 
-class CSampler:
-    """nano_sample through libnano.so, on logits given by the test."""
-
-    def __init__(self, vocab_size, temperature=1.0, top_k=0, top_p=1.0, seed=1):
-        subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so"], check=True, capture_output=True)
-        self.lib = ctypes.CDLL(os.path.join(ENGINE_DIR, "libnano.so"))
-        self.lib.nano_sampler_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-                                               ctypes.c_float, ctypes.c_float, ctypes.c_uint64]
-        self.lib.nano_sample.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.handle = ctypes.create_string_buffer(ctypes.c_size_t.in_dll(self.lib, "nano_sampler_size").value)
-        assert self.lib.nano_sampler_init(self.handle, vocab_size, temperature, top_k, top_p, 1.0, seed) == 0
-
-    def draws(self, logits, n):
-        logits = np.ascontiguousarray(logits, dtype=np.float32)
-        tokens = [self.lib.nano_sample(self.handle, logits.ctypes.data) for _ in range(n)]
-        self.lib.nano_sampler_free(self.handle)
-        return np.array(tokens)
+def c_draws(logits, n, temperature=1.0, top_k=0, top_p=1.0):
+    """n draws of nano_sample, through serve.py's binding of libnano.so, from the same logits."""
+    import serve
+    subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so"], check=True, capture_output=True)
+    library = serve.NanoLibrary()
+    sampler = serve.CSampler(library, len(logits), {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                    "repetition_penalty": 1.0, "seed": 1})
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    return np.array([library.lib.nano_sample(sampler.address, logits.ctypes.data) for _ in range(n)])
 
 
 def likeliest_first(logits):
@@ -419,14 +410,14 @@ def likeliest_first(logits):
 def test_c_sampler_draws_the_top_k_as_often_as_their_shares():
     logits = np.random.default_rng(0).standard_normal(20_000) * 2
     top = likeliest_first(logits)[:20]
-    draws = CSampler(len(logits), top_k=20).draws(logits, 20_000)
+    draws = c_draws(logits, 20_000, top_k=20)
     assert set(draws) == set(top)
     shares = np.exp(logits[top] - logits[top].max())
     shares /= shares.sum()
     observed = np.array([(draws == token).mean() for token in top])
     assert np.abs(observed - shares).max() < 0.02, (observed, shares)
     ties = np.random.default_rng(1).integers(0, 3, 5_000).astype(np.float32)   # thousands of equal logits
-    assert set(CSampler(len(ties), top_k=7).draws(ties, 3_000)) == set(likeliest_first(ties)[:7])
+    assert set(c_draws(ties, 3_000, top_k=7)) == set(likeliest_first(ties)[:7])
 
 
 def test_c_sampler_draws_the_nucleus_alone():
@@ -437,7 +428,7 @@ def test_c_sampler_draws_the_nucleus_alone():
     order = np.random.default_rng(2).permutation(len(probs))   # the likeliest anywhere in the vocabulary
     logits = np.empty(len(probs))
     logits[order] = np.log(probs)
-    draws = CSampler(len(logits), top_p=0.7).draws(logits, 5_000)
+    draws = c_draws(logits, 5_000, top_p=0.7)
     assert set(draws) == set(order[:4])   # 0.3 + 0.2 + 0.15 + 0.1 reaches 0.7; 0.3 + 0.2 + 0.15 does not
 
 
