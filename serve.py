@@ -104,6 +104,7 @@ class NanoLibrary:
             "nano_sampler_see": (None, [p, i]),
             "nano_sample": (i, [p, p]),
             "nano_sample_batch": (None, [p, p, i, p]),
+            "nano_decode_batch": (i, [p, p, p, i, i, p]),
         }
         for name, (result, arguments) in signatures.items():
             function = getattr(lib, name)
@@ -143,11 +144,11 @@ class CSampler:
             raise MemoryError("out of memory for a sampler")
         self.address = ctypes.addressof(self.handle)
 
-    def see(self, history):
-        """Before a draw: the history's new tokens (a prompt), and the token drawn next, which joins it."""
+    def see(self, history, draws=1):
+        """Before draws: the history's new tokens (a prompt), and the tokens drawn next, which join it."""
         for token in history[self.seen:]:
             self.library.lib.nano_sampler_see(self.address, token)
-        self.seen = len(history) + 1
+        self.seen = len(history) + draws
 
     def __del__(self):
         self.library.lib.nano_sampler_free(self.handle)
@@ -182,6 +183,7 @@ class CEngine:
         self.logits = np.zeros((self.slots, self.config.vocab_size), dtype=np.float32)
         self.tokens = np.zeros(self.slots, dtype=np.int32)   # the tokens of a batch's draws
         self.logits_address, self.tokens_address = self.logits.ctypes.data, self.tokens.ctypes.data
+        self.sampler_handles = (ctypes.c_void_p * self.slots)()
 
     def sampler(self, settings):
         return CSampler(self.library, self.config.vocab_size, settings)
@@ -210,11 +212,27 @@ class CEngine:
 
     def sample(self, samplers, histories):
         """Each sequence's next token from its row of the last step's logits, by its sampler, in one call."""
-        for sampler, history in zip(samplers, histories):
-            sampler.see(history)
-        handles = (ctypes.c_void_p * len(samplers))(*(sampler.address for sampler in samplers))
-        self.library.lib.nano_sample_batch(handles, self.logits_address, len(samplers), self.tokens_address)
+        self.library.lib.nano_sample_batch(self.handles(samplers, histories, 1), self.logits_address, len(samplers),
+                                           self.tokens_address)
         return self.tokens[:len(samplers)].tolist()
+
+    def decode(self, sequences, tokens, samplers, histories, steps):
+        """steps decoding steps of the sequences, tokens their inputs, each step's draws the next step's inputs, in
+        one call of the C core (nano_decode_batch); a list of each step's draws."""
+        states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
+        draws = np.zeros((steps + 1, len(sequences)), dtype=np.int32)
+        draws[0] = tokens
+        if self.library.lib.nano_decode_batch(states, self.handles(samplers, histories, steps), draws.ctypes.data,
+                                              len(sequences), steps, self.logits_address):
+            raise RuntimeError("nano_decode_batch refused the steps (a sequence past its context?)")
+        return draws[1:].tolist()
+
+    def handles(self, samplers, histories, draws):
+        """The samplers' addresses for a call that draws `draws` tokens each, their histories seen first."""
+        for i, (sampler, history) in enumerate(zip(samplers, histories)):
+            sampler.see(history, draws)
+            self.sampler_handles[i] = sampler.address
+        return self.sampler_handles
 
     def forward_batch(self, sequences, inputs, logits):
         states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
@@ -335,6 +353,17 @@ class TorchEngine:
         """Each sequence's next token from its row of the last step's logits, by its sampler."""
         return [sample(logits, history) for sample, logits, history in zip(samplers, self.last_logits, histories)]
 
+    def decode(self, sequences, tokens, samplers, histories, steps):
+        """steps decoding steps, each step's draws the next step's inputs; a list of each step's draws."""
+        histories, draws = [list(history) for history in histories], []
+        for _ in range(steps):
+            self.step(sequences, [[token] for token in tokens])
+            tokens = self.sample(samplers, histories)
+            for history, token in zip(histories, tokens):
+                history.append(token)
+            draws.append(tokens)
+        return draws
+
     def release(self, sequence):
         sequence.batch.release(sequence)
 
@@ -364,6 +393,16 @@ class Job:
         self.sendable, self.send_due = 0, 0.0   # how much of it may go out, and from when
         self.sequence = None
         self.cancelled = False
+
+    def take_draws(self, tokens):
+        """The job's tokens of a call's steps, until one finishes it; the finish reason, or None to go on."""
+        for token in tokens:
+            if self.cancelled:
+                return None
+            reason = self.take(token)
+            if reason:
+                return reason
+        return None
 
     def take(self, token):
         """Sample bookkeeping for one token; returns the finish reason, or None to go on."""
@@ -418,7 +457,12 @@ class Scheduler:
     token, lets the streams send it, repeats.
     A decoding step runs on the event loop's own thread: handing each token to another thread would wake it, and
     that wake-up, on a machine whose cores the pass keeps busy, costs more than the step's sending does. A step
-    with prompts in it, which may take long, runs on a thread of its own so that the server goes on answering."""
+    with prompts in it, which may take long, runs on a thread of its own so that the server goes on answering.
+    When every job is decoding, one call of the engine runs as many steps as fit in a stream interval (text goes
+    out no more often than that anyway): the loop's own work between two passes, a tenth of a small model's pass,
+    is then done once per call, not once per token."""
+
+    MAX_STEPS = 16   # steps in one call, at most
 
     def __init__(self, engine, slots, stream_interval):
         self.engine, self.slots, self.stream_interval = engine, slots, stream_interval
@@ -426,6 +470,7 @@ class Scheduler:
         self.arrived = asyncio.Event()
         self.running = []
         self.steps = self.batched_tokens = 0    # decoding steps and the tokens they made: how full batches are
+        self.step_seconds = float("inf")        # the last decoding call's time per step (none yet: one step)
         self.prefills = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
 
     def submit(self, job):
@@ -444,14 +489,14 @@ class Scheduler:
                 continue
             self.running.append(job)
 
-    def sample_all(self):
-        """Each running job's next token; finished, cancelled and failed jobs leave their slots."""
-        tokens = self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])
+    def take_all(self, draws):
+        """The tokens each running job drew, a list of them per step; finished, cancelled and failed jobs leave
+        their slots."""
         now = time.monotonic()
         still_running = []
-        for job, token in zip(self.running, tokens):
+        for row, job in enumerate(self.running):
             try:
-                reason = None if job.cancelled else job.take(token)
+                reason = job.take_draws([tokens[row] for tokens in draws])
                 if reason:
                     job.finish(reason)
                 elif not job.cancelled:
@@ -464,10 +509,29 @@ class Scheduler:
                 still_running.append(job)
         self.running = still_running
 
-    def step(self):
+    def count(self, steps):
+        self.steps += steps
+        self.batched_tokens += steps * len(self.running)
+
+    def prefill_step(self):
+        """One pass with the new jobs' prompts in it, and a draw for each job."""
         self.engine.step([job.sequence for job in self.running], [job.next_input for job in self.running])
-        self.steps += 1
-        self.batched_tokens += len(self.running)
+        self.count(1)
+        return [self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])]
+
+    def decoding_steps(self):
+        """As many steps as the stream interval holds at the last call's pace, none past a job's max_tokens."""
+        fit = int(self.stream_interval / self.step_seconds) if self.step_seconds > 0 else self.MAX_STEPS
+        room = min(job.max_tokens - len(job.new_ids) for job in self.running)
+        return max(1, min(fit, room, self.MAX_STEPS))
+
+    def decode(self):
+        steps, start = self.decoding_steps(), time.perf_counter()
+        draws = self.engine.decode([job.sequence for job in self.running], [job.next_input[0] for job in self.running],
+                                   [job.sampler for job in self.running], [job.history for job in self.running], steps)
+        self.step_seconds = (time.perf_counter() - start) / steps
+        self.count(steps)
+        return draws
 
     async def run(self):
         loop = asyncio.get_running_loop()
@@ -480,10 +544,10 @@ class Scheduler:
                 continue
             try:
                 if any(len(job.next_input) > 1 for job in self.running):
-                    await loop.run_in_executor(self.prefills, self.step)
+                    draws = await loop.run_in_executor(self.prefills, self.prefill_step)
                 else:
-                    self.step()
-                self.sample_all()
+                    draws = self.decode()
+                self.take_all(draws)
             except Exception as error:  # noqa: BLE001  (the engine failed: the step's jobs end, the loop goes on)
                 for job in self.running:
                     fail(job, error)

@@ -2102,13 +2102,14 @@ int nano_sampler_init(NanoSampler *s, int vocab_size, float temperature, int top
     s->seen = calloc(vocab_size, 1);
     s->candidates = malloc(sizeof(int) * vocab_size);
     s->probs = malloc(sizeof(float) * vocab_size);
-    if (!s->seen || !s->candidates || !s->probs) { nano_sampler_free(s); return -1; }
+    s->ranked = malloc(sizeof *s->ranked * vocab_size);
+    if (!s->seen || !s->candidates || !s->probs || !s->ranked) { nano_sampler_free(s); return -1; }
     return 0;
 }
 
 void nano_sampler_free(NanoSampler *s) {
-    free(s->seen); free(s->candidates); free(s->probs);
-    s->seen = NULL; s->candidates = NULL; s->probs = NULL;
+    free(s->seen); free(s->candidates); free(s->probs); free(s->ranked);
+    s->seen = NULL; s->candidates = NULL; s->probs = NULL; s->ranked = NULL;
 }
 
 void nano_sampler_see(NanoSampler *s, int token) {
@@ -2122,19 +2123,7 @@ static float random_unit(NanoSampler *s) {   /* xorshift64*, uniform in [0, 1) *
     return (float)((s->rng * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
 }
 
-static const float *sort_probs;
-static int by_descending_prob(const void *a, const void *b) {
-    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
-    return pa < pb ? 1 : pa > pb ? -1 : *(const int *)a - *(const int *)b;
-}
-
-/* ids[0 .. n) in by_descending_prob's order of p. */
-static void sort_likeliest_first(const float *p, int *ids, int n) {
-    sort_probs = p;
-    qsort(ids, n, sizeof(int), by_descending_prob);
-}
-
-/* Whether token a comes before token b in that order. */
+/* Whether token a comes before token b in the draw's order: likelier first, the lower id first among equals. */
 static int more_likely(const float *p, int a, int b) { return !(p[a] < p[b]) && (p[a] > p[b] || a < b); }
 
 static void sift_down(const float *p, int *heap, int n, int i) {   /* heap[0] the least likely */
@@ -2145,21 +2134,34 @@ static void sift_down(const float *p, int *heap, int n, int i) {   /* heap[0] th
     }
 }
 
+static int by_draw_order(const void *a, const void *b) {
+    const struct NanoRanked *x = a, *y = b;
+    return x->p < y->p ? 1 : x->p > y->p ? -1 : x->id - y->id;
+}
+
+/* ids[0 .. n) in the draw's order: sorted with their probabilities beside them, so that the comparison needs
+ * no global (samplers may draw on several threads at once) and reads no scattered memory. */
+static void sort_likeliest_first(NanoSampler *s, const float *p, int *ids, int n) {
+    for (int i = 0; i < n; i++) s->ranked[i] = (struct NanoRanked){p[ids[i]], ids[i]};
+    qsort(s->ranked, n, sizeof *s->ranked, by_draw_order);
+    for (int i = 0; i < n; i++) ids[i] = s->ranked[i].id;
+}
+
 /* The k most likely tokens of p[0 .. V) into out, most likely first: a heap of the k best so far, then their
  * sort (a token's rank costs one comparison with the heap's least likely, not a sort of the vocabulary). */
-static void most_likely(const float *p, int V, int k, int *out) {
+static void most_likely(NanoSampler *s, const float *p, int k, int *out) {
     for (int i = 0; i < k; i++) out[i] = i;
     for (int i = k / 2 - 1; i >= 0; i--) sift_down(p, out, k, i);
-    for (int i = k; i < V; i++)
+    for (int i = k; i < s->vocab_size; i++)
         if (more_likely(p, i, out[0])) { out[0] = i; sift_down(p, out, k, 0); }
-    sort_likeliest_first(p, out, k);
+    sort_likeliest_first(s, p, out, k);
 }
 
 /* The tokens at least `floor` likely, most likely first; returns their count. */
-static int likely_at_least(const float *p, int V, float floor, int *out) {
+static int likely_at_least(NanoSampler *s, const float *p, float floor, int *out) {
     int n = 0;
-    for (int i = 0; i < V; i++) if (p[i] >= floor) out[n++] = i;
-    sort_likeliest_first(p, out, n);
+    for (int i = 0; i < s->vocab_size; i++) if (p[i] >= floor) out[n++] = i;
+    sort_likeliest_first(s, p, out, n);
     return n;
 }
 
@@ -2182,15 +2184,15 @@ static int nucleus(const NanoSampler *s, const float *p, int n, float *mass) {
 static int candidates(NanoSampler *s, const float *p, float *mass) {
     int V = s->vocab_size, kept;
     if (s->top_k > 0 && s->top_k < V) {
-        most_likely(p, V, s->top_k, s->candidates);
+        most_likely(s, p, s->top_k, s->candidates);
         return (kept = nucleus(s, p, s->top_k, mass)) ? kept : s->top_k;
     }
     if (s->top_p < 1.0f && V > 1) {
-        int n = likely_at_least(p, V, (1.0f - s->top_p) / (V - 1), s->candidates);
+        int n = likely_at_least(s, p, (1.0f - s->top_p) / (V - 1), s->candidates);
         if ((kept = nucleus(s, p, n, mass))) return kept;
     }
     for (int i = 0; i < V; i++) s->candidates[i] = i;
-    sort_likeliest_first(p, s->candidates, V);
+    sort_likeliest_first(s, p, s->candidates, V);
     return (kept = nucleus(s, p, V, mass)) ? kept : V;
 }
 
@@ -2230,10 +2232,28 @@ int nano_sample(NanoSampler *s, const float *logits) {
 }
 
 void nano_sample_batch(NanoSampler **samplers, const float *logits, int n, int *next) {
+    /* a draw with top-k or top-p takes tens of microseconds at a vocabulary of 16k: worth the other threads */
+#pragma omp parallel for schedule(dynamic) if(n > 1)
     for (int i = 0; i < n; i++) {
         next[i] = nano_sample(samplers[i], logits + (size_t)i * samplers[i]->vocab_size);
         nano_sampler_see(samplers[i], next[i]);
     }
+}
+
+int nano_decode_batch(NanoState **states, NanoSampler **samplers, int *tokens, int n, int steps, float *logits) {
+    if (n < 1 || steps < 1) return -1;
+    for (int i = 0; i < n; i++)
+        if (states[i]->pos > states[i]->model->config.block_size - steps) return -1;
+    int *ones = malloc(sizeof(int) * n);
+    if (!ones) return -1;
+    for (int i = 0; i < n; i++) ones[i] = 1;
+    int err = 0;
+    for (int step = 0; step < steps && !err; step++) {
+        err = nano_forward_batch(states, tokens + (size_t)step * n, ones, n, logits);
+        if (!err) nano_sample_batch(samplers, logits, n, tokens + (size_t)(step + 1) * n);
+    }
+    free(ones);
+    return err;
 }
 
 /* ============================================================================ generation */

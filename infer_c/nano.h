@@ -129,6 +129,7 @@ typedef struct {
     uint8_t *seen;            /* tokens already in the context */
     int *candidates;
     float *probs;
+    struct NanoRanked { float p; int id; } *ranked;   /* room to sort candidates by probability */
 } NanoSampler;
 
 /* Called with each sampled token (the last may be the stop token) and the raw logits it came from.
@@ -231,6 +232,11 @@ int nano_sample(NanoSampler *s, const float *logits);   /* logits are left uncha
 /* next[i] = nano_sample(samplers[i], logits + i * vocab_size) for the n rows of a batch's logits, in one call;
  * each sampler then sees its token, as nano_generate's does (the next draw's history holds it) */
 void nano_sample_batch(NanoSampler **samplers, const float *logits, int n, int *next);
+/* steps decoding steps of n sequences, each step's draws the next one's inputs: tokens[0 .. n) are the first
+ * inputs, and step s's draws go to tokens[(s + 1) n .. (s + 2) n), so tokens holds (steps + 1) n. One call for
+ * what would otherwise be a caller's round trip per step (serve.py's, between passes of a few milliseconds).
+ * Returns -1, having run nothing, when a sequence has no room left for steps more positions. */
+int nano_decode_batch(NanoState **states, NanoSampler **samplers, int *tokens, int n, int steps, float *logits);
 
 /* Prefill the prompt, then sample up to max_new tokens, stopping at a stop token (nano_stop_token). When the
  * cache is full, the last block_size/2 tokens are prefilled again from position 0. A non-causal model

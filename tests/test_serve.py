@@ -514,6 +514,56 @@ def test_batched_step_equals_each_sequence_alone(files, kind):
     assert not np.allclose(alone[1][1:], alone[3][1:])   # different sequences: different logits
 
 
+@pytest.mark.parametrize("kind", ["q80.bin", "q4k.bin", "torch"])
+def test_steps_in_one_decode_call_draw_what_steps_one_by_one_draw(files, kind):
+    """engine.decode, which runs several steps in one call (on the C core, nano_decode_batch), gives each
+    sequence the tokens that as many passes and draws one by one give it, with sampling settings and seeds of
+    its own (a repetition penalty among them, so each draw must see the tokens drawn before); and it refuses,
+    having run nothing, steps that would go past the context."""
+    import serve
+    settings = [{"temperature": 0.9, "top_k": 20, "top_p": 1.0, "repetition_penalty": 1.3, "seed": 11},
+                {"temperature": 1.2, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.0, "seed": 12},
+                {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.5, "seed": None}]
+    prompts, adapters = [[2, 10, 11, 12], [2, 20], [4, 12, 13, 5]], [None, "style", None]
+
+    def started(engine):
+        sequences = [engine.start(adapter) for adapter in adapters]
+        samplers = [engine.sampler(each) for each in settings]
+        engine.step(sequences, prompts)
+        histories = [list(prompt) for prompt in prompts]
+        for history, token in zip(histories, engine.sample(samplers, histories)):
+            history.append(token)
+        return sequences, samplers, histories
+
+    engine = make_engine(files, kind)
+    sequences, samplers, histories = started(engine)
+    for _ in range(12):
+        engine.step(sequences, [[history[-1]] for history in histories])
+        for history, token in zip(histories, engine.sample(samplers, histories)):
+            history.append(token)
+    one_by_one = [history[len(prompt) + 1:] for history, prompt in zip(histories, prompts)]
+    for sequence in sequences:
+        engine.release(sequence)
+
+    sequences, samplers, histories = started(engine)
+    in_calls = [[] for _ in prompts]
+    for steps in (1, 5, 6):
+        draws = engine.decode(sequences, [history[-1] for history in histories], samplers, histories, steps)
+        assert len(draws) == steps
+        for history, drawn, tokens in zip(histories, in_calls, zip(*draws)):
+            history.extend(tokens)
+            drawn.extend(tokens)
+    assert in_calls == one_by_one
+    assert len(set(map(tuple, one_by_one))) == 3   # three sequences, three answers
+    if kind != "torch":
+        positions = [serve.NanoLibrary.StateHead.from_buffer(sequence).pos for sequence in sequences]
+        assert positions == [len(history) - 1 for history in histories]
+        with pytest.raises(RuntimeError, match="refused"):
+            engine.decode(sequences, [history[-1] for history in histories], samplers, histories,
+                          engine.context - min(positions) + 1)
+        assert [serve.NanoLibrary.StateHead.from_buffer(sequence).pos for sequence in sequences] == positions
+
+
 def test_a_failing_job_or_step_ends_alone_and_the_loop_goes_on(files, capfd):
     """Whatever goes wrong in a decoding step (here a job's text handling, then the engine itself, raising what
     nothing expects), the requests in that step end with an error and the next requests are served."""
