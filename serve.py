@@ -17,10 +17,12 @@ one token (a new one by its prompt), then lets the streams send what the step ma
 at most every --stream-interval seconds, the first token at once). On the C core that
 step is one forward pass of all the requests, the new ones' prompts included (nano_forward_batch: the
 weights are read once for all of them); on PyTorch, one pass of the running requests of each model (base
-or adapter), a row of a KV cache each at its own position, and a prefill of each new one.
+or adapter), a row of a KV cache each at its own position, and a prefill of each new one. While no prompt
+is new, one call of the engine runs as many steps as a stream interval holds (nano_decode_batch on the C
+core), each step's tokens the next one's inputs.
 Each request samples with its own settings (infer.py's sampler on PyTorch, the CLI's nano_sample on the
 C core, so a seed reproduces what those print) and stops on its own conditions; a client that goes away
-frees its slot at the next step.
+frees its slot when the call it is in ends.
 
 Prompts follow infer.py's templates. A Nano model's completion continues <|bos|>text and its chat is
 <|instruct_mark|>question<|response_mark|>answer<|eos|> per turn, a system message opening the first
@@ -470,7 +472,7 @@ class Scheduler:
         self.arrived = asyncio.Event()
         self.running = []
         self.steps = self.batched_tokens = 0    # decoding steps and the tokens they made: how full batches are
-        self.step_seconds = float("inf")        # the last decoding call's time per step (none yet: one step)
+        self.step_seconds, self.paced_rows = float("inf"), 0   # the last decoding call's time per step, and its rows
         self.prefills = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
 
     def submit(self, job):
@@ -520,7 +522,10 @@ class Scheduler:
         return [self.engine.sample([job.sampler for job in self.running], [job.history for job in self.running])]
 
     def decoding_steps(self):
-        """As many steps as the stream interval holds at the last call's pace, none past a job's max_tokens."""
+        """As many steps as the stream interval holds at the last call's pace, none past a job's max_tokens; one
+        step when the batch has grown since (a pace of fewer rows would overestimate how many fit)."""
+        if len(self.running) > self.paced_rows:
+            return 1
         fit = int(self.stream_interval / self.step_seconds) if self.step_seconds > 0 else self.MAX_STEPS
         room = min(job.max_tokens - len(job.new_ids) for job in self.running)
         return max(1, min(fit, room, self.MAX_STEPS))
@@ -529,7 +534,7 @@ class Scheduler:
         steps, start = self.decoding_steps(), time.perf_counter()
         draws = self.engine.decode([job.sequence for job in self.running], [job.next_input[0] for job in self.running],
                                    [job.sampler for job in self.running], [job.history for job in self.running], steps)
-        self.step_seconds = (time.perf_counter() - start) / steps
+        self.step_seconds, self.paced_rows = (time.perf_counter() - start) / steps, len(self.running)
         self.count(steps)
         return draws
 
@@ -893,7 +898,8 @@ def build_parser():
                         help=f"positions of each request's context (default: the model's, at most {infer.CONTEXT_LIMIT})")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     parser.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
-                        help="a stream sends its new text at most this often (default %(default)s; 0: every token)")
+                        help="a stream sends its new text at most this often, and a decoding call lasts about "
+                             "this long (default %(default)s; 0: every token, a call per step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help=".pt models run here; a .bin runs on the C engine on the CPU, on PyTorch elsewhere")
     return parser
