@@ -221,7 +221,7 @@ class CEngine:
     def decode(self, sequences, tokens, samplers, histories, steps):
         """steps decoding steps of the sequences, tokens their inputs, each step's draws the next step's inputs, in
         one call of the C core (nano_decode_batch); a list of each step's draws."""
-        states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
+        states = self.states(sequences)
         draws = np.zeros((steps + 1, len(sequences)), dtype=np.int32)
         draws[0] = tokens
         if self.library.lib.nano_decode_batch(states, self.handles(samplers, histories, steps), draws.ctypes.data,
@@ -236,8 +236,13 @@ class CEngine:
             self.sampler_handles[i] = sampler.address
         return self.sampler_handles
 
+    @staticmethod
+    def states(sequences):
+        """The sequences' NanoStates as the array of pointers nano.h's batch calls take."""
+        return (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
+
     def forward_batch(self, sequences, inputs, logits):
-        states = (ctypes.c_void_p * len(sequences))(*(ctypes.addressof(s) for s in sequences))
+        states = self.states(sequences)
         counts = np.array([len(ids) for ids in inputs], dtype=np.int32)
         ids = np.array([token for tokens in inputs for token in tokens], dtype=np.int32)
         if self.library.lib.nano_forward_batch(states, ids.ctypes.data, counts.ctypes.data, len(sequences),
@@ -472,7 +477,7 @@ class Scheduler:
         self.arrived = asyncio.Event()
         self.running = []
         self.steps = self.batched_tokens = 0    # decoding steps and the tokens they made: how full batches are
-        self.step_seconds, self.paced_rows = float("inf"), 0   # the last decoding call's time per step, and its rows
+        self.step_seconds, self.paced_rows = 0.0, 0   # the last decoding call's time per step, and its rows
         self.prefills = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
 
     def submit(self, job):
