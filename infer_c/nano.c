@@ -988,6 +988,87 @@ static inline FloatVector vector_exp(FloatVector x) {
     return vector_power_of_two(p, n);
 }
 
+/* ---------------------------------------------------------------------------- float16 */
+
+/* Quantized models keep their KV cache in IEEE half precision, which halves what attention streams from
+ * memory (a fifth of a batched decoding step). Every build stores the same halves: round to nearest even,
+ * saturating at +-65504 instead of overflowing to infinity; NaN stays NaN. Halves are read exactly. */
+#define HALF_MAX 65504.0f
+
+uint16_t nano_half_of(float f) {
+    uint32_t bits, magnitude;
+    memcpy(&bits, &f, 4);
+    uint16_t sign = (uint16_t)(bits >> 16 & 0x8000);
+    magnitude = bits & 0x7FFFFFFF;
+    if (magnitude > 0x7F800000) return sign | 0x7E00;              /* NaN */
+    if (magnitude >= 0x477FE000) return sign | 0x7BFF;             /* >= 65504: the largest half */
+    if (magnitude >= 0x38800000) {                                 /* >= 2^-14: a normal half */
+        magnitude += 0xFFF + (magnitude >> 13 & 1);                /* round the 13 dropped bits, ties to even */
+        return sign | (uint16_t)((magnitude - (112u << 23)) >> 13);   /* rebias the exponent from 127 to 15 */
+    }
+    /* a subnormal half, a multiple of 2^-24: adding 0.5 leaves 2^-24 as the float's last bit, so the FPU
+     * rounds (to nearest even) and the mantissa is the count; 2^-14 itself comes out as the smallest normal */
+    float rounded = fabsf(f) + 0.5f;
+    memcpy(&bits, &rounded, 4);
+    return sign | (uint16_t)(bits - 0x3F000000);
+}
+
+float nano_float_of_half(uint16_t h) {
+    uint32_t magnitude = h & 0x7FFF, bits = magnitude << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    f *= 0x1p112f;   /* rebias the exponent; exact for normal and subnormal halves alike */
+    if (magnitude >= 0x7C00) {   /* infinity or NaN */
+        bits |= 0x7F800000;
+        memcpy(&f, &bits, 4);
+    }
+    return h & 0x8000 ? -f : f;
+}
+
+/* FLOAT_LANES halves from p as floats, and a vector stored as halves */
+#if defined(__AVX512F__)
+static inline FloatVector vector_load_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline void vector_store_half(uint16_t *p, FloatVector a) {
+    a = _mm512_min_ps(_mm512_set1_ps(HALF_MAX), _mm512_max_ps(_mm512_set1_ps(-HALF_MAX), a));   /* NaN passes */
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline FloatVector vector_load_half(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void vector_store_half(uint16_t *p, FloatVector a) {
+    a = _mm256_min_ps(_mm256_set1_ps(HALF_MAX), _mm256_max_ps(_mm256_set1_ps(-HALF_MAX), a));
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+#if defined(__wasm_simd128__)
+/* nano_float_of_half in four lanes */
+static inline FloatVector vector_load_half(const uint16_t *p) {
+    v128_t h = wasm_u32x4_load16x4(p), magnitude = wasm_v128_and(h, wasm_i32x4_splat(0x7FFF));
+    v128_t f = wasm_f32x4_mul(wasm_i32x4_shl(magnitude, 13), wasm_f32x4_splat(0x1p112f));
+    v128_t special = wasm_i32x4_gt(magnitude, wasm_i32x4_splat(0x7BFF));   /* infinity or NaN */
+    f = wasm_v128_bitselect(wasm_v128_or(wasm_i32x4_shl(magnitude, 13), wasm_i32x4_splat(0x7F800000)), f, special);
+    return wasm_v128_or(f, wasm_i32x4_shl(wasm_v128_and(h, wasm_i32x4_splat(0x8000)), 16));
+}
+#else
+static inline FloatVector vector_load_half(const uint16_t *p) {
+    float f[FLOAT_LANES];
+    for (int i = 0; i < FLOAT_LANES; i++) f[i] = nano_float_of_half(p[i]);
+    return vector_load(f);
+}
+#endif
+static inline void vector_store_half(uint16_t *p, FloatVector a) {
+    float f[FLOAT_LANES];
+    vector_store(f, a);
+    for (int i = 0; i < FLOAT_LANES; i++) p[i] = nano_half_of(f[i]);
+}
+#endif
+
+/* out = x as halves, n values */
+static void halves_of(uint16_t *out, const float *x, int n) {
+    int i = 0;
+    for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) vector_store_half(out + i, vector_load(x + i));
+    for (; i < n; i++) out[i] = nano_half_of(x[i]);
+}
+
 /* Matmuls read a weight row once for a block of activation rows (a prefill's tokens, a server's
  * sequences): the row stays in registers and L1 while it meets each of them. Every kernel sums each row in
  * the order of its one-row case, so a batched pass gives bit for bit the logits of token after token.
@@ -1713,7 +1794,17 @@ static size_t cache_context(const NanoConfig *c) {
     return ((size_t)c->block_size + CACHE_TILE - 1) / CACHE_TILE * CACHE_TILE;
 }
 
-/* The start of a layer's KV head in a cache (the same offset in both). */
+/* Quantized models cache keys and values as halves (see float16), float32 ones as floats: their logits
+ * agree with PyTorch's to 1e-4, closer than halves allow. */
+static int cache_in_halves(const NanoConfig *c) {
+    return c->quant_type != NANO_QUANT_F32;
+}
+
+static size_t cache_element(const NanoConfig *c) {
+    return cache_in_halves(c) ? sizeof(uint16_t) : sizeof(float);
+}
+
+/* The start of a layer's KV head in a cache (the same offset in both), in elements. */
 static size_t cache_head(const NanoModel *m, int layer, int kv_head) {
     return ((size_t)layer * m->config.n_kv_head + kv_head) * m->config.head_dim * cache_context(&m->config);
 }
@@ -1721,79 +1812,106 @@ static size_t cache_head(const NanoModel *m, int layer, int kv_head) {
 /* The pass's keys and values into each row's sequence's cache at the row's position, a row per iteration. */
 static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
     const NanoModel *m = s->model;
-    int hd = m->config.head_dim;
+    int hd = m->config.head_dim, half = cache_in_halves(&m->config);
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < n; t++)
         for (int g = 0; g < m->config.n_kv_head; g++) {
             const float *k = s->k + (size_t)t * m->kv_dim + (size_t)g * hd, *v = s->v + (size_t)t * m->kv_dim + (size_t)g * hd;
             int pos = rows[t].pos;
-            size_t head = cache_head(m, layer, g);
-            float *keys = rows[t].state->key_cache + head + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE;
-            for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = k[d];
-            memcpy(rows[t].state->value_cache + head + (size_t)pos * hd, v, sizeof(float) * hd);
+            size_t head = cache_head(m, layer, g), key_at = head + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE,
+                   value_at = head + (size_t)pos * hd;
+            if (half) {
+                uint16_t *keys = (uint16_t *)rows[t].state->key_cache + key_at;
+                for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = nano_half_of(k[d]);
+                halves_of((uint16_t *)rows[t].state->value_cache + value_at, v, hd);
+            } else {
+                float *keys = (float *)rows[t].state->key_cache + key_at;
+                for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = k[d];
+                memcpy((float *)rows[t].state->value_cache + value_at, v, sizeof(float) * hd);
+            }
         }
+}
+
+/* FLOAT_LANES cache elements from element i, halves or floats (half is a constant where it is inlined) */
+static inline __attribute__((always_inline)) FloatVector cache_vector(const void *cache, size_t i, int half) {
+    return half ? vector_load_half((const uint16_t *)cache + i) : vector_load((const float *)cache + i);
+}
+
+static inline __attribute__((always_inline)) float cache_value(const void *cache, size_t i, int half) {
+    return half ? nano_float_of_half(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
 }
 
 #define TILE_VECTORS (CACHE_TILE / FLOAT_LANES)
 #define SCORE_TILES 4   /* tiles in flight: independent sums, to hide the multiply-add latency */
 
 /* scores[p .. p + nt tiles) = q . key_p, over the key tiles from the one holding position p. */
-BLOCK_KERNEL void score_tiles(float *scores, const float *q, const float *keys, int p, int hd, int nt) {
+BLOCK_KERNEL void score_tiles(float *scores, const float *q, const void *keys, int p, int hd, int nt, int half) {
     FloatVector acc[SCORE_TILES][TILE_VECTORS];
-    const float *tile = keys + (size_t)p * hd;
+    size_t tile = (size_t)p * hd;
     for (int j = 0; j < nt; j++)
         for (int v = 0; v < TILE_VECTORS; v++) acc[j][v] = vector_zero();
     for (int d = 0; d < hd; d++) {
         FloatVector qd = vector_broadcast(q[d]);
         for (int j = 0; j < nt; j++)
             for (int v = 0; v < TILE_VECTORS; v++)
-                acc[j][v] = vector_multiply_add(acc[j][v], qd, vector_load(tile + (size_t)j * hd * CACHE_TILE + d * CACHE_TILE + FLOAT_LANES * v));
+                acc[j][v] = vector_multiply_add(acc[j][v], qd, cache_vector(keys, tile + (size_t)j * hd * CACHE_TILE + d * CACHE_TILE + FLOAT_LANES * v, half));
     }
     for (int j = 0; j < nt; j++)
         for (int v = 0; v < TILE_VECTORS; v++) vector_store(scores + p + CACHE_TILE * j + FLOAT_LANES * v, acc[j][v]);
 }
 
 /* scores[p] = q . key_p for p < n, and for the rest of the last tile (scores of unused positions, never read). */
-static void attention_scores(float *scores, const float *q, const float *keys, int n, int hd) {
+BLOCK_KERNEL void attention_scores(float *scores, const float *q, const void *keys, int n, int hd, int half) {
     int p = 0;
-    for (; p + CACHE_TILE * SCORE_TILES <= n; p += CACHE_TILE * SCORE_TILES) score_tiles(scores, q, keys, p, hd, SCORE_TILES);
-    for (; p < n; p += CACHE_TILE) score_tiles(scores, q, keys, p, hd, 1);
+    for (; p + CACHE_TILE * SCORE_TILES <= n; p += CACHE_TILE * SCORE_TILES) score_tiles(scores, q, keys, p, hd, SCORE_TILES, half);
+    for (; p < n; p += CACHE_TILE) score_tiles(scores, q, keys, p, hd, 1, half);
 }
 
 #define SUM_VECTORS 4   /* vectors of a head's width in registers */
 
 /* out[c .. c + nv vectors) = sum over p < n of a[p] value_p[c ..], the value rows of width hd. Even and odd
  * positions go to two sums, added at the end, so that two multiply-adds of a vector run at once. */
-BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const float *values, int c, int n, int hd, int nv) {
+BLOCK_KERNEL void weighted_sum_vectors(float *out, const float *a, const void *values, int c, int n, int hd, int nv,
+                                       int half) {
     FloatVector even[SUM_VECTORS], odd[SUM_VECTORS];
     for (int j = 0; j < nv; j++) even[j] = odd[j] = vector_zero();
     int p = 0;
     for (; p + 2 <= n; p += 2) {
         FloatVector a0 = vector_broadcast(a[p]), a1 = vector_broadcast(a[p + 1]);
-        const float *v0 = values + (size_t)p * hd + c, *v1 = v0 + hd;
+        size_t v0 = (size_t)p * hd + c, v1 = v0 + hd;
         for (int j = 0; j < nv; j++) {
-            even[j] = vector_multiply_add(even[j], a0, vector_load(v0 + FLOAT_LANES * j));
-            odd[j] = vector_multiply_add(odd[j], a1, vector_load(v1 + FLOAT_LANES * j));
+            even[j] = vector_multiply_add(even[j], a0, cache_vector(values, v0 + FLOAT_LANES * j, half));
+            odd[j] = vector_multiply_add(odd[j], a1, cache_vector(values, v1 + FLOAT_LANES * j, half));
         }
     }
     if (p < n) {
         FloatVector a0 = vector_broadcast(a[p]);
-        for (int j = 0; j < nv; j++) even[j] = vector_multiply_add(even[j], a0, vector_load(values + (size_t)p * hd + c + FLOAT_LANES * j));
+        for (int j = 0; j < nv; j++)
+            even[j] = vector_multiply_add(even[j], a0, cache_vector(values, (size_t)p * hd + c + FLOAT_LANES * j, half));
     }
     for (int j = 0; j < nv; j++) vector_store(out + c + FLOAT_LANES * j, vector_add(even[j], odd[j]));
 }
 
 /* out = sum over p < n of a[p] value_p, for value rows of width hd. */
-static void weighted_sum(float *out, const float *a, const float *values, int n, int hd) {
+BLOCK_KERNEL void weighted_sum(float *out, const float *a, const void *values, int n, int hd, int half) {
     int c = 0;
     for (; c + FLOAT_LANES * SUM_VECTORS <= hd; c += FLOAT_LANES * SUM_VECTORS)
-        weighted_sum_vectors(out, a, values, c, n, hd, SUM_VECTORS);
-    for (; c + FLOAT_LANES <= hd; c += FLOAT_LANES) weighted_sum_vectors(out, a, values, c, n, hd, 1);
+        weighted_sum_vectors(out, a, values, c, n, hd, SUM_VECTORS, half);
+    for (; c + FLOAT_LANES <= hd; c += FLOAT_LANES) weighted_sum_vectors(out, a, values, c, n, hd, 1, half);
     for (; c < hd; c++) {   /* a width that is not a multiple of the vector */
         float sum = 0.0f;
-        for (int p = 0; p < n; p++) sum += a[p] * values[(size_t)p * hd + c];
+        for (int p = 0; p < n; p++) sum += a[p] * cache_value(values, (size_t)p * hd + c, half);
         out[c] = sum;
     }
+}
+
+/* One head of one row: the softmax of its scores over the visible positions, scale q . key_p, weighting the
+ * values into out. */
+BLOCK_KERNEL void attend(float *out, float *scores, const float *q, const void *keys, const void *values, int visible,
+                         int hd, float scale, int half) {
+    attention_scores(scores, q, keys, visible, hd, half);
+    softmax(scores, visible, scale);
+    weighted_sum(out, scores, values, visible, hd, half);
 }
 
 /* Multihead attention of each row over the visible positions of its sequence's cache into xb2, a head per
@@ -1801,19 +1919,19 @@ static void weighted_sum(float *out, const float *a, const float *values, int n,
 static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
-    int hd = c->head_dim, group = c->n_head / c->n_kv_head;
-    size_t context = cache_context(c);
+    int hd = c->head_dim, group = c->n_head / c->n_kv_head, half = cache_in_halves(c);
+    size_t context = cache_context(c), element = cache_element(c);
     float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static) nowait
     for (int h = 0; h < c->n_head; h++) {
         float *scores = s->att + (size_t)h * context;
-        size_t head = cache_head(m, layer, h / group);
+        size_t head = cache_head(m, layer, h / group) * element;
         for (int t = 0; t < n; t++) {
             const float *q = s->q + (size_t)t * m->q_dim + (size_t)h * hd;
-            int visible = rows[t].visible;
-            attention_scores(scores, q, rows[t].state->key_cache + head, visible, hd);
-            softmax(scores, visible, scale);
-            weighted_sum(s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd, scores, rows[t].state->value_cache + head, visible, hd);
+            float *out = s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd;
+            const char *keys = (const char *)rows[t].state->key_cache + head, *values = (const char *)rows[t].state->value_cache + head;
+            if (half) attend(out, scores, q, keys, values, rows[t].visible, hd, scale, 1);
+            else attend(out, scores, q, keys, values, rows[t].visible, hd, scale, 0);
         }
     }
 }
@@ -2028,8 +2146,8 @@ static StateSizes state_sizes(const NanoModel *m) {
 
 size_t nano_state_bytes(const NanoModel *m) {
     StateSizes z = state_sizes(m);
-    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.kv + 2 * z.hidden + z.att + z.logits + 2 * z.cache + z.act_scale +
-                z.act_group_sum) + z.act_q;
+    return 4 * (z.x + 2 * z.xb + z.q + 2 * z.kv + 2 * z.hidden + z.att + z.logits + z.act_scale + z.act_group_sum) +
+           2 * z.cache * cache_element(&m->config) + z.act_q;
 }
 
 /* count elements of size bytes on a 64-byte boundary (NULL for none): vector loads of activations that
@@ -2057,8 +2175,8 @@ int nano_state_init(NanoState *s, const NanoModel *m) {
     s->hb2 = cache_aligned(z.hidden, sizeof(float));
     s->att = cache_aligned(z.att, sizeof(float));
     s->logits = cache_aligned(z.logits, sizeof(float));
-    s->key_cache = cache_aligned(z.cache, sizeof(float));
-    s->value_cache = cache_aligned(z.cache, sizeof(float));
+    s->key_cache = cache_aligned(z.cache, cache_element(&m->config));
+    s->value_cache = cache_aligned(z.cache, cache_element(&m->config));
     s->act_q = cache_aligned(z.act_q, 1);
     s->act_scale = cache_aligned(z.act_scale, sizeof(float));
     s->act_group_sum = cache_aligned(z.act_group_sum, sizeof(int32_t));

@@ -114,7 +114,8 @@ typedef struct {
     int8_t *act_q;            /* activations quantized for Q80 and Q4K matmuls */
     float *act_scale;
     int32_t *act_group_sum;   /* Q4K: the sum of each group of 32 quantized activations */
-    float *key_cache, *value_cache;   /* per layer and KV head: keys [head_dim, context], values [context, head_dim] */
+    void *key_cache, *value_cache;    /* per layer and KV head: keys [head_dim, context], values [context, head_dim];
+                                         float16 for quantized models, else float32 */
     float *lora_hidden;       /* [block_size, rank] */
     int lora_capacity;
 } NanoState;
@@ -173,6 +174,11 @@ size_t nano_state_bytes(const NanoModel *m);
 int nano_state_init(NanoState *s, const NanoModel *m);
 void nano_state_free(NanoState *s);
 int nano_state_attach_lora(NanoState *s, const NanoLora *lora);   /* NULL detaches */
+
+/* float32 to IEEE half (round to nearest even, saturating at +-65504, NaN kept) and back (exact): the KV
+ * cache's element type for quantized models, stored alike by every build. */
+uint16_t nano_half_of(float f);
+float nano_float_of_half(uint16_t h);
 
 /* Run tokens at positions s->pos .. s->pos+n-1, each seeing the positions before it (causal) or all
  * of them (non-causal, from pos 0); afterwards nano_logits(s, t) gives the logits of the t-th token.

@@ -324,6 +324,34 @@ def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):
 
 
 @pytest.mark.skipif(shutil.which("emcc") is None or shutil.which("node") is None, reason="needs emcc and node")
+def test_kv_cache_halves_round_like_numpy_float16():
+    """nano_half_of, the rule every build's KV cache of a quantized model stores by, is numpy's float16
+    rounding (nearest even, subnormals included) saturated at +-65504; nano_float_of_half reads every half
+    exactly."""
+    import ctypes
+    subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so"], check=True, capture_output=True)
+    lib = ctypes.CDLL(os.path.join(ENGINE_DIR, "libnano.so"))
+    lib.nano_half_of.restype, lib.nano_half_of.argtypes = ctypes.c_uint16, [ctypes.c_float]
+    lib.nano_float_of_half.restype, lib.nano_float_of_half.argtypes = ctypes.c_float, [ctypes.c_uint16]
+    halves = np.arange(0x7C00, dtype=np.uint16)
+    below, above = halves[:-1].view(np.float16).astype(np.float64), halves[1:].view(np.float16).astype(np.float64)
+    ties = ((below + above) / 2).astype(np.float32)   # exactly halfway: the even neighbour wins
+    rng = np.random.default_rng(0)
+    spread = (rng.standard_normal(30_000) * 10.0 ** rng.integers(-10, 7, 30_000)).astype(np.float32)
+    edges = np.float32([0.0, -0.0, 2**-25, 3 * 2**-26, 2**-24, 2**-14, 2**-14 * (1 - 2**-11), 65504, 65519, 65520,
+                        1e30, np.inf, -np.inf])
+    x = np.concatenate([ties, -ties, spread, edges])
+    ours = np.array([lib.nano_half_of(float(v)) for v in x], dtype=np.uint16)
+    np.testing.assert_array_equal(ours, np.clip(x, -65504, 65504).astype(np.float16).view(np.uint16))
+    assert np.isnan(np.uint16(lib.nano_half_of(float("nan"))).view(np.float16))
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    read = np.array([lib.nano_float_of_half(int(h)) for h in every], dtype=np.float32)
+    expected = every.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.isnan(read[nan]).all()
+    np.testing.assert_array_equal(read[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
 def test_webassembly_build_matches_native(infer, tmp_path, tok):
     """The same core compiled by Emscripten (wasm SIMD kernels) gives the native engine's logits."""
     subprocess.run(["make", "-C", ENGINE_DIR, "wasm-node"], check=True, capture_output=True)
