@@ -96,6 +96,7 @@ class NanoLibrary:
             "nano_model_load": (i, [p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
             "nano_model_free": (None, [p]),
             "nano_model_limit_context": (None, [p, i]),
+            "nano_model_tile": (i, [p]),
             "nano_lora_load": (i, [p, p, p, size, ctypes.c_char_p, ctypes.c_char_p, size]),
             "nano_state_init": (i, [p, p]),
             "nano_state_free": (None, [p]),
@@ -165,6 +166,8 @@ class CEngine:
         self.config, self.tokenizer, _, _, _ = read_bin(path)
         self.files = {path: self.library.read(path, is_model=True)}
         self.model = self.library.load("model", self.files[path].data, self.files[path].size, path)
+        if not self.files[path].mapped:   # a mapped file is read-only
+            self.library.lib.nano_model_tile(self.model)
         self.context = min(context or infer.context_of(self.config), self.config.block_size)
         self.library.lib.nano_model_limit_context(self.model, self.context)
         self.adapters = {None: None}

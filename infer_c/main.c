@@ -483,6 +483,8 @@ int main(int argc, char **argv) {
         nano_file_free(&model_file);
         return 1;
     }
+    int dumping = opt.scales_path || opt.weights_path;   /* they write the file's order */
+    if (!model_file.mapped && !dumping) nano_model_tile(&model);   /* a mapped file is read-only */
     nano_model_limit_context(&model, opt.context);
     if (opt.lora_path) {
         if (read_file(&lora_file, opt.lora_path, 0)) goto done_model;
@@ -491,7 +493,7 @@ int main(int argc, char **argv) {
             goto done_model;
         }
     }
-    if (opt.scales_path || opt.weights_path) {
+    if (dumping) {
         status = dump_weights(&model, opt.scales_path ? opt.scales_path : opt.weights_path, opt.scales_path != NULL) ? 1 : 0;
         goto done_model;
     }

@@ -397,7 +397,7 @@ static const uint8_t *take_q4k_frame(FileCursor *c, int ndim, const uint32_t *sh
 static int take_matrix(FileCursor *c, NanoMatrix *w, int rows, int cols, const NanoConfig *cfg, const char *field) {
     w->rows = rows;
     w->cols = cols;
-    w->f32 = NULL; w->q = NULL; w->scale = NULL; w->q4k = NULL;
+    w->f32 = NULL; w->q = NULL; w->scale = NULL; w->q4k = NULL; w->tiled = 0;
     uint64_t count = (uint64_t)rows * (uint64_t)cols;
     if (cfg->quant_type == NANO_QUANT_Q4K) {
         uint32_t shape[] = {(uint32_t)rows, (uint32_t)cols};
@@ -419,7 +419,7 @@ static int take_layer_matrices(FileCursor *c, NanoModel *m, size_t member, int r
         size_t layer_bytes = (size_t)rows * q4k_blocks_per_row(cols) * NANO_Q4K_BLOCK_BYTES;
         for (int l = 0; l < m->config.n_layer; l++) {
             NanoMatrix *w = (NanoMatrix *)((char *)&m->layers[l] + member);
-            *w = (NanoMatrix){NULL, NULL, NULL, blocks + l * layer_bytes, rows, cols};
+            *w = (NanoMatrix){.q4k = blocks + l * layer_bytes, .rows = rows, .cols = cols};
         }
         return 0;
     }
@@ -1296,6 +1296,108 @@ BLOCK_KERNEL void dot_q80_block(const int8_t *w, const float *ws, const int8_t *
     for (int k = 0; k < rows; k++) out[k] = dot_q80(w, ws, x + k * stride, xs + k * stride / group, n, group);
 }
 
+/* Q80 tiles (AVX-512 VNNI builds, after nano_model_tile): a matrix whose rows are a multiple of 16 is stored
+ * as tiles of 16 rows. A tile holds, per group, for each 4 columns, the 4 bytes of each of its 16 rows
+ * (64 bytes: one vector), the bytes biased to w + 128 so that they are dpbusd's unsigned operand; its scales
+ * follow the same order, per group the 16 rows' scales. One dpbusd then multiplies 4 columns of 16 rows by
+ * 4 broadcast activations, its 16 lanes are the 16 rows' sums, and a group ends with one conversion and one
+ * multiply-add for 16 outputs, where a row-major kernel spends one per row (its cost bounded a batch's
+ * matmuls). The bias comes off as 128 times the group's sum of activations, made while quantizing. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q80_TILES 1
+#endif
+#define TILE_ROWS 16
+
+#ifdef Q80_TILES
+/* out[16 k + i] = the Q80 dot of the tile's row i with activation row k < rows (values x + k * stride,
+ * scales and sums of groups from xs and xsum + k * stride / group) */
+BLOCK_KERNEL void dot_q80_tile(const uint8_t *tile, const float *scales, const int8_t *x, const float *xs,
+                               const int32_t *xsum, size_t stride, int n, int group, int rows, float *out) {
+    size_t group_stride = stride / group;
+    __m512 sum[WIDE_TOKEN_BLOCK];
+    for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
+    for (int g = 0; g < n / group; g++, tile += (size_t)group * TILE_ROWS) {
+        __m512i acc[WIDE_TOKEN_BLOCK];
+        for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
+        for (int c = 0; c < group / 4; c++) {
+            if (rows == 1) prefetch_weights(tile + 64 * c);
+            __m512i w = _mm512_loadu_si512(tile + 64 * c);
+            for (int k = 0; k < rows; k++) {
+                int32_t four;
+                memcpy(&four, x + k * stride + (size_t)g * group + 4 * c, 4);
+                acc[k] = _mm512_dpbusd_epi32(acc[k], w, _mm512_set1_epi32(four));
+            }
+        }
+        __m512 row_scales = _mm512_loadu_ps(scales + (size_t)g * TILE_ROWS);
+        for (int k = 0; k < rows; k++) {
+            __m512i dots = _mm512_sub_epi32(acc[k], _mm512_set1_epi32(128 * xsum[k * group_stride + g]));
+            __m512 step = _mm512_mul_ps(row_scales, _mm512_set1_ps(xs[k * group_stride + g]));
+            sum[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), step, sum[k]);
+        }
+    }
+    for (int k = 0; k < rows; k++) _mm512_storeu_ps(out + TILE_ROWS * k, sum[k]);
+}
+#endif
+
+/* Where row `row`, column `col` of a tiled matrix is, in its values and in its scales */
+static size_t tile_value_at(int row, int col, int cols, int group) {
+    return (size_t)(row / TILE_ROWS) * TILE_ROWS * cols + (size_t)(col / group) * group * TILE_ROWS +
+           (size_t)(col % group / 4) * 4 * TILE_ROWS + (size_t)(row % TILE_ROWS) * 4 + col % 4;
+}
+
+static size_t tile_scale_at(int row, int group_index, int groups) {
+    return (size_t)(row / TILE_ROWS) * TILE_ROWS * groups + (size_t)group_index * TILE_ROWS + row % TILE_ROWS;
+}
+
+#ifdef Q80_TILES
+/* Rearrange one Q80 matrix into tiles, through a copy of it (left as it is when there is no memory for one). */
+static int tile_matrix(NanoMatrix *w, int group) {
+    size_t count = (size_t)w->rows * w->cols;
+    int groups = w->cols / group;
+    int8_t *values = malloc(count);
+    float *scales = malloc(count / group * sizeof(float));
+    if (values && scales) {
+        memcpy(values, w->q, count);
+        memcpy(scales, w->scale, count / group * sizeof(float));
+        uint8_t *tiles = (uint8_t *)w->q;   /* the caller's buffer, writable by nano_model_tile's contract */
+        float *tile_scales = (float *)w->scale;
+        for (int first = 0; first < w->rows; first += TILE_ROWS)   /* in tile order: see tile_value_at */
+            for (int g = 0; g < groups; g++) {
+                for (int col = g * group; col < (g + 1) * group; col += 4)
+                    for (int r = first; r < first + TILE_ROWS; r++)
+                        for (int b = 0; b < 4; b++) *tiles++ = (uint8_t)(values[(size_t)r * w->cols + col + b] + 128);
+                for (int r = first; r < first + TILE_ROWS; r++) *tile_scales++ = scales[(size_t)r * groups + g];
+            }
+        w->tiled = 1;
+    }
+    free(values);
+    free(scales);
+    return w->tiled;
+}
+#endif
+
+int nano_model_tile(NanoModel *m) {
+    int tiled = 0;
+#ifdef Q80_TILES
+    const NanoConfig *c = &m->config;
+    if (c->quant_type != NANO_QUANT_Q80 || c->group_size % 4) return 0;
+    for (int l = 0; l < c->n_layer; l++) {
+        NanoLayer *layer = &m->layers[l];
+        NanoMatrix *matrices[] = {&layer->wq, &layer->wk, &layer->wv, &layer->wo, &layer->w1, &layer->w2, &layer->w3};
+        for (size_t i = 0; i < sizeof matrices / sizeof *matrices; i++)
+            if (matrices[i]->rows % TILE_ROWS == 0) tiled += tile_matrix(matrices[i], c->group_size);
+    }
+    if (m->classifier.rows % TILE_ROWS == 0) {
+        tiled += tile_matrix(&m->classifier, c->group_size);
+        /* a shared classifier is the embedding: the same bytes, now tiled for both */
+        if (m->embedding.q == m->classifier.q) m->embedding.tiled = m->classifier.tiled;
+    }
+#else
+    (void)m;
+#endif
+    return tiled;
+}
+
 /* Q4K row dot, 4-bit weights x 8-bit activations: per block, sum over groups of sc * (codes . x) and
  * m * (sum of the group's x), all in integers, then w = q (sc d) - m dmin gives
  * x_scale * (d * that - dmin * this). The activations of a block are stored in the order the kernel reads
@@ -1489,12 +1591,15 @@ static inline int8_t round_to_int8(float x) {
     return (int8_t)(int)((x + shift) - shift);
 }
 
-/* Quantize one group of activations like the weights: scale = max|x| / 127. */
-static void quantize_group(int8_t *q, float *scale, const float *x, int group) {
+/* Quantize one group of activations like the weights: scale = max|x| / 127; and the sum of its values,
+ * which Q80 tiles take off their biased products. */
+static void quantize_group(int8_t *q, float *scale, int32_t *sum, const float *x, int group) {
     float max_abs = max_abs_of(x, group);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
-    for (int j = 0; j < group; j++) q[j] = round_to_int8(x[j] * inverse);
+    int32_t total = 0;
+    for (int j = 0; j < group; j++) total += q[j] = round_to_int8(x[j] * inverse);
+    *sum = total;
 }
 
 /* Quantize the n activations of one Q4K block (zeros past n): scale = max|x| / 127, the sum of each group,
@@ -1524,7 +1629,8 @@ static void quantize_row(NanoState *s, size_t row, const float *x, int cols) {
         int group = c->group_size;
         for (int g = 0; g < cols / group; g++) {
             size_t at = row * cols + (size_t)g * group;
-            quantize_group(s->act_q + at, s->act_scale + at / group, x + (size_t)g * group, group);
+            quantize_group(s->act_q + at, s->act_scale + at / group, s->act_group_sum + at / group, x + (size_t)g * group,
+                           group);
         }
     } else if (c->quant_type == NANO_QUANT_Q4K) {
         int blocks = q4k_blocks_per_row(cols);
@@ -1642,23 +1748,58 @@ BLOCK_KERNEL void store_row_dots(const NanoState *s, const NanoMatrix *w, int ro
     for (int k = 0; k < rows; k++) out[(size_t)(t + k) * w->rows + row] = dots[k];
 }
 
+/* out = W x for all n input rows at output `row` of W: in blocks as wide as its kernel takes, then of
+ * TOKEN_BLOCK, then one by one. */
+static void row_matmul(NanoState *s, const NanoMatrix *w, int row, const float *x, int n, float *out) {
+    int t = 0;
+    if (token_block(s, w) == WIDE_TOKEN_BLOCK)
+        for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_row_dots(s, w, row, t, x, WIDE_TOKEN_BLOCK, out);
+    for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) store_row_dots(s, w, row, t, x, TOKEN_BLOCK, out);
+    for (; t < n; t++) out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
+}
+
+#ifdef Q80_TILES
+/* out[t + k, 16 tile + i] for the input rows t + k, k < rows: tile `tile` of W against a block of them. */
+BLOCK_KERNEL void store_tile_dots(const NanoState *s, const NanoMatrix *w, int tile, int t, int rows, float *out) {
+    int cols = w->cols, group = s->model->config.group_size;
+    float dots[WIDE_TOKEN_BLOCK * TILE_ROWS];
+    dot_q80_tile((const uint8_t *)w->q + (size_t)tile * TILE_ROWS * cols, w->scale + (size_t)tile * TILE_ROWS * (cols / group),
+                 s->act_q + (size_t)t * cols, s->act_scale + (size_t)t * cols / group,
+                 s->act_group_sum + (size_t)t * cols / group, cols, cols, group, rows, dots);
+    for (int k = 0; k < rows; k++)
+        memcpy(out + (size_t)(t + k) * w->rows + (size_t)tile * TILE_ROWS, dots + TILE_ROWS * k, sizeof(float) * TILE_ROWS);
+}
+
+/* out = W x for all n input rows at the 16 outputs of a tile, in blocks of WIDE_TOKEN_BLOCK, TOKEN_BLOCK, one. */
+static void tile_matmul(NanoState *s, const NanoMatrix *w, int tile, int n, float *out) {
+    int t = 0;
+    for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_tile_dots(s, w, tile, t, WIDE_TOKEN_BLOCK, out);
+    for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) store_tile_dots(s, w, tile, t, TOKEN_BLOCK, out);
+    for (; t < n; t++) store_tile_dots(s, w, tile, t, 1, out);
+}
+#endif
+
+/* The units of W's work that a thread takes whole: its tiles, else its rows. */
+static int matmul_units(const NanoMatrix *w) {
+    return w->tiled ? w->rows / TILE_ROWS : w->rows;
+}
+
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their output rows, each meeting the inputs in blocks as wide as its kernel takes, then of TOKEN_BLOCK,
- * then one by one. Quantized weights read x as quantized beforehand into act_q & co. */
+ * all their tiles or output rows. Quantized weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
-    int total_rows = 0;
-    for (int j = 0; j < n_jobs; j++) total_rows += jobs[j].w->rows;
+    int total_units = 0;
+    for (int j = 0; j < n_jobs; j++) total_units += matmul_units(jobs[j].w);
 #pragma omp for schedule(static) nowait
-    for (int r = 0; r < total_rows; r++) {
-        int j = 0, row = r;
-        while (row >= jobs[j].w->rows) row -= jobs[j++].w->rows;
-        const NanoMatrix *w = jobs[j].w;
-        float *out = jobs[j].out;
-        int t = 0;
-        if (token_block(s, w) == WIDE_TOKEN_BLOCK)
-            for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_row_dots(s, w, row, t, x, WIDE_TOKEN_BLOCK, out);
-        for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) store_row_dots(s, w, row, t, x, TOKEN_BLOCK, out);
-        for (; t < n; t++) out[(size_t)t * w->rows + row] = row_dot(s, w, row, t, x);
+    for (int u = 0; u < total_units; u++) {
+        int j = 0, unit = u;
+        while (unit >= matmul_units(jobs[j].w)) unit -= matmul_units(jobs[j++].w);
+#ifdef Q80_TILES
+        if (jobs[j].w->tiled) {
+            tile_matmul(s, jobs[j].w, unit, n, jobs[j].out);
+            continue;
+        }
+#endif
+        row_matmul(s, jobs[j].w, unit, x, n, jobs[j].out);
     }
 }
 
@@ -1969,7 +2110,12 @@ static void dequantize_row_q4k(const uint8_t *blocks, int cols, float *out) {
 void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *out) {
     size_t offset = (size_t)row * w->cols;
     if (w->f32) memcpy(out, w->f32 + offset, sizeof(float) * w->cols);
-    else if (w->q)
+    else if (w->q && w->tiled) {
+        int group = m->config.group_size;
+        for (int i = 0; i < w->cols; i++)
+            out[i] = (((const uint8_t *)w->q)[tile_value_at(row, i, w->cols, group)] - 128) *
+                     w->scale[tile_scale_at(row, i / group, w->cols / group)];
+    } else if (w->q)
         for (int i = 0; i < w->cols; i++) out[i] = w->q[offset + i] * w->scale[(offset + i) / m->config.group_size];
     else dequantize_row_q4k(w->q4k + (size_t)row * q4k_blocks_per_row(w->cols) * NANO_Q4K_BLOCK_BYTES, w->cols, out);
 }
@@ -2139,7 +2285,8 @@ static StateSizes state_sizes(const NanoModel *m) {
     StateSizes z = {B * c->n_embd, B * widest, B * m->q_dim, B * m->kv_dim, B * c->n_hidden,
                     c->n_head * cache_context(c), c->vocab_size, c->n_layer * cache_context(c) * m->kv_dim, 0, 0,
                     q4k_blocks * Q4K_GROUPS};
-    if (c->quant_type == NANO_QUANT_Q80) { z.act_q = B * widest; z.act_scale = B * widest / c->group_size; }
+    if (c->quant_type == NANO_QUANT_Q80)
+        z.act_q = B * widest, z.act_scale = z.act_group_sum = B * widest / c->group_size;
     if (q4k_blocks) { z.act_q = q4k_blocks * NANO_Q4K_BLOCK; z.act_scale = q4k_blocks; }
     return z;
 }

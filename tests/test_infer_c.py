@@ -1,6 +1,7 @@
 """The C engine (infer_c/) against PyTorch: logits, greedy continuations, LoRA, tokenizer, Q80 scales,
 seq2seq, sampler options, and clear refusals of bad input (also under AddressSanitizer and valgrind)."""
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -323,12 +324,45 @@ def test_q80_scales_read_by_c_match_the_writer(infer, tmp_path, tok):
     assert np.isfinite(logits).all()
 
 
-@pytest.mark.skipif(shutil.which("emcc") is None or shutil.which("node") is None, reason="needs emcc and node")
+def cpu_has_vnni():
+    with open("/proc/cpuinfo") as f:
+        return "avx512_vnni" in f.read()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_q80_tiles_agree_with_row_major_kernels(infer, tmp_path, tied):
+    """Every matrix of this model has rows a multiple of 16, so the native engine tiles them all (AVX-512 VNNI:
+    nano_model_tile says how many), the tied classifier's embedding lookups included; the portable build
+    keeps the file's rows. Both must draw the same tokens, their logits within float rounding."""
+    import serve
+    words = ["hello", "world", "世界", "天气"]
+    tok = Tokenizer.build([TRAIN_TEXT], words=words)
+    while tok.vocab_size % 16:
+        words.append(f"w{len(words)}")
+        tok = Tokenizer.build([TRAIN_TEXT + " ".join(words)], words=words)
+    model = tiny_model(tok, n_embd=64, n_hidden=128)
+    if not tied:
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight) * 0.05)
+    path = str(tmp_path / "q80.bin")
+    export.write_model(path, model, tok, quant=True, group_size=32)
+    subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so", "portable"], check=True, capture_output=True)
+    library = serve.NanoLibrary()
+    file = library.read(path, is_model=True)
+    handle = library.load("model", file.data, file.size, path)
+    assert library.lib.nano_model_tile(handle) == (7 * model.config.n_layer + 1 if cpu_has_vnni() else 0)
+    library.lib.nano_model_free(handle)
+    library.lib.nano_file_free(ctypes.byref(file))
+    prompt = "hello 世界 天气"
+    tiled_ids, tiled_logits = c_greedy(infer, path, prompt, 12, tmp_path)
+    ids, logits = c_greedy(os.path.join(ENGINE_DIR, "infer-portable"), path, prompt, 12, tmp_path)
+    assert tiled_ids == ids
+    assert np.abs(tiled_logits - logits).max() < 1e-4 * np.abs(logits).max()
+
+
 def test_kv_cache_halves_round_like_numpy_float16():
     """nano_half_of, the rule every build's KV cache of a quantized model stores by, is numpy's float16
     rounding (nearest even, subnormals included) saturated at +-65504; nano_float_of_half reads every half
     exactly."""
-    import ctypes
     subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so"], check=True, capture_output=True)
     lib = ctypes.CDLL(os.path.join(ENGINE_DIR, "libnano.so"))
     lib.nano_half_of.restype, lib.nano_half_of.argtypes = ctypes.c_uint16, [ctypes.c_float]
@@ -352,6 +386,7 @@ def test_kv_cache_halves_round_like_numpy_float16():
     np.testing.assert_array_equal(read[~nan].view(np.uint32), expected[~nan].view(np.uint32))
 
 
+@pytest.mark.skipif(shutil.which("emcc") is None or shutil.which("node") is None, reason="needs emcc and node")
 def test_webassembly_build_matches_native(infer, tmp_path, tok):
     """The same core compiled by Emscripten (wasm SIMD kernels) gives the native engine's logits."""
     subprocess.run(["make", "-C", ENGINE_DIR, "wasm-node"], check=True, capture_output=True)
