@@ -54,7 +54,7 @@ typedef struct {
     const float *scale;
     const uint8_t *q4k;
     int rows, cols;
-    int tiled;   /* Q80 rearranged into tiles of 16 rows by nano_model_tile */
+    int tiled;   /* Q80 or Q4K rearranged into tiles of 16 rows by nano_model_tile */
 } NanoMatrix;
 
 typedef struct {
@@ -167,7 +167,7 @@ void nano_model_free(NanoModel *m);
 /* Run the model with a context of at most n positions (from now on: states made later hold n positions of
  * KV cache); the file's RoPE tables keep their longer rows. */
 void nano_model_limit_context(NanoModel *m, int n);
-/* Rearrange the model's Q80 matrices in place, in the buffer it was loaded from (which must be writable and
+/* Rearrange the model's Q80 or Q4K matrices in place, in the buffer it was loaded from (which must be writable and
  * the model's alone: not a mapped file), into tiles of 16 rows that the AVX-512 VNNI kernels multiply
  * several times faster in batches; every other build leaves them as they are. Results are unchanged but for
  * float rounding. Returns how many matrices it tiled (those with rows a multiple of 16, when there is memory

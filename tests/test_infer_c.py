@@ -329,22 +329,27 @@ def cpu_has_vnni():
         return "avx512_vnni" in f.read()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_q80_tiles_agree_with_row_major_kernels(infer, tmp_path, tied):
+@pytest.mark.parametrize("quant,tied", [("q80", True), ("q80", False), ("q4k", True)])
+def test_tiles_agree_with_row_major_kernels(infer, tmp_path, quant, tied):
     """Every matrix of this model has rows a multiple of 16, so the native engine tiles them all (AVX-512 VNNI:
     nano_model_tile says how many), the tied classifier's embedding lookups included; the portable build
-    keeps the file's rows. Both must draw the same tokens, their logits within float rounding."""
+    keeps the file's rows. Q4K rows of 64 and 320 end in part-filled blocks; the prompt is long enough for
+    the batch kernels' blocks of 8, 4 and 1 rows. Both must draw the same tokens, their logits within float
+    rounding."""
     import serve
     words = ["hello", "world", "世界", "天气"]
     tok = Tokenizer.build([TRAIN_TEXT], words=words)
     while tok.vocab_size % 16:
         words.append(f"w{len(words)}")
         tok = Tokenizer.build([TRAIN_TEXT + " ".join(words)], words=words)
-    model = tiny_model(tok, n_embd=64, n_hidden=128)
+    model = tiny_model(tok, n_embd=64, n_hidden=320)
     if not tied:
         model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight) * 0.05)
-    path = str(tmp_path / "q80.bin")
-    export.write_model(path, model, tok, quant=True, group_size=32)
+    path = str(tmp_path / f"{quant}.bin")
+    if quant == "q4k":
+        export.write_model_q4k(path, model, tok, progress=False)
+    else:
+        export.write_model(path, model, tok, quant=True, group_size=32, progress=False)
     subprocess.run(["make", "-C", ENGINE_DIR, "libnano.so", "portable"], check=True, capture_output=True)
     library = serve.NanoLibrary()
     file = library.read(path, is_model=True)
@@ -352,7 +357,7 @@ def test_q80_tiles_agree_with_row_major_kernels(infer, tmp_path, tied):
     assert library.lib.nano_model_tile(handle) == (7 * model.config.n_layer + 1 if cpu_has_vnni() else 0)
     library.lib.nano_model_free(handle)
     library.lib.nano_file_free(ctypes.byref(file))
-    prompt = "hello 世界 天气"
+    prompt = "hello 世界 天气 world hello 天气 世界 world hello"
     tiled_ids, tiled_logits = c_greedy(infer, path, prompt, 12, tmp_path)
     ids, logits = c_greedy(os.path.join(ENGINE_DIR, "infer-portable"), path, prompt, 12, tmp_path)
     assert tiled_ids == ids
