@@ -38,36 +38,57 @@ NANO_56M = dict(block_size=512, vocab_size=16384, n_layer=16, n_embd=512, n_head
 PROMPT_TOKENS = 16
 C_KINDS = ("f32", "q80", "q4k")   # the weight formats the C engine runs here
 
-# Sums a large float array with every thread, several times; prints the best read bandwidth in GB/s. The
-# array is in huge pages where the system grants them, as the engine's weights are (nano_file_read).
+# Reads an array of argv[1] bytes (a model's weights per token) again and again with every thread, as an
+# engine reads its weights token after token, so that a model that fits in the last-level cache is bounded by
+# that cache's bandwidth, not by memory's; prints the best read bandwidth in GB/s, of a plain loop and of one
+# that prefetches 8 KB ahead as the engine's kernels do (the one is faster from memory, the other from a
+# cache, on one machine here). Four independent sums, so that the adds' latency does not hold the loop back.
+# The array is in huge pages where the system grants them, as the engine's weights are (nano_file_read).
 BANDWIDTH_SOURCE = r"""
 #define _DEFAULT_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <time.h>
-int main(void) {
-    size_t n = (size_t)256 << 20;   /* 1 GiB of floats: far beyond any cache */
+#define LINE 16      /* floats in a cache line */
+#define AHEAD 2048   /* floats: 8 KB */
+
+static float read_all(const float *a, size_t n, int prefetch) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    #pragma omp parallel for schedule(static) reduction(+:s0, s1, s2, s3)
+    for (size_t i = 0; i < n; i += 4 * LINE) {
+        if (prefetch)
+            for (int l = 0; l < 4; l++) __builtin_prefetch(a + i + AHEAD + l * LINE);
+        for (int j = 0; j < LINE; j++) {
+            s0 += a[i + j];
+            s1 += a[i + LINE + j];
+            s2 += a[i + 2 * LINE + j];
+            s3 += a[i + 3 * LINE + j];
+        }
+    }
+    return s0 + s1 + s2 + s3;
+}
+
+int main(int argc, char **argv) {
+    size_t n = (argc > 1 ? strtoull(argv[1], NULL, 10) : (size_t)1 << 30) / sizeof(float) / (4 * LINE) * (4 * LINE);
+    size_t passes = ((size_t)1 << 30) / (n * sizeof(float)) + 1;   /* about 1 GiB read per timing */
     float *a;
-    if (posix_memalign((void **)&a, (size_t)2 << 20, n * sizeof(float))) return 1;
+    if (posix_memalign((void **)&a, (size_t)2 << 20, (n + AHEAD) * sizeof(float))) return 1;
 #ifdef MADV_HUGEPAGE
-    madvise(a, n * sizeof(float), MADV_HUGEPAGE);
+    madvise(a, (n + AHEAD) * sizeof(float), MADV_HUGEPAGE);
 #endif
     #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
+    for (size_t i = 0; i < n + AHEAD; i++) a[i] = (float)(i & 7);
     double best = 1e9; float total = 0.0f;
-    for (int rep = 0; rep < 6; rep++) {
+    for (int rep = 0; rep < 12; rep++) {   /* the two loops in turn */
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        float sum = 0.0f;
-        #pragma omp parallel for schedule(static) reduction(+:sum)
-        for (size_t i = 0; i < n; i++) sum += a[i];
+        for (size_t pass = 0; pass < passes; pass++) total += read_all(a, n, rep % 2);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
         if (s < best) best = s;
-        total += sum;
     }
-    printf("%.3f %g\n", n * sizeof(float) / best / 1e9, total);
+    printf("%.3f %g\n", passes * n * sizeof(float) / best / 1e9, total);
     free(a);
     return 0;
 }
@@ -143,8 +164,9 @@ def torch_decode(model, prompt_ids, threads, tokens):
     return count / (time.perf_counter() - start)
 
 
-def bandwidth(binary, env):
-    return float(subprocess.run([binary], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
+def bandwidth(binary, env, size):
+    """GB/s reading `size` bytes over and over (the probe above)."""
+    return float(subprocess.run([binary, str(size)], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
 
 
 def main():
@@ -162,12 +184,13 @@ def main():
         prompt = prompt_text(tokenizer)
         prompt_ids = tokenizer.encode(prompt)
         weight_bytes = {kind: weight_bytes_per_token(path, model.config, tokenizer) for kind, path in paths.items()}
-        samples = {v: {k: [] for k in ("bandwidth", "torch") + tuple(f"c_{kind}" for kind in C_KINDS)} for v in variants}
+        names = ("torch",) + tuple(f"{what}_{kind}" for kind in C_KINDS for what in ("bandwidth", "c"))
+        samples = {v: {k: [] for k in names} for v in variants}
         for round_index in range(args.rounds):
             for threads, policy in variants:   # alternate engines and variants inside each round: the machine is shared
                 s, env = samples[threads, policy], openmp_env(threads, policy)
-                s["bandwidth"].append(bandwidth(bandwidth_binary, env))
                 for kind in C_KINDS:
+                    s[f"bandwidth_{kind}"].append(bandwidth(bandwidth_binary, env, weight_bytes[kind]))
                     s[f"c_{kind}"].append(c_decode(infer, paths[kind], prompt, env, args.tokens))
                 if policy == "default":
                     s["torch"].append(torch_decode(model, prompt_ids, threads, args.tokens))
@@ -177,11 +200,12 @@ def main():
     rows = []
     for threads, policy in variants:
         med = {k: statistics.median(v) if v else None for k, v in samples[threads, policy].items()}
-        row = {"threads": threads, "omp_wait_policy": policy, "bandwidth_gb_s": med["bandwidth"],
-               "torch_f32_tok_s": med["torch"], "samples": samples[threads, policy]}
+        row = {"threads": threads, "omp_wait_policy": policy, "torch_f32_tok_s": med["torch"],
+               "samples": samples[threads, policy]}
         for kind in C_KINDS:
-            bound = med["bandwidth"] * 1e9 / weight_bytes[kind]
-            row.update({f"c_{kind}_tok_s": med[f"c_{kind}"], f"bound_{kind}_tok_s": bound,
+            bound = med[f"bandwidth_{kind}"] * 1e9 / weight_bytes[kind]
+            row.update({f"bandwidth_{kind}_gb_s": med[f"bandwidth_{kind}"], f"c_{kind}_tok_s": med[f"c_{kind}"],
+                        f"bound_{kind}_tok_s": bound,
                         f"c_{kind}_of_bound": med[f"c_{kind}"] / bound})
         row["q4k_over_q80"] = med["c_q4k"] / med["c_q80"]
         rows.append(row)
@@ -191,12 +215,13 @@ def main():
     print(f"\nDecode tokens/s, Nano-56M-sized model (random weights, greedy, {args.tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds\n")
     names = {"f32": "f32", "q80": "Q80", "q4k": "Q4K"}
-    print("| threads | OMP_WAIT_POLICY | read GB/s | PyTorch f32 | " +
+    print("| threads | OMP_WAIT_POLICY | read GB/s (f32 / Q80 / Q4K bytes) | PyTorch f32 | " +
           " | ".join(f"C {names[k]} | {names[k]} bound | C {names[k]} / bound" for k in C_KINDS) + " | Q4K / Q80 |")
     print("|---|---|---|---|" + "---|---|---|" * len(C_KINDS) + "---|")
     for r in rows:
         torch_rate = "–" if r["torch_f32_tok_s"] is None else f"{r['torch_f32_tok_s']:.1f}"
-        print(f"| {r['threads']} | {r['omp_wait_policy']} | {r['bandwidth_gb_s']:.1f} | {torch_rate} | " +
+        reads = " / ".join(f"{r[f'bandwidth_{k}_gb_s']:.1f}" for k in C_KINDS)
+        print(f"| {r['threads']} | {r['omp_wait_policy']} | {reads} | {torch_rate} | " +
               " | ".join(f"{r[f'c_{k}_tok_s']:.1f} | {r[f'bound_{k}_tok_s']:.1f} | {100 * r[f'c_{k}_of_bound']:.0f} %"
                          for k in C_KINDS) + f" | {r['q4k_over_q80']:.2f} |")
     print("\nWeight bytes read per token: " + ", ".join(f"{names[k]} {weight_bytes[k] / 1e6:.1f} MB" for k in C_KINDS))

@@ -1567,35 +1567,39 @@ static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const i
 #define Q4K_TILE_BLOCK_BYTES (Q4K_TILE_D + 2 * TILE_ROWS * (int)sizeof(float))
 
 #ifdef TILES
-/* out[16 k + i] = the Q4K dot of the tile's row i (nblocks block tiles) with activation row k < rows, whose
- * blocks start stride blocks apart in x, xs and xsum. */
+/* out[16 k + i] = the Q4K dot of the tile's row i (nblocks block tiles) with activation row k < rows <=
+ * TOKEN_BLOCK, whose blocks start stride blocks apart in x, xs and xsum (its two chains of sums per row
+ * would not leave 8 rows their registers). */
 BLOCK_KERNEL void dot_q4k_tile(const uint8_t *tile, const int8_t *x, const float *xs, const int32_t *xsum,
                                size_t stride, int nblocks, int rows, float *out) {
     const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 sum[WIDE_TOKEN_BLOCK];
+    __m512 sum[TOKEN_BLOCK];
     for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
     for (int b = 0; b < nblocks; b++, tile += Q4K_TILE_BLOCK_BYTES) {
-        __m512i scaled[WIDE_TOKEN_BLOCK];   /* sum over groups of sc * (codes . x), per row of the tile */
+        __m512i scaled[TOKEN_BLOCK];   /* sum over groups of sc * (codes . x), per row of the tile */
         for (int k = 0; k < rows; k++) scaled[k] = _mm512_setzero_si512();
         for (int g = 0; g < Q4K_GROUPS; g++) {
-            __m512i acc[WIDE_TOKEN_BLOCK];
-            for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
-            for (int v = 4 * g; v < 4 * g + 4; v++) {
-                if (rows == 1) prefetch_weights(tile + 64 * v);
-                __m512i codes = _mm512_loadu_si512(tile + 64 * v);
+            __m512i even[TOKEN_BLOCK], odd[TOKEN_BLOCK];   /* two chains of sums, the low and the high nibbles */
+            for (int k = 0; k < rows; k++) even[k] = odd[k] = _mm512_setzero_si512();
+            /* the activations of the group's low nibbles, 16 bytes, and of its high ones 64 bytes on */
+            size_t evens = 128 * (g / 4) + 16 * (g % 4);
+            for (int v = 0; v < 4; v++) {
+                const uint8_t *vector = tile + 256 * g + 64 * v;
+                if (rows == 1) prefetch_weights(vector);
+                __m512i codes = _mm512_loadu_si512(vector);
                 __m512i low = _mm512_and_si512(codes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-                int at = 128 * (v / 16) + 4 * (v % 16);   /* the activations of code bytes 4v..4v+3's low nibbles */
                 for (int k = 0; k < rows; k++) {
-                    const int8_t *block = x + ((size_t)k * stride + b) * NANO_Q4K_BLOCK;
-                    int32_t evens, odds;
-                    memcpy(&evens, block + at, 4);
-                    memcpy(&odds, block + at + 64, 4);
-                    acc[k] = _mm512_dpbusd_epi32(acc[k], low, _mm512_set1_epi32(evens));
-                    acc[k] = _mm512_dpbusd_epi32(acc[k], high, _mm512_set1_epi32(odds));
+                    const int8_t *block = x + ((size_t)k * stride + b) * NANO_Q4K_BLOCK + evens + 4 * v;
+                    int32_t four_even, four_odd;
+                    memcpy(&four_even, block, 4);
+                    memcpy(&four_odd, block + 64, 4);
+                    even[k] = _mm512_dpbusd_epi32(even[k], low, _mm512_set1_epi32(four_even));
+                    odd[k] = _mm512_dpbusd_epi32(odd[k], high, _mm512_set1_epi32(four_odd));
                 }
             }
             __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(tile + Q4K_TILE_SCALES + TILE_ROWS * g)));
-            for (int k = 0; k < rows; k++) scaled[k] = _mm512_add_epi32(scaled[k], _mm512_mullo_epi32(acc[k], scales));
+            for (int k = 0; k < rows; k++)
+                scaled[k] = _mm512_add_epi32(scaled[k], _mm512_mullo_epi32(_mm512_add_epi32(even[k], odd[k]), scales));
         }
         __m512 d = _mm512_loadu_ps(tile + Q4K_TILE_D), dmin = _mm512_loadu_ps(tile + Q4K_TILE_D + 4 * TILE_ROWS);
         for (int k = 0; k < rows; k++) {
@@ -1688,15 +1692,21 @@ int nano_model_tile(NanoModel *m) {
     return tiled;
 }
 
-/* The largest |x| of n values, and x rounded to the nearest integer, ties to even, as lrintf does for
- * |x| <= 127; both inline, where the C99 library calls cost as much as a small matmul. */
-static inline float max_abs_of(const float *x, int n) {
-    FloatVector largest = vector_zero();
+/* The largest of n >= 1 values, or of their magnitudes; and x rounded to the nearest integer, ties to even, as
+ * lrintf does for |x| <= 127; all inline, where the C99 library calls cost as much as a small matmul. */
+static inline float largest_of(const float *x, int n, int magnitudes) {
+    FloatVector largest = vector_broadcast(magnitudes ? 0.0f : -INFINITY);
     int i = 0;
-    for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) largest = vector_max(largest, vector_abs(vector_load(x + i)));
-    float max_abs = vector_largest(largest);
-    for (; i < n; i++) max_abs = fabsf(x[i]) > max_abs ? fabsf(x[i]) : max_abs;
-    return max_abs;
+    for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) {
+        FloatVector v = vector_load(x + i);
+        largest = vector_max(largest, magnitudes ? vector_abs(v) : v);
+    }
+    float max = vector_largest(largest);
+    for (; i < n; i++) {
+        float v = magnitudes ? fabsf(x[i]) : x[i];
+        max = v > max ? v : max;
+    }
+    return max;
 }
 
 static inline int8_t round_to_int8(float x) {
@@ -1707,7 +1717,7 @@ static inline int8_t round_to_int8(float x) {
 /* Quantize one group of activations like the weights: scale = max|x| / 127; and the sum of its values,
  * which Q80 tiles take off their biased products. */
 static void quantize_group(int8_t *q, float *scale, int32_t *sum, const float *x, int group) {
-    float max_abs = max_abs_of(x, group);
+    float max_abs = largest_of(x, group, 1);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;   /* all-zero group: q = 0, scale = 0 */
     int32_t total = 0;
@@ -1718,7 +1728,7 @@ static void quantize_group(int8_t *q, float *scale, int32_t *sum, const float *x
 /* Quantize the n activations of one Q4K block (zeros past n): scale = max|x| / 127, the sum of each group,
  * values in the kernels' order (see Q4K_ACT_CHUNK). */
 static void quantize_block_q4k(int8_t *q, float *scale, int32_t *group_sum, const float *x, int n) {
-    float max_abs = max_abs_of(x, n);
+    float max_abs = largest_of(x, n, 1);
     *scale = max_abs / 127.0f;
     float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
     int8_t v[NANO_Q4K_BLOCK] = {0};   /* in element order first: three loops a compiler can vectorize */
@@ -1890,10 +1900,11 @@ BLOCK_KERNEL void store_tile_dots(const NanoState *s, const NanoMatrix *w, int t
         memcpy(out + (size_t)(t + k) * w->rows + (size_t)tile * TILE_ROWS, dots + TILE_ROWS * k, sizeof(float) * TILE_ROWS);
 }
 
-/* out = W x for all n input rows at the 16 outputs of a tile, in blocks of WIDE_TOKEN_BLOCK, TOKEN_BLOCK, one. */
+/* out = W x for all n input rows at the 16 outputs of a tile, in blocks of WIDE_TOKEN_BLOCK (Q80), TOKEN_BLOCK, one. */
 static void tile_matmul(NanoState *s, const NanoMatrix *w, int tile, int n, float *out) {
     int t = 0;
-    for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_tile_dots(s, w, tile, t, WIDE_TOKEN_BLOCK, out);
+    if (!w->q4k)
+        for (; t + WIDE_TOKEN_BLOCK <= n; t += WIDE_TOKEN_BLOCK) store_tile_dots(s, w, tile, t, WIDE_TOKEN_BLOCK, out);
     for (; t + TOKEN_BLOCK <= n; t += TOKEN_BLOCK) store_tile_dots(s, w, tile, t, TOKEN_BLOCK, out);
     for (; t < n; t++) store_tile_dots(s, w, tile, t, 1, out);
 }
@@ -1945,8 +1956,7 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
 
 /* x = softmax(scale x), scale > 0 */
 static void softmax(float *x, int n, float scale) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
+    float max = largest_of(x, n, 0);
     FloatVector sums = vector_zero(), scales = vector_broadcast(scale), maxes = vector_broadcast(max);
     int i = 0;
     for (; i + FLOAT_LANES <= n; i += FLOAT_LANES) {
@@ -1956,7 +1966,8 @@ static void softmax(float *x, int n, float scale) {
     }
     float sum = vector_sum(sums);
     for (; i < n; i++) sum += (x[i] = expf(scale * (x[i] - max)));
-    for (i = 0; i < n; i++) x[i] /= sum;
+    float inverse = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inverse;
 }
 
 /* Rows of x, a row per iteration: x += xb (the previous branch) when asked, then out = rmsnorm(x); out = xb
