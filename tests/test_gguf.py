@@ -119,6 +119,20 @@ def test_cli_from_checkpoint_and_bin_and_refusals(tmp_path):
 
 # ----------------------------------------------------------------------------- llama.cpp itself
 
+def without_weight_repacking():
+    """llama.cpp's model parameters with its extra buffer types off: on CPUs with AMX (Intel Xeon of the
+    Sapphire Rapids class, some of this project's machines) it repacks the weights for AMX matmuls, which
+    crash on these models (a segfault in the first decode; ggml-org/llama.cpp#20824)."""
+    params = llama_default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+if llama_cpp is not None:
+    llama_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+    llama_cpp.llama_cpp.llama_model_default_params = without_weight_repacking
+
+
 def llama_model(path, block_size, **options):
     return llama_cpp.Llama(model_path=path, n_ctx=block_size, n_threads=1, n_batch=block_size,
                            logits_all=True, verbose=False, **options)
