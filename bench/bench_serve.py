@@ -1,15 +1,15 @@
 """
 serve.py under load: streaming completions from 1, 4 and 16 concurrent clients on the CPU, greedy, against
-a Nano-56M-sized Q80 file with random weights (its stop tokens never win, so every answer has its full
-length) and on any model files given with --model (the main job's, exported to .bin). For each: the
-aggregate tokens/s of all streams, one stream's decode tokens/s, time to first token p50/p99, and the C
+Q80 files with random weights of two shapes, Nano-56M's and the main job's (config/nano-small.json; their
+stop tokens never win, so every answer has its full length), and on any model files given with --model.
+For each: the aggregate tokens/s of all streams, one stream's decode tokens/s, time to first token p50/p99, and the C
 CLI's decode tokens/s on the same file, for the ratios the server aims at: one stream >= 0.9 x the CLI
 (the CLI's runs alternate with the one-stream requests), 16 streams >= 3 x one stream.
 
     python bench/bench_serve.py [--model checkpoint/sft/model.bin] [--threads 2] [--tokens 128]
                                 [--requests 2] [--pairs 6] [--rounds 2] [--tiny]
 
---tiny runs a small random model instead of the 56M one (to try the benchmark, not to quote it). Prints a
+--tiny runs a small random model instead of those two (to try the benchmark, not to quote it). Prints a
 markdown table and writes bench/results/bench_serve.json with the machine's description.
 """
 
@@ -35,6 +35,14 @@ TINY = dict(block_size=512, vocab_size=4096, n_layer=4, n_embd=128, n_head=4, n_
 CONCURRENCY = (1, 4, 16)
 PROMPTS = ["今天天气很好", "我们的模型", "这个产品质量", "人民日报报道", "中国经济发展", "一个小故事", "学习语言",
            "北京的秋天"]
+
+
+def main_job_shape():
+    """The dimensions of the main job's model (config/nano-small.json, 5.0 M parameters), for a random model
+    of that shape: its speed is the trained model's, and it never stops before its tokens."""
+    with open(os.path.join(ROOT, "config", "nano-small.json")) as f:
+        config = json.load(f)
+    return {key: config[key] for key in NANO_56M}
 
 
 def free_port():
@@ -166,7 +174,7 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase of several streams")
     parser.add_argument("--pairs", type=int, default=6, help="CLI runs and one-stream requests alternated per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="a small random model instead of the 56M-sized one")
+    parser.add_argument("--tiny", action="store_true", help="a small random model instead of the Nano-56M and main-job shapes")
     args = parser.parse_args()
     for path in args.model:
         if not path.endswith(".bin") or not os.path.exists(path):
@@ -176,10 +184,13 @@ def main():
     infer = os.path.join(ROOT, "infer_c", "infer")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        config = TINY if args.tiny else NANO_56M
-        _, _, paths = make_model(workdir, config, kinds=("q80",))
-        name = "random tiny Q80" if args.tiny else "random Nano-56M Q80"
-        rows += bench_file(name, paths["q80"], args, infer)
+        shapes = {"random tiny Q80": TINY} if args.tiny else {"random Nano-56M Q80": NANO_56M,
+                                                             "random, the main job's shape, Q80": main_job_shape()}
+        for i, (name, config) in enumerate(shapes.items()):
+            folder = os.path.join(workdir, str(i))
+            os.mkdir(folder)
+            _, _, paths = make_model(folder, config, kinds=("q80",))
+            rows += bench_file(name, paths["q80"], args, infer)
         for path in args.model:
             rows += bench_file(os.path.basename(path), path, args, infer)
 
