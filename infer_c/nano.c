@@ -2001,29 +2001,6 @@ static void add_vector(float *x, const float *bias, int n) {
     for (int i = 0; i < n; i++) x[i] += bias[i];
 }
 
-/* The heads of q, k and v made ready for attention, a head of a row per iteration: Qwen2's biases added,
- * then q and k normalized per head with Qwen3's norm weights and rotated by RoPE. */
-static void prepare_heads(NanoState *s, const NanoLayer *layer, const PassRow *rows, int n) {
-    const NanoModel *m = s->model;
-    const NanoConfig *c = &m->config;
-    int hd = c->head_dim, rotate_half = is_qwen(c);
-    int rotated = c->n_head + c->n_kv_head, heads = rotated + (layer->v_bias ? c->n_kv_head : 0);
-#pragma omp for schedule(static) nowait
-    for (size_t i = 0; i < (size_t)n * heads; i++) {
-        size_t t = i / heads;
-        int h = (int)(i % heads), is_q = h < c->n_head, kv_head = is_q ? 0 : (h - c->n_head) % c->n_kv_head;
-        float *v = is_q ? s->q + t * m->q_dim + (size_t)h * hd
-                 : h < rotated ? s->k + t * m->kv_dim + (size_t)kv_head * hd : s->v + t * m->kv_dim + (size_t)kv_head * hd;
-        const float *bias = is_q ? layer->q_bias : h < rotated ? layer->k_bias : layer->v_bias;
-        if (bias) add_vector(v, bias + (size_t)(is_q ? h : kv_head) * hd, hd);
-        if (h >= rotated) continue;   /* a v head */
-        const float *norm = is_q ? layer->q_norm : layer->k_norm;
-        if (norm) rmsnorm(v, v, norm, hd, c->norm_eps);
-        size_t rope_row = (size_t)rows[t].pos * (hd / 2);
-        rotate_head(v, m->rope_cos + rope_row, m->rope_sin + rope_row, hd, rotate_half);
-    }
-}
-
 /* out[t] += scaling * B (A x[t]) for one adapter target of one layer: the rank-wide hidden rows (in the
  * hidden buffer of the adapter's sequence), then the output rows. Ends at a barrier, since the next target
  * reuses that buffer. */
@@ -2081,27 +2058,62 @@ static size_t cache_head(const NanoModel *m, int layer, int kv_head) {
     return ((size_t)layer * m->config.n_kv_head + kv_head) * m->config.head_dim * cache_context(&m->config);
 }
 
-/* The pass's keys and values into each row's sequence's cache at the row's position, a row per iteration. */
-static void store_kv(NanoState *s, const PassRow *rows, int n, int layer) {
-    const NanoModel *m = s->model;
-    int hd = m->config.head_dim, half = cache_in_halves(&m->config);
-#pragma omp for schedule(static) nowait
-    for (int t = 0; t < n; t++)
-        for (int g = 0; g < m->config.n_kv_head; g++) {
-            const float *k = s->k + (size_t)t * m->kv_dim + (size_t)g * hd, *v = s->v + (size_t)t * m->kv_dim + (size_t)g * hd;
-            int pos = rows[t].pos;
-            size_t head = cache_head(m, layer, g), key_at = head + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE,
-                   value_at = head + (size_t)pos * hd;
-            if (half) {
-                uint16_t *keys = (uint16_t *)rows[t].state->key_cache + key_at;
-                for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = nano_half_of(k[d]);
-                halves_of((uint16_t *)rows[t].state->value_cache + value_at, v, hd);
-            } else {
-                float *keys = (float *)rows[t].state->key_cache + key_at;
-                for (int d = 0; d < hd; d++) keys[d * CACHE_TILE] = k[d];
-                memcpy((float *)rows[t].state->value_cache + value_at, v, sizeof(float) * hd);
-            }
+#define KEY_CHUNK 64   /* a key's dimensions converted to halves at a time, in vectors, before they are spread */
+
+/* A row's key of KV head kv_head into its sequence's cache at its position: a dimension every CACHE_TILE
+ * elements, as a key tile holds it. */
+static void store_key(const NanoModel *m, const PassRow *row, int layer, int kv_head, const float *k) {
+    int hd = m->config.head_dim, pos = row->pos;
+    size_t at = cache_head(m, layer, kv_head) + (size_t)(pos - pos % CACHE_TILE) * hd + pos % CACHE_TILE;
+    if (cache_in_halves(&m->config)) {
+        uint16_t *keys = (uint16_t *)row->state->key_cache + at;
+        for (int d = 0; d < hd; d += KEY_CHUNK) {
+            uint16_t halves[KEY_CHUNK];
+            int length = hd - d < KEY_CHUNK ? hd - d : KEY_CHUNK;
+            halves_of(halves, k + d, length);
+            for (int j = 0; j < length; j++) keys[(size_t)(d + j) * CACHE_TILE] = halves[j];
         }
+    } else {
+        float *keys = (float *)row->state->key_cache + at;
+        for (int d = 0; d < hd; d++) keys[(size_t)d * CACHE_TILE] = k[d];
+    }
+}
+
+/* A row's value of KV head kv_head into its sequence's cache at its position, a row of the values. */
+static void store_value(const NanoModel *m, const PassRow *row, int layer, int kv_head, const float *v) {
+    int hd = m->config.head_dim;
+    size_t at = cache_head(m, layer, kv_head) + (size_t)row->pos * hd;
+    if (cache_in_halves(&m->config)) halves_of((uint16_t *)row->state->value_cache + at, v, hd);
+    else memcpy((float *)row->state->value_cache + at, v, sizeof(float) * hd);
+}
+
+/* The heads of q, k and v made ready for attention, a head of a row per iteration: Qwen2's biases added, q
+ * and k normalized per head with Qwen3's norm weights and rotated by RoPE, k and v stored into the row's
+ * sequence's cache (layer l) at its position. */
+static void prepare_heads(NanoState *s, const NanoLayer *layer, int l, const PassRow *rows, int n) {
+    const NanoModel *m = s->model;
+    const NanoConfig *c = &m->config;
+    int hd = c->head_dim, rotate_half = is_qwen(c);
+    int rotated = c->n_head + c->n_kv_head, heads = rotated + c->n_kv_head;
+    /* heads dealt out one by one: the k and v heads, whose stores into the cache cost most, go to every thread */
+#pragma omp for schedule(static, 1) nowait
+    for (size_t i = 0; i < (size_t)n * heads; i++) {
+        size_t t = i / heads;
+        int h = (int)(i % heads), is_q = h < c->n_head, kv_head = is_q ? 0 : (h - c->n_head) % c->n_kv_head;
+        float *v = is_q ? s->q + t * m->q_dim + (size_t)h * hd
+                 : h < rotated ? s->k + t * m->kv_dim + (size_t)kv_head * hd : s->v + t * m->kv_dim + (size_t)kv_head * hd;
+        const float *bias = is_q ? layer->q_bias : h < rotated ? layer->k_bias : layer->v_bias;
+        if (bias) add_vector(v, bias + (size_t)(is_q ? h : kv_head) * hd, hd);
+        if (h >= rotated) {   /* a v head */
+            store_value(m, &rows[t], l, kv_head, v);
+            continue;
+        }
+        const float *norm = is_q ? layer->q_norm : layer->k_norm;
+        if (norm) rmsnorm(v, v, norm, hd, c->norm_eps);
+        size_t rope_row = (size_t)rows[t].pos * (hd / 2);
+        rotate_head(v, m->rope_cos + rope_row, m->rope_sin + rope_row, hd, rotate_half);
+        if (!is_q) store_key(m, &rows[t], l, kv_head, v);
+    }
 }
 
 /* FLOAT_LANES cache elements from element i, halves or floats (half is a constant where it is inlined) */
@@ -2300,9 +2312,7 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
             lora_branches(rows, n, &barrier, LORA_WQ, l, s->xb, s->q);
             lora_branches(rows, n, &barrier, LORA_WK, l, s->xb, s->k);
             lora_branches(rows, n, &barrier, LORA_WV, l, s->xb, s->v);
-            prepare_heads(s, layer, rows, n);
-            barrier_wait(&barrier);
-            store_kv(s, rows, n, l);
+            prepare_heads(s, layer, l, rows, n);
             barrier_wait(&barrier);
             attention(s, rows, l, n);
             barrier_wait(&barrier);
