@@ -1573,13 +1573,13 @@ static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const i
 BLOCK_KERNEL void dot_q4k_tile(const uint8_t *tile, const int8_t *x, const float *xs, const int32_t *xsum,
                                size_t stride, int nblocks, int rows, float *out) {
     const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 sum[TOKEN_BLOCK];
+    __m512 sum[WIDE_TOKEN_BLOCK];   /* sized for every row count store_tile_dots is specialized with */
     for (int k = 0; k < rows; k++) sum[k] = _mm512_setzero_ps();
     for (int b = 0; b < nblocks; b++, tile += Q4K_TILE_BLOCK_BYTES) {
-        __m512i scaled[TOKEN_BLOCK];   /* sum over groups of sc * (codes . x), per row of the tile */
+        __m512i scaled[WIDE_TOKEN_BLOCK];   /* sum over groups of sc * (codes . x), per row of the tile */
         for (int k = 0; k < rows; k++) scaled[k] = _mm512_setzero_si512();
         for (int g = 0; g < Q4K_GROUPS; g++) {
-            __m512i even[TOKEN_BLOCK], odd[TOKEN_BLOCK];   /* two chains of sums, the low and the high nibbles */
+            __m512i even[WIDE_TOKEN_BLOCK], odd[WIDE_TOKEN_BLOCK];   /* two chains of sums, the low and the high nibbles */
             for (int k = 0; k < rows; k++) even[k] = odd[k] = _mm512_setzero_si512();
             /* the activations of the group's low nibbles, 16 bytes, and of its high ones 64 bytes on */
             size_t evens = 128 * (g / 4) + 16 * (g % 4);
