@@ -472,7 +472,7 @@ class Scheduler:
     out no more often than that anyway): the loop's own work between two passes, a tenth of a small model's pass,
     is then done once per call, not once per token."""
 
-    MAX_STEPS = 16   # steps in one call, at most
+    MAX_STEPS = 64   # steps in one call, at most (a small model makes ~90 in an interval)
 
     def __init__(self, engine, slots, stream_interval):
         self.engine, self.slots, self.stream_interval = engine, slots, stream_interval
