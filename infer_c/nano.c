@@ -1567,6 +1567,14 @@ static float dot_q4k(const uint8_t *w, const int8_t *x, const float *xs, const i
 #define Q4K_TILE_D (Q4K_TILE_MINS + Q4K_GROUPS * TILE_ROWS)        /* 16 d, then 16 dmin */
 #define Q4K_TILE_BLOCK_BYTES (Q4K_TILE_D + 2 * TILE_ROWS * (int)sizeof(float))
 
+/* Where in a block's tile row r's code bytes 4v..4v+3 are, its scale and its min of group g, its d and its
+ * dmin: the one layout tile_matrix_q4k writes and q4k_block_at reads. */
+static size_t q4k_tile_codes_at(int r, int v) { return 64 * (size_t)v + 4 * r; }
+static size_t q4k_tile_scale_at(int r, int g) { return Q4K_TILE_SCALES + TILE_ROWS * g + r; }
+static size_t q4k_tile_min_at(int r, int g) { return Q4K_TILE_MINS + 2 * TILE_ROWS * (g / 2) + 2 * r + g % 2; }
+static size_t q4k_tile_d_at(int r) { return Q4K_TILE_D + 4 * r; }
+static size_t q4k_tile_dmin_at(int r) { return Q4K_TILE_D + 4 * (TILE_ROWS + r); }
+
 #ifdef TILES
 /* out[16 k + i] = the Q4K dot of the tile's row i (nblocks block tiles) with activation row k < rows <=
  * TOKEN_BLOCK, whose blocks start stride blocks apart in x, xs and xsum (its two chains of sums per row
@@ -1632,13 +1640,13 @@ static int tile_matrix_q4k(NanoMatrix *w) {
             for (int r = 0; r < TILE_ROWS; r++) {
                 const uint8_t *block = rows + (size_t)(first + r) * row_bytes + (size_t)b * NANO_Q4K_BLOCK_BYTES;
                 Q4KScales s = q4k_scales(block);
-                for (int v = 0; v < NANO_Q4K_BLOCK / 8; v++) memcpy(tile + 64 * v + 4 * r, block + Q4K_CODES_OFFSET + 4 * v, 4);
+                for (int v = 0; v < NANO_Q4K_BLOCK / 8; v++) memcpy(tile + q4k_tile_codes_at(r, v), block + Q4K_CODES_OFFSET + 4 * v, 4);
                 for (int g = 0; g < Q4K_GROUPS; g++) {
-                    tile[Q4K_TILE_SCALES + TILE_ROWS * g + r] = s.scales[g];
-                    tile[Q4K_TILE_MINS + 2 * TILE_ROWS * (g / 2) + 2 * r + g % 2] = s.scales[Q4K_GROUPS + g];
+                    tile[q4k_tile_scale_at(r, g)] = s.scales[g];
+                    tile[q4k_tile_min_at(r, g)] = s.scales[Q4K_GROUPS + g];
                 }
-                memcpy(tile + Q4K_TILE_D + 4 * r, &s.d, 4);
-                memcpy(tile + Q4K_TILE_D + 4 * (TILE_ROWS + r), &s.dmin, 4);
+                memcpy(tile + q4k_tile_d_at(r), &s.d, 4);
+                memcpy(tile + q4k_tile_dmin_at(r), &s.dmin, 4);
             }
     free(rows);
     return w->tiled = 1;
@@ -1656,13 +1664,13 @@ static Q4KScales q4k_block_at(const NanoMatrix *w, int row, int b, uint8_t codes
     const uint8_t *tile = w->q4k + ((size_t)(row / TILE_ROWS) * blocks + b) * Q4K_TILE_BLOCK_BYTES;
     int r = row % TILE_ROWS;
     Q4KScales s;
-    for (int v = 0; v < NANO_Q4K_BLOCK / 8; v++) memcpy(codes + 4 * v, tile + 64 * v + 4 * r, 4);
+    for (int v = 0; v < NANO_Q4K_BLOCK / 8; v++) memcpy(codes + 4 * v, tile + q4k_tile_codes_at(r, v), 4);
     for (int g = 0; g < Q4K_GROUPS; g++) {
-        s.scales[g] = tile[Q4K_TILE_SCALES + TILE_ROWS * g + r];
-        s.scales[Q4K_GROUPS + g] = tile[Q4K_TILE_MINS + 2 * TILE_ROWS * (g / 2) + 2 * r + g % 2];
+        s.scales[g] = tile[q4k_tile_scale_at(r, g)];
+        s.scales[Q4K_GROUPS + g] = tile[q4k_tile_min_at(r, g)];
     }
-    memcpy(&s.d, tile + Q4K_TILE_D + 4 * r, 4);
-    memcpy(&s.dmin, tile + Q4K_TILE_D + 4 * (TILE_ROWS + r), 4);
+    memcpy(&s.d, tile + q4k_tile_d_at(r), 4);
+    memcpy(&s.dmin, tile + q4k_tile_dmin_at(r), 4);
     return s;
 }
 
@@ -1885,7 +1893,7 @@ static void row_matmul(NanoState *s, const NanoMatrix *w, int row, const float *
 #ifdef TILES
 /* out[t + k, 16 tile + i] for the input rows t + k, k < rows: tile `tile` of W against a block of them. */
 BLOCK_KERNEL void store_tile_dots(const NanoState *s, const NanoMatrix *w, int tile, int t, int rows, float *out) {
-    int cols = w->cols, group = s->model->config.group_size;
+    int cols = w->cols;
     float dots[WIDE_TOKEN_BLOCK * TILE_ROWS];
     if (w->q4k) {
         int blocks = q4k_blocks_per_row(cols);
@@ -1893,6 +1901,7 @@ BLOCK_KERNEL void store_tile_dots(const NanoState *s, const NanoMatrix *w, int t
         dot_q4k_tile(w->q4k + (size_t)tile * blocks * Q4K_TILE_BLOCK_BYTES, s->act_q + at * NANO_Q4K_BLOCK,
                      s->act_scale + at, s->act_group_sum + at * Q4K_GROUPS, blocks, blocks, rows, dots);
     } else {
+        int group = s->model->config.group_size;
         dot_q80_tile((const uint8_t *)w->q + (size_t)tile * TILE_ROWS * cols, w->scale + (size_t)tile * TILE_ROWS * (cols / group),
                      s->act_q + (size_t)t * cols, s->act_scale + (size_t)t * cols / group,
                      s->act_group_sum + (size_t)t * cols / group, cols, cols, group, rows, dots);
