@@ -1925,22 +1925,22 @@ static int matmul_units(const NanoMatrix *w) {
     return w->tiled ? w->rows / TILE_ROWS : w->rows;
 }
 
-/* out = W x for n input rows of width cols, for several matrices sharing the same input, in one loop over
- * all their tiles or output rows. Quantized weights read x as quantized beforehand into act_q & co. */
+/* out = W x for n input rows of width cols, for several matrices sharing the same input: each thread takes
+ * its share of every matrix, so that a matrix the cache holds, or one slower to stream, delays no thread
+ * alone. Quantized weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
-    int total_units = 0;
-    for (int j = 0; j < n_jobs; j++) total_units += matmul_units(jobs[j].w);
+    for (int j = 0; j < n_jobs; j++) {
+        const NanoMatrix *w = jobs[j].w;
 #pragma omp for schedule(static) nowait
-    for (int u = 0; u < total_units; u++) {
-        int j = 0, unit = u;
-        while (unit >= matmul_units(jobs[j].w)) unit -= matmul_units(jobs[j++].w);
+        for (int unit = 0; unit < matmul_units(w); unit++) {
 #ifdef TILES
-        if (jobs[j].w->tiled) {
-            tile_matmul(s, jobs[j].w, unit, n, jobs[j].out);
-            continue;
-        }
+            if (w->tiled) {
+                tile_matmul(s, w, unit, n, jobs[j].out);
+                continue;
+            }
 #endif
-        row_matmul(s, jobs[j].w, unit, x, n, jobs[j].out);
+            row_matmul(s, w, unit, x, n, jobs[j].out);
+        }
     }
 }
 
