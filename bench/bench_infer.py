@@ -164,6 +164,12 @@ def torch_decode(model, prompt_ids, threads, tokens):
     return count / (time.perf_counter() - start)
 
 
+def median_ratio(values, references):
+    """The median of a round's value over its reference: each pair ran side by side, seconds apart, where the
+    machine's speed drifts by more than the ratio asked for between rounds (a ratio of medians would mix them)."""
+    return statistics.median(v / r for v, r in zip(values, references))
+
+
 def bandwidth(binary, env, size):
     """GB/s reading `size` bytes over and over (the probe above)."""
     return float(subprocess.run([binary, str(size)], capture_output=True, text=True, env=env, check=True).stdout.split()[0])
@@ -171,7 +177,7 @@ def bandwidth(binary, env, size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per decode run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
@@ -199,21 +205,22 @@ def main():
 
     rows = []
     for threads, policy in variants:
-        med = {k: statistics.median(v) if v else None for k, v in samples[threads, policy].items()}
-        row = {"threads": threads, "omp_wait_policy": policy, "torch_f32_tok_s": med["torch"],
-               "samples": samples[threads, policy]}
+        s = samples[threads, policy]
+        med = {k: statistics.median(v) if v else None for k, v in s.items()}
+        row = {"threads": threads, "omp_wait_policy": policy, "torch_f32_tok_s": med["torch"], "samples": s}
         for kind in C_KINDS:
             bound = med[f"bandwidth_{kind}"] * 1e9 / weight_bytes[kind]
             row.update({f"bandwidth_{kind}_gb_s": med[f"bandwidth_{kind}"], f"c_{kind}_tok_s": med[f"c_{kind}"],
                         f"bound_{kind}_tok_s": bound,
-                        f"c_{kind}_of_bound": med[f"c_{kind}"] / bound})
-        row["q4k_over_q80"] = med["c_q4k"] / med["c_q80"]
+                        f"c_{kind}_of_bound": median_ratio(s[f"c_{kind}"], [b * 1e9 / weight_bytes[kind]
+                                                                             for b in s[f"bandwidth_{kind}"]])})
+        row["q4k_over_q80"] = median_ratio(s["c_q4k"], s["c_q80"])
         rows.append(row)
 
     print(f"\n{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average after the run {os.getloadavg()[0]:.1f}")
     print(f"\nDecode tokens/s, Nano-56M-sized model (random weights, greedy, {args.tokens} new tokens after a "
-          f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds\n")
+          f"{PROMPT_TOKENS}-token prompt), medians of {args.rounds} rounds (shares and Q4K / Q80: of each round's ratio)\n")
     names = {"f32": "f32", "q80": "Q80", "q4k": "Q4K"}
     print("| threads | OMP_WAIT_POLICY | read GB/s (f32 / Q80 / Q4K bytes) | PyTorch f32 | " +
           " | ".join(f"C {names[k]} | {names[k]} bound | C {names[k]} / bound" for k in C_KINDS) + " | Q4K / Q80 |")
