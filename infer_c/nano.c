@@ -1781,12 +1781,18 @@ static void quantize_row(NanoState *s, size_t row, const float *x, int cols) {
  * OMP_WAIT_POLICY=passive (tens of microseconds to wake up), and under the default policy spins long
  * before it sleeps, holding a core that on a busy machine the thread it waits for may need. This one spins
  * briefly, then yields the core, so a pass runs alike under either policy. Without OpenMP there is one
- * thread and nothing to wait for. */
-typedef struct { unsigned arrived, generation; } Barrier;
+ * thread and nothing to wait for. The team's threads also share out the units of its matmul steps (below). */
+typedef struct { uint64_t word; char line[56]; } UnitShare;   /* a cache line each, apart from the others' */
+
+typedef struct {
+    unsigned arrived, generation;
+    UnitShare *shares;   /* one per thread, up to share_count; NULL: every thread keeps to its fixed share */
+    int share_count;
+} Team;
 
 #define BARRIER_SPINS 1000   /* reads of the generation, about a microsecond, before a waiter yields */
 
-static void barrier_wait(Barrier *b) {
+static void barrier_wait(Team *b) {
 #ifdef _OPENMP
     unsigned threads = (unsigned)omp_get_num_threads(), generation, arrived;
     if (threads == 1) return;
@@ -1814,6 +1820,20 @@ static void barrier_wait(Barrier *b) {
 #endif
 }
 
+/* A team for a region of at most omp_get_max_threads() threads; without memory for the shares it still runs. */
+static Team team_for_region(void) {
+#ifdef _OPENMP
+    int count = omp_get_max_threads();
+#else
+    int count = 1;
+#endif
+    void *shares;
+    if (posix_memalign(&shares, 64, sizeof(UnitShare) * count)) shares = NULL;
+    else memset(shares, 0, sizeof(UnitShare) * count);
+    Team team = {0, 0, shares, count};
+    return team;
+}
+
 /* This thread's share [first, end) of n iterations: contiguous, the first n % threads shares one longer. */
 static void thread_share(int n, int *first, int *end) {
 #ifdef _OPENMP
@@ -1830,9 +1850,10 @@ static void thread_share(int n, int *first, int *end) {
  * many multiply-adds; a smaller model runs on one thread. */
 #define PARALLEL_MIN_WORK (1 << 18)
 
-/* From here on, the steps of a pass run on every thread of its region: each `omp for` shares out its rows
- * (a static schedule, so each row is done by one thread with the same code whatever the thread count) and
- * has no barrier of its own; the caller waits at one before a step that reads what another thread wrote. */
+/* From here on, the steps of a pass run on every thread of its region: each shares out its rows (an
+ * `omp for` with a static schedule, the matmuls' units as below), each row done whole by one thread with
+ * the same code whatever the thread count, so that the results do not depend on it; no step has a barrier
+ * of its own: the caller waits at one before a step that reads what another thread wrote. */
 
 /* The quantized activations of n rows of x of width cols, a row per iteration (quantized weights only). */
 static void quantize_input(NanoState *s, const float *x, int n, int cols) {
@@ -1937,28 +1958,75 @@ static int matmul_units(const NanoMatrix *w) {
     return w->tiled ? w->rows / TILE_ROWS : w->rows;
 }
 
-/* out = W x for n input rows of width cols, for several matrices sharing the same input: each thread takes
- * its share of every matrix, so that a matrix the cache holds, or one slower to stream, delays no thread
- * alone. Quantized weights read x as quantized beforehand into act_q & co. */
-static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs) {
-    for (int j = 0; j < n_jobs; j++) {
-        const NanoMatrix *w = jobs[j].w;
-#pragma omp for schedule(static) nowait
-        for (int unit = 0; unit < matmul_units(w); unit++) {
+/* Unit u of several matrices' units one after the other: their tiles, else their output rows. */
+static void matmul_unit(NanoState *s, const float *x, int n, const MatmulJob *jobs, int u) {
+    int j = 0;
+    while (u >= matmul_units(jobs[j].w)) u -= matmul_units(jobs[j++].w);
 #ifdef TILES
-            if (w->tiled) {
-                tile_matmul(s, w, unit, n, jobs[j].out);
-                continue;
-            }
-#endif
-            row_matmul(s, w, unit, x, n, jobs[j].out);
-        }
+    if (jobs[j].w->tiled) {
+        tile_matmul(s, jobs[j].w, u, n, jobs[j].out);
+        return;
     }
+#endif
+    row_matmul(s, jobs[j].w, u, x, n, jobs[j].out);
 }
 
-static void matmul(NanoState *s, float *out, const float *x, int n, const NanoMatrix *w) {
+/* A matmul step's units go out as contiguous shares, one a thread, and a thread done with its own takes the
+ * last units of another's: the halves of a step seldom take the same time (the cache holds more of one, a
+ * core serves an interrupt, a laptop has slower cores), and fixed shares wait for the slower one. A share
+ * is one word, the step it belongs to (a barrier's generation: the same on every thread between two
+ * barriers), its next unit and its end, so that the owner's claims from its front and a thief's from its
+ * back are each one compare-and-swap; an owner claims SHARE_CHUNK units at a time, a thief one. */
+#define SHARE_CHUNK 4
+
+static uint64_t share_word(unsigned step, unsigned next, unsigned end) {
+    return (uint64_t)(step & 0xffff) << 48 | (uint64_t)next << 24 | end;
+}
+
+/* Up to `count` units of a share in `step` from its front (else its back): how many, the first in *first. */
+static unsigned claim_units(uint64_t *share, unsigned step, unsigned count, int from_front, unsigned *first) {
+    uint64_t old = __atomic_load_n(share, __ATOMIC_ACQUIRE), claimed;
+    unsigned take;
+    do {
+        unsigned next = old >> 24 & 0xffffff, end = old & 0xffffff;
+        if ((old >> 48) != (step & 0xffff) || next >= end) return 0;
+        take = end - next < count ? end - next : count;
+        *first = from_front ? next : end - take;
+        claimed = from_front ? share_word(step, next + take, end) : share_word(step, next, end - take);
+    } while (!__atomic_compare_exchange_n(share, &old, claimed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    return take;
+}
+
+/* out = W x for n input rows of width cols, for several matrices sharing the same input, in one space of all
+ * their units. Quantized weights read x as quantized beforehand into act_q & co. */
+static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs, Team *team) {
+    int total = 0, first, end;
+    for (int j = 0; j < n_jobs; j++) total += matmul_units(jobs[j].w);
+    thread_share(total, &first, &end);
+#ifdef _OPENMP
+    int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    if (threads > 1 && team->shares && threads <= team->share_count && total < (1 << 24)) {
+        unsigned step, u, got;
+#pragma omp atomic read seq_cst
+        step = team->generation;
+        uint64_t *own = &team->shares[thread].word;
+        __atomic_store_n(own, share_word(step, (unsigned)first, (unsigned)end), __ATOMIC_RELEASE);
+        while ((got = claim_units(own, step, SHARE_CHUNK, 1, &u)))
+            for (unsigned k = 0; k < got; k++) matmul_unit(s, x, n, jobs, (int)(u + k));
+        for (int other = 1; other < threads; other++)
+            while (claim_units(&team->shares[(thread + other) % threads].word, step, 1, 0, &u))
+                matmul_unit(s, x, n, jobs, (int)u);
+        return;
+    }
+#else
+    (void)team;
+#endif
+    for (int u = first; u < end; u++) matmul_unit(s, x, n, jobs, u);
+}
+
+static void matmul(NanoState *s, float *out, const float *x, int n, const NanoMatrix *w, Team *team) {
     MatmulJob job = {w, out};
-    matmuls(s, x, n, &job, 1);
+    matmuls(s, x, n, &job, 1, team);
 }
 
 /* ============================================================================ forward pass */
@@ -2026,30 +2094,30 @@ static void add_vector(float *x, const float *bias, int n) {
 /* out[t] += scaling * B (A x[t]) for one adapter target of one layer: the rank-wide hidden rows (in the
  * hidden buffer of the adapter's sequence), then the output rows. Ends at a barrier, since the next target
  * reuses that buffer. */
-static void lora_branch(const NanoLora *lora, float *hidden, Barrier *barrier, int target, int layer,
+static void lora_branch(const NanoLora *lora, float *hidden, Team *team, int target, int layer,
                         const float *x, float *out, int n) {
     int r = lora->rank, in = lora->in_dim[target], out_dim = lora->out_dim[target];
     const float *a = lora->a[target] + (size_t)layer * r * in, *b = lora->b[target] + (size_t)layer * out_dim * r;
 #pragma omp for schedule(static) nowait
     for (size_t i = 0; i < (size_t)n * r; i++)
         hidden[i] = lora->scaling * dot_f32(a + i % r * in, x + i / r * in, in);
-    barrier_wait(barrier);
+    barrier_wait(team);
 #pragma omp for schedule(static) nowait
     for (int i = 0; i < out_dim; i++)
         for (int t = 0; t < n; t++) out[(size_t)t * out_dim + i] += dot_f32(b + (size_t)i * r, hidden + (size_t)t * r, r);
-    barrier_wait(barrier);
+    barrier_wait(team);
 }
 
 /* lora_branch over the rows of a pass, a run of consecutive rows whose sequences share an adapter at a time
  * (every thread walks the same runs). Rows without an adapter are left alone. */
-static void lora_branches(const PassRow *rows, int n, Barrier *barrier, int target, int layer, const float *x,
+static void lora_branches(const PassRow *rows, int n, Team *team, int target, int layer, const float *x,
                           float *out) {
     for (int first = 0, end; first < n; first = end) {
         const NanoState *owner = rows[first].state;
         for (end = first + 1; end < n && rows[end].state->lora == owner->lora;) end++;
         if (!owner->lora) continue;
         int in = owner->lora->in_dim[target], out_dim = owner->lora->out_dim[target];
-        lora_branch(owner->lora, owner->lora_hidden, barrier, target, layer, x + (size_t)first * in,
+        lora_branch(owner->lora, owner->lora_hidden, team, target, layer, x + (size_t)first * in,
                     out + (size_t)first * out_dim, end - first);
     }
 }
@@ -2321,14 +2389,14 @@ void nano_matrix_row(const NanoModel *m, const NanoMatrix *w, int row, float *ou
 }
 
 /* out[t] = classifier x[first + t] for n rows of s->x, on the threads of the region it runs in. */
-static void classifier(NanoState *s, int first, int n, float *out, Barrier *barrier) {
+static void classifier(NanoState *s, int first, int n, float *out, Team *team) {
     const NanoMatrix *w = &s->model->classifier;
     const float *x = s->x + (size_t)first * s->model->config.n_embd;
     if (w->q || w->q4k) {
         quantize_input(s, x, n, w->cols);
-        barrier_wait(barrier);
+        barrier_wait(team);
     }
-    matmul(s, out, x, n, w);
+    matmul(s, out, x, n, w, team);
 }
 
 /* A region's threads when the classifier of n rows has PARALLEL_MIN_WORK multiply-adds. */
@@ -2349,7 +2417,7 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++)
         nano_matrix_row(m, &m->embedding, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN, s->x + (size_t)t * E);
-    Barrier barrier = {0, 0};
+    Team team = team_for_region();
     /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
      * model; threads only when a layer's matmuls (these multiply-adds), or the classifier, reach
      * PARALLEL_MIN_WORK */
@@ -2361,53 +2429,54 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
 
             /* the previous layer's residual connection, then the attention rmsnorm */
             residual_norm(s, n, l > 0, layer->attn_norm, s->xb);
-            barrier_wait(&barrier);
+            barrier_wait(&team);
             /* qkv matmuls, plus the adapter's side branches */
             MatmulJob qkv[] = {{&layer->wq, s->q}, {&layer->wk, s->k}, {&layer->wv, s->v}};
             prefetch_attention(s, rows, l, n);
-            matmuls(s, s->xb, n, qkv, 3);
-            barrier_wait(&barrier);
-            lora_branches(rows, n, &barrier, LORA_WQ, l, s->xb, s->q);
-            lora_branches(rows, n, &barrier, LORA_WK, l, s->xb, s->k);
-            lora_branches(rows, n, &barrier, LORA_WV, l, s->xb, s->v);
+            matmuls(s, s->xb, n, qkv, 3, &team);
+            barrier_wait(&team);
+            lora_branches(rows, n, &team, LORA_WQ, l, s->xb, s->q);
+            lora_branches(rows, n, &team, LORA_WK, l, s->xb, s->k);
+            lora_branches(rows, n, &team, LORA_WV, l, s->xb, s->v);
             prepare_heads(s, layer, l, rows, n);
-            barrier_wait(&barrier);
+            barrier_wait(&team);
             attention(s, rows, l, n);
-            barrier_wait(&barrier);
+            barrier_wait(&team);
             /* output projection of the attention */
             if (quantized) {
                 quantize_input(s, s->xb2, n, m->q_dim);
-                barrier_wait(&barrier);
+                barrier_wait(&team);
             }
-            matmul(s, s->xb, s->xb2, n, &layer->wo);
-            barrier_wait(&barrier);
-            lora_branches(rows, n, &barrier, LORA_WO, l, s->xb2, s->xb);
+            matmul(s, s->xb, s->xb2, n, &layer->wo, &team);
+            barrier_wait(&team);
+            lora_branches(rows, n, &team, LORA_WO, l, s->xb2, s->xb);
 
             /* residual connection back into x, then the ffn rmsnorm */
             residual_norm(s, n, 1, layer->ffn_norm, s->xb);
-            barrier_wait(&barrier);
+            barrier_wait(&team);
             /* the ffn is w2(silu(w1 x) * w3 x): gate and up matmuls first */
             MatmulJob gate_up[] = {{&layer->w1, s->hb}, {&layer->w3, s->hb2}};
-            matmuls(s, s->xb, n, gate_up, 2);
-            barrier_wait(&barrier);
+            matmuls(s, s->xb, n, gate_up, 2, &team);
+            barrier_wait(&team);
             swiglu(s, n);
-            barrier_wait(&barrier);
+            barrier_wait(&team);
             /* down matmul */
-            matmul(s, s->xb, s->hb, n, &layer->w2);
-            barrier_wait(&barrier);
+            matmul(s, s->xb, s->hb, n, &layer->w2, &team);
+            barrier_wait(&team);
         }
         /* last residual connection and the final rmsnorm, then the classifier of the rows asked for (else
          * nano_logits runs it later), each moved up to row i of x first (never below itself, so in order) */
         residual_norm(s, n, 1, m->final_norm, s->x);
         if (logits) {
-            barrier_wait(&barrier);
+            barrier_wait(&team);
 #pragma omp master
             for (int i = 0; i < n_logits; i++)
                 memmove(s->x + (size_t)i * E, s->x + (size_t)logit_rows[i] * E, sizeof(float) * E);
-            barrier_wait(&barrier);
-            classifier(s, 0, n_logits, logits, &barrier);
+            barrier_wait(&team);
+            classifier(s, 0, n_logits, logits, &team);
         }
     }
+    free(team.shares);
 }
 
 /* n tokens of one sequence from its position, then, when logits is not NULL, the logits of the last. */
@@ -2428,9 +2497,10 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
 }
 
 static void classify(NanoState *s, int first, int n, float *out) {
-    Barrier barrier = {0, 0};
+    Team team = team_for_region();
 #pragma omp parallel if(classifier_parallel(s->model, n))
-    classifier(s, first, n, out, &barrier);
+    classifier(s, first, n, out, &team);
+    free(team.shares);
 }
 
 float *nano_logits(NanoState *s, int t) {
