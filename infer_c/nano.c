@@ -1786,7 +1786,7 @@ typedef struct { uint64_t word; char line[56]; } UnitShare;   /* a cache line ea
 
 typedef struct {
     unsigned arrived, generation;
-    UnitShare *shares;   /* one per thread, up to share_count; NULL: every thread keeps to its fixed share */
+    UnitShare *shares;   /* one per thread, up to share_count */
     int share_count;
 } Team;
 
@@ -1820,16 +1820,18 @@ static void barrier_wait(Team *b) {
 #endif
 }
 
-/* A team for a region of at most omp_get_max_threads() threads; without memory for the shares it still runs. */
-static Team team_for_region(void) {
+/* The most threads a region opened now can have: the shares a team needs. */
+static int team_size_limit(void) {
 #ifdef _OPENMP
-    int count = omp_get_max_threads();
+    return omp_get_max_threads();
 #else
-    int count = 1;
+    return 1;
 #endif
-    void *shares;
-    if (posix_memalign(&shares, 64, sizeof(UnitShare) * count)) shares = NULL;
-    else memset(shares, 0, sizeof(UnitShare) * count);
+}
+
+/* A team for a region, its shares (team_size_limit() of them, the caller's) cleared. */
+static Team team_of(UnitShare *shares, int count) {
+    memset(shares, 0, sizeof(UnitShare) * count);
     Team team = {0, 0, shares, count};
     return team;
 }
@@ -1977,6 +1979,7 @@ static void matmul_unit(NanoState *s, const float *x, int n, const MatmulJob *jo
  * is one word, the step it belongs to (a barrier's generation: the same on every thread between two
  * barriers), its next unit and its end, so that the owner's claims from its front and a thief's from its
  * back are each one compare-and-swap; an owner claims SHARE_CHUNK units at a time, a thief one. */
+#ifdef _OPENMP
 #define SHARE_CHUNK 4
 
 static uint64_t share_word(unsigned step, unsigned next, unsigned end) {
@@ -1996,6 +1999,7 @@ static unsigned claim_units(uint64_t *share, unsigned step, unsigned count, int 
     } while (!__atomic_compare_exchange_n(share, &old, claimed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
     return take;
 }
+#endif
 
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one space of all
  * their units. Quantized weights read x as quantized beforehand into act_q & co. */
@@ -2005,7 +2009,7 @@ static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, 
     thread_share(total, &first, &end);
 #ifdef _OPENMP
     int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    if (threads > 1 && team->shares && threads <= team->share_count && total < (1 << 24)) {
+    if (threads > 1 && threads <= team->share_count && total < (1 << 24)) {
         unsigned step, u, got;
 #pragma omp atomic read seq_cst
         step = team->generation;
@@ -2305,14 +2309,14 @@ static void prefetch_head_cache(const NanoState *state, size_t head, size_t byte
  * will read, when the rows are of one sequence (a batch's rows ask for each other's as they go): issued
  * before the layer's qkv matmuls, they arrive while the weights stream. */
 static void prefetch_attention(const NanoState *s, const PassRow *rows, int layer, int n) {
-    if (rows[0].state != rows[n - 1].state) return;
     const NanoModel *m = s->model;
     const NanoConfig *c = &m->config;
     int group = c->n_head / c->n_kv_head, first, end;
-    size_t element = cache_element(c), bytes = (size_t)(rows[n - 1].visible - 1) * c->head_dim * element;
     thread_share(c->n_head, &first, &end);
+    if (first == end || rows[0].state != rows[n - 1].state) return;
+    size_t element = cache_element(c), bytes = (size_t)(rows[n - 1].visible - 1) * c->head_dim * element;
     const char *keys = (const char *)rows[0].state->key_cache, *values = (const char *)rows[0].state->value_cache;
-    for (int kv = first / group; first < end && kv <= (end - 1) / group; kv++) {
+    for (int kv = first / group; kv <= (end - 1) / group; kv++) {
         size_t head = cache_head(m, layer, kv) * element;
         for (size_t line = 0; line < bytes; line += 64) {
             __builtin_prefetch(keys + head + line, 0, 2);
@@ -2417,7 +2421,9 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
     /* copy the token embeddings into x */
     for (int t = 0; t < n; t++)
         nano_matrix_row(m, &m->embedding, tokens[t] >= 0 && tokens[t] < c->vocab_size ? tokens[t] : NANO_UNKNOWN, s->x + (size_t)t * E);
-    Team team = team_for_region();
+    int share_count = team_size_limit();
+    UnitShare shares[share_count];
+    Team team = team_of(shares, share_count);
     /* one team for the whole pass, not one per step: waking a team costs more than a step of a small
      * model; threads only when a layer's matmuls (these multiply-adds), or the classifier, reach
      * PARALLEL_MIN_WORK */
@@ -2476,7 +2482,6 @@ static void forward_rows(NanoState *s, const int *tokens, const PassRow *rows, i
             classifier(s, 0, n_logits, logits, &team);
         }
     }
-    free(team.shares);
 }
 
 /* n tokens of one sequence from its position, then, when logits is not NULL, the logits of the last. */
@@ -2497,10 +2502,11 @@ int nano_forward(NanoState *s, const int *tokens, int n, int causal) {
 }
 
 static void classify(NanoState *s, int first, int n, float *out) {
-    Team team = team_for_region();
+    int share_count = team_size_limit();
+    UnitShare shares[share_count];
+    Team team = team_of(shares, share_count);
 #pragma omp parallel if(classifier_parallel(s->model, n))
     classifier(s, first, n, out, &team);
-    free(team.shares);
 }
 
 float *nano_logits(NanoState *s, int t) {
