@@ -105,6 +105,14 @@ typedef struct {
     const float *b[LORA_TARGETS];   /* per target: n_layer x [out, rank] */
 } NanoLora;
 
+/* Quantized activations: int8, but int16 in WebAssembly, whose SIMD has no 8-bit dot product: widened once
+ * as they are quantized, not in the dot of every weight row. */
+#if defined(__wasm_simd128__)
+typedef int16_t NanoActivation;
+#else
+typedef int8_t NanoActivation;
+#endif
+
 /* Activations and KV cache for one sequence of up to block_size positions. */
 typedef struct {
     const NanoModel *model;
@@ -112,7 +120,7 @@ typedef struct {
     int pos;                  /* positions held in the KV cache */
     float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;
     float *k, *v;             /* a pass's keys and values, before they go to the caches of their sequences */
-    int8_t *act_q;            /* activations quantized for Q80 and Q4K matmuls */
+    NanoActivation *act_q;    /* activations quantized for Q80 and Q4K matmuls */
     float *act_scale;
     int32_t *act_group_sum;   /* Q4K: the sum of each group of 32 quantized activations */
     void *key_cache, *value_cache;    /* per layer and KV head: keys [head_dim, context], values [context, head_dim];
