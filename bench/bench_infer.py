@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import export  # noqa: E402
-from bench.common import cpu_model, write_results  # noqa: E402
+from bench.common import cpu_model, median_ratio, write_results  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -162,12 +162,6 @@ def torch_decode(model, prompt_ids, threads, tokens):
     for _ in stream:
         count += 1
     return count / (time.perf_counter() - start)
-
-
-def median_ratio(values, references):
-    """The median of a round's value over its reference: each pair ran side by side, seconds apart, where the
-    machine's speed drifts by more than the ratio asked for between rounds (a ratio of medians would mix them)."""
-    return statistics.median(v / r for v, r in zip(values, references))
 
 
 def bandwidth(binary, env, size):

@@ -2,12 +2,14 @@
 Decode speed of the browser page (infer/index.html, WebAssembly SIMD, headless Chromium) next to the
 native C engine (infer_c/infer) on one thread, on the same Nano-56M-sized random model, in one run.
 
-    python bench/bench_wasm.py [--config config/nano-56m.json] [--tokens 128] [--repeats 3] [--formats float32 Q80 Q4K] [--page P]
+    python bench/bench_wasm.py [--config config/nano-56m.json] [--tokens 128] [--repeats 3] [--formats float32 Q80 Q4K]
+                               [--page P] [--baseline P0]
 
 Each round runs native then browser (alternating, so drifts of a shared machine hit both alike) for each
-weight format; the figures are medians over rounds of the decode tokens/s that each engine measures
-around its own forward passes (prefill excluded). Prints a markdown table and writes
-bench/results/bench_wasm.json with the machine's description.
+weight format, and with --baseline another build of the page after it, to compare builds side by side;
+the figures are medians over rounds of the decode tokens/s that each engine measures around its own
+forward passes (prefill excluded), the ratios medians of each round's own ratio. Prints a markdown table
+and writes bench/results/bench_wasm.json with the machine's description.
 """
 
 import argparse
@@ -25,7 +27,7 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import machine_info as common_machine_info, write_results  # noqa: E402
+from bench.common import machine_info as common_machine_info, median_ratio, write_results  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -113,43 +115,55 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are taken over them")
     parser.add_argument("--formats", nargs="+", choices=tuple(EXPORT_FLAGS), default=list(EXPORT_FLAGS),
                         help="weight formats to measure (default: all)")
-    parser.add_argument("--page", default=PAGE, help="the built page to measure (to compare builds)")
+    parser.add_argument("--page", default=PAGE, help="the built page to measure")
+    parser.add_argument("--baseline", help="another build of the page, measured in the same rounds")
     args = parser.parse_args()
 
     subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
     with tempfile.TemporaryDirectory() as directory, sync_playwright() as playwright:
         cfg, files, n_params = make_model(args.config, directory, args.formats)
-        browser = BrowserPage(playwright, args.page)
-        rates = {name: {"native": [], "wasm": []} for name in files}
+        pages = {"wasm": BrowserPage(playwright, args.page)}
+        if args.baseline:
+            pages["baseline"] = BrowserPage(playwright, args.baseline)
+        rates = {name: {"native": [], **{engine: [] for engine in pages}} for name in files}
         same_text = {name: True for name in files}
         for round_index in range(args.repeats):
             for name, path in files.items():
                 native_rate, native_text = run_native(path, args.tokens)
-                wasm_rate, wasm_text = browser.run(path, args.tokens)
                 rates[name]["native"].append(native_rate)
-                rates[name]["wasm"].append(wasm_rate)
-                same_text[name] &= native_text == wasm_text
-                print(f"round {round_index + 1} {name}: native {native_rate:.1f} tok/s, wasm {wasm_rate:.1f} tok/s",
-                      file=sys.stderr)
-        browser.close()
+                for engine, page in pages.items():
+                    rate, text = page.run(path, args.tokens)
+                    rates[name][engine].append(rate)
+                    same_text[name] &= text == native_text
+                print(f"round {round_index + 1} {name}: " +
+                      ", ".join(f"{engine} {runs[-1]:.1f} tok/s" for engine, runs in rates[name].items()), file=sys.stderr)
+        for page in pages.values():
+            page.close()
 
     rows = []
     for name in files:
-        native, wasm = statistics.median(rates[name]["native"]), statistics.median(rates[name]["wasm"])
-        rows.append({"weights": name, "native_tokens_per_s": native, "wasm_tokens_per_s": wasm,
-                     "ratio": wasm / native, "same_greedy_text": same_text[name],
-                     "native_runs": rates[name]["native"], "wasm_runs": rates[name]["wasm"]})
+        runs = rates[name]
+        row = {"weights": name, "native_tokens_per_s": statistics.median(runs["native"]),
+               "wasm_tokens_per_s": statistics.median(runs["wasm"]), "ratio": median_ratio(runs["wasm"], runs["native"]),
+               "same_greedy_text": same_text[name], "native_runs": runs["native"], "wasm_runs": runs["wasm"]}
+        if args.baseline:
+            row.update({"baseline_tokens_per_s": statistics.median(runs["baseline"]), "baseline_runs": runs["baseline"],
+                        "over_baseline": median_ratio(runs["wasm"], runs["baseline"])})
+        rows.append(row)
     info = machine_info()
     print(f"\nDecode speed, {os.path.basename(args.config)} ({n_params / 1e6:.0f}M "
           f"parameters, random weights), greedy, {args.tokens} tokens, median of {args.repeats}; "
           f"{info['cpu']}, {info['chromium']}\n")
-    print("| weights | native C, 1 thread (tok/s) | WASM SIMD in Chromium (tok/s) | WASM / native | same text |")
-    print("|---|---:|---:|---:|---|")
+    baseline = " | baseline page (tok/s) | page / baseline" if args.baseline else ""
+    print(f"| weights | native C, 1 thread (tok/s) | WASM SIMD in Chromium (tok/s) | WASM / native{baseline} | same text |")
+    print("|---|---:|---:|---:|" + ("---:|---:|" if args.baseline else "") + "---|")
     for row in rows:
+        compared = f" | {row['baseline_tokens_per_s']:.1f} | {row['over_baseline']:.2f}" if args.baseline else ""
         print(f"| {row['weights']} | {row['native_tokens_per_s']:.1f} | {row['wasm_tokens_per_s']:.1f} | "
-              f"{row['ratio']:.2f} | {'yes' if row['same_greedy_text'] else 'no'} |")
+              f"{row['ratio']:.2f}{compared} | {'yes' if row['same_greedy_text'] else 'no'} |")
     write_results("bench_wasm", {"machine": info, "config": cfg.to_dict(), "parameters": n_params, "tokens": args.tokens,
-                                 "repeats": args.repeats, "prompt": PROMPT, "results": rows})
+                                 "repeats": args.repeats, "prompt": PROMPT, "page": args.page, "baseline": args.baseline,
+                                 "results": rows})
 
 
 if __name__ == "__main__":

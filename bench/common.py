@@ -1,8 +1,9 @@
-"""What every benchmark records beside its figures: the machine it ran on."""
+"""What every benchmark records beside its figures: the machine it ran on; and how pairs of runs compare."""
 
 import json
 import os
 import platform
+import statistics
 
 import torch
 
@@ -31,3 +32,9 @@ def write_results(name, payload):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2, ensure_ascii=False)
+
+
+def median_ratio(values, references):
+    """The median of a round's value over its reference: each pair ran side by side, seconds apart, where the
+    machine's speed drifts by more than the ratio asked for between rounds (a ratio of medians would mix them)."""
+    return statistics.median(v / r for v, r in zip(values, references))
