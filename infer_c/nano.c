@@ -1079,41 +1079,39 @@ static void halves_of(uint16_t *out, const float *x, int n) {
 #define BLOCK_KERNEL static inline __attribute__((always_inline))
 
 /* The weights stream from memory (or the last-level cache) once a pass, and the hardware prefetcher alone
- * leaves the kernels waiting for them: they ask for the line WEIGHTS_AHEAD bytes ahead of the one they read
- * (A/B on Nano-56M decoding, one / two threads: Q80 1.27x / 1.13x, Q4K 1.09x / 1.13x, float32 1.05x / 1.01x;
- * 1 KB ahead was slower, 4-8 KB best). Blocks of rows, whose work per weight byte is several times larger,
- * wait too on an Intel Xeon whose cache holds the weights: steps of 4 and 16 rows 1.2x faster in Q80,
- * 1.3-1.7x in Q4K, 1.1x in float32 with it. A no-op where the target has no prefetch (WebAssembly). */
-#ifndef WEIGHTS_AHEAD
-#define WEIGHTS_AHEAD 8192
-#endif
-#define prefetch_weights(p) __builtin_prefetch((const char *)(p) + WEIGHTS_AHEAD)
+ * leaves the kernels waiting for them: they ask for the line some bytes ahead of the one they read (A/B on
+ * Nano-56M decoding, one / two threads: Q80 1.27x / 1.13x, Q4K 1.09x / 1.13x, float32 1.05x / 1.01x;
+ * 1 KB ahead was slower). How far suits each kernel's pace (bench_ab.py on a Zen 4 EPYC against 8 KB for
+ * all: float32 16 KB 1.02-1.05x / 1.00-1.02x, 24-32 KB 1.00x; Q80 4 or 16 KB 0.95x; Q4K tiles 3-4 KB
+ * 1.05-1.06x / 1.02x, 2 or 6 KB 1.01-1.02x). Blocks of rows, whose work per weight byte is several times
+ * larger, wait too on an Intel Xeon whose cache holds the weights: steps of 4 and 16 rows 1.2x faster in
+ * Q80, 1.3-1.7x in Q4K, 1.1x in float32 with it. A no-op where the target has no prefetch (WebAssembly). */
+#define F32_AHEAD 16384
+#define Q80_AHEAD 8192
+#define Q4K_AHEAD 4096
+#define prefetch_weights(p, ahead) __builtin_prefetch((const char *)(p) + (ahead))
 
 /* out[k] = w . x_k for the rows x_k = x + k * stride, k < rows (float32). */
 BLOCK_KERNEL void dot_f32_rows(const float *w, const float *x, size_t stride, int n, int rows, float *out) {
     int i = 0;
     float sum[WIDE_TOKEN_BLOCK] = {0};
 #if defined(__AVX512F__)
-    __m512 acc[WIDE_TOKEN_BLOCK][4];
-    for (int k = 0; k < rows; k++)
-        for (int a = 0; a < 4; a++) acc[k][a] = _mm512_setzero_ps();
-    for (; i + 64 <= n; i += 64)
-        for (int a = 0; a < 4; a++) {
-            prefetch_weights(w + i + 16 * a);
-            __m512 wv = _mm512_loadu_ps(w + i + 16 * a);
-            for (int k = 0; k < rows; k++) acc[k][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k * stride + i + 16 * a), acc[k][a]);
-        }
+    /* one line a step and one sum a row: four lines a step in four sums decoded float32 1.15-1.2x slower
+     * at one thread and 1.1x at two on a Zen 4 EPYC (bench_ab.py; 1.04-1.08x with the main job's model,
+     * whose weights its cache holds), and two lines in two sums came between */
+    __m512 acc[WIDE_TOKEN_BLOCK];
+    for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
+        prefetch_weights(w + i, F32_AHEAD);
         __m512 wv = _mm512_loadu_ps(w + i);
-        for (int k = 0; k < rows; k++) acc[k][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k * stride + i), acc[k][0]);
+        for (int k = 0; k < rows; k++) acc[k] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k * stride + i), acc[k]);
     }
-    for (int k = 0; k < rows; k++)
-        sum[k] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]), _mm512_add_ps(acc[k][2], acc[k][3])));
+    for (int k = 0; k < rows; k++) sum[k] = _mm512_reduce_add_ps(acc[k]);
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 acc[WIDE_TOKEN_BLOCK][2];
     for (int k = 0; k < rows; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        prefetch_weights(w + i);
+        prefetch_weights(w + i, F32_AHEAD);
         for (int a = 0; a < 2; a++) {
             __m256 wv = _mm256_loadu_ps(w + i + 8 * a);
             for (int k = 0; k < rows; k++) acc[k][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k * stride + i + 8 * a), acc[k][a]);
@@ -1175,7 +1173,7 @@ BLOCK_KERNEL void dot_q80_avx512_rows(const int8_t *w, const float *ws, const in
         __m512i acc[WIDE_TOKEN_BLOCK];
         for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
         for (int j = g * group; j < (g + 1) * group; j += 64) {
-            prefetch_weights(w + j);
+            prefetch_weights(w + j, Q80_AHEAD);
             __m512i wv = _mm512_loadu_si512(w + j), w_abs = _mm512_abs_epi8(wv);
             __mmask64 negative = _mm512_movepi8_mask(wv);
             for (int k = 0; k < rows; k++) {
@@ -1206,7 +1204,7 @@ BLOCK_KERNEL void dot_q80_avx2_rows(const int8_t *w, const float *ws, const int8
         __m256i acc[WIDE_TOKEN_BLOCK];
         for (int k = 0; k < rows; k++) acc[k] = _mm256_setzero_si256();
         for (int j = g * group; j < (g + 1) * group; j += 32) {
-            prefetch_weights(w + j);
+            prefetch_weights(w + j, Q80_AHEAD);
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j)), w_abs = _mm256_abs_epi8(wv);
             for (int k = 0; k < rows; k++) {
                 __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + k * stride + j)), wv));
@@ -1225,7 +1223,7 @@ static float dot_q80_avx2_16(const int8_t *w, const float *ws, const int8_t *x, 
     __m256 sum = _mm256_setzero_ps();
     int j = 0;
     for (; j + 32 <= n; j += 32) {
-        prefetch_weights(w + j);
+        prefetch_weights(w + j, Q80_AHEAD);
         int g = j / 16;
         __m256 scale = _mm256_setr_m128(_mm_set1_ps(ws[g] * xs[g]), _mm_set1_ps(ws[g + 1] * xs[g + 1]));
         __m256i dots = dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + j)), _mm256_loadu_si256((const __m256i *)(x + j)));
@@ -1324,7 +1322,7 @@ BLOCK_KERNEL void dot_q80_tile(const uint8_t *tile, const float *scales, const i
         __m512i acc[WIDE_TOKEN_BLOCK];
         for (int k = 0; k < rows; k++) acc[k] = _mm512_setzero_si512();
         for (int c = 0; c < group / 4; c++) {
-            prefetch_weights(tile + 64 * c);
+            prefetch_weights(tile + 64 * c, Q80_AHEAD);
             __m512i w = _mm512_loadu_si512(tile + 64 * c);
             for (int k = 0; k < rows; k++) {
                 int32_t four;
@@ -1474,7 +1472,7 @@ static float dot_q4k_avx512(const uint8_t *w, const int8_t *x, const float *xs, 
     /* the scale terms and the min terms, in two sums (two chains of multiply-adds) reduced once at the end */
     __m512 scale_sum = _mm512_setzero_ps(), min_sum = _mm512_setzero_ps();
     for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
-        for (int line = 0; line < NANO_Q4K_BLOCK_BYTES; line += 64) prefetch_weights(w + line);
+        for (int line = 0; line < NANO_Q4K_BLOCK_BYTES; line += 64) prefetch_weights(w + line, Q4K_AHEAD);
         __m512i scales_mins = _mm512_cvtepu8_epi32(q4k_scale_vector(w));   /* 8 sc, then 8 m */
         float d, dmin;
         memcpy(&d, w + 12, 4);
@@ -1503,7 +1501,7 @@ static float dot_q4k_avx2(const uint8_t *w, const int8_t *x, const float *xs, co
     __m256 sum = _mm256_setzero_ps();
     float min_sum = 0.0f;
     for (int b = 0; b < nblocks; b++, w += NANO_Q4K_BLOCK_BYTES, x += NANO_Q4K_BLOCK) {
-        for (int line = 0; line < NANO_Q4K_BLOCK_BYTES; line += 64) prefetch_weights(w + line);
+        for (int line = 0; line < NANO_Q4K_BLOCK_BYTES; line += 64) prefetch_weights(w + line, Q4K_AHEAD);
         Q4KScales s = q4k_scales(w);
         __m256i acc = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {   /* 32 code bytes: groups 2c (lanes 0-3 of acc) and 2c+1 (lanes 4-7) */
@@ -1610,7 +1608,7 @@ BLOCK_KERNEL void dot_q4k_tile(const uint8_t *tile, const int8_t *x, const float
             size_t evens = 128 * (g / 4) + 16 * (g % 4);
             for (int v = 0; v < 4; v++) {
                 const uint8_t *vector = tile + 256 * g + 64 * v;
-                prefetch_weights(vector);
+                prefetch_weights(vector, Q4K_AHEAD);
                 __m512i codes = _mm512_loadu_si512(vector);
                 __m512i low = _mm512_and_si512(codes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
                 for (int k = 0; k < rows; k++) {
@@ -2058,8 +2056,8 @@ static const uint8_t *unit_weights(const NanoMatrix *w, int u, size_t *bytes) {
     return data + unit * (size_t)u;
 }
 
-/* Asks for the first WEIGHTS_AHEAD bytes of this thread's share of a matmul step into L2, a step ahead of
- * it: the kernels ask for lines that far ahead of the ones they read, so a share's first lines would come
+/* Asks for the first bytes of this thread's share of a matmul step into L2, a step ahead of it: as many as
+ * the kernels ask for ahead of the lines they read (F32_AHEAD & co.), so a share's first lines would come
  * on demand, once per matrix and thread (bench_ab.py, three runs: decoding 1.00-1.02x at one thread and
  * 0.99-1.01x at two, float32, Q80 and Q4K alike; into L1, 0.99-1.00x). */
 static void prefetch_share(const MatmulJob *jobs, int n_jobs) {
@@ -2069,9 +2067,10 @@ static void prefetch_share(const MatmulJob *jobs, int n_jobs) {
     if (first >= end) return;
     int j = 0;
     while (first >= matmul_units(jobs[j].w)) first -= matmul_units(jobs[j++].w);
-    size_t bytes;
-    const uint8_t *p = unit_weights(jobs[j].w, first, &bytes);
-    if (bytes > WEIGHTS_AHEAD) bytes = WEIGHTS_AHEAD;
+    const NanoMatrix *w = jobs[j].w;
+    size_t bytes, ahead = w->f32 ? F32_AHEAD : w->q4k ? Q4K_AHEAD : Q80_AHEAD;
+    const uint8_t *p = unit_weights(w, first, &bytes);
+    if (bytes > ahead) bytes = ahead;
     for (size_t line = 0; line < bytes; line += 64) __builtin_prefetch(p + line, 0, 2);
 }
 
