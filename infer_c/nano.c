@@ -1974,9 +1974,22 @@ static int matmul_units(const NanoMatrix *w) {
 }
 
 /* Unit u of several matrices' units one after the other: their tiles, else their output rows. */
-static void matmul_unit(NanoState *s, const float *x, int n, const MatmulJob *jobs, int u) {
+/* The units of several matrices' work, one after the other. */
+static int jobs_units(const MatmulJob *jobs, int n_jobs) {
+    int total = 0;
+    for (int j = 0; j < n_jobs; j++) total += matmul_units(jobs[j].w);
+    return total;
+}
+
+/* The job that unit *u of several matrices' units falls in; *u becomes the unit's number within it. */
+static int job_of_unit(const MatmulJob *jobs, int *u) {
     int j = 0;
-    while (u >= matmul_units(jobs[j].w)) u -= matmul_units(jobs[j++].w);
+    while (*u >= matmul_units(jobs[j].w)) *u -= matmul_units(jobs[j++].w);
+    return j;
+}
+
+static void matmul_unit(NanoState *s, const float *x, int n, const MatmulJob *jobs, int u) {
+    int j = job_of_unit(jobs, &u);
 #ifdef TILES
     if (jobs[j].w->tiled) {
         tile_matmul(s, jobs[j].w, u, n, jobs[j].out);
@@ -2017,8 +2030,7 @@ static unsigned claim_units(uint64_t *share, unsigned step, unsigned count, int 
 /* out = W x for n input rows of width cols, for several matrices sharing the same input, in one space of all
  * their units. Quantized weights read x as quantized beforehand into act_q & co. */
 static void matmuls(NanoState *s, const float *x, int n, const MatmulJob *jobs, int n_jobs, Team *team) {
-    int total = 0, first, end;
-    for (int j = 0; j < n_jobs; j++) total += matmul_units(jobs[j].w);
+    int total = jobs_units(jobs, n_jobs), first, end;
     thread_share(total, &first, &end);
 #ifdef _OPENMP
     int threads = omp_get_num_threads(), thread = omp_get_thread_num();
@@ -2061,13 +2073,10 @@ static const uint8_t *unit_weights(const NanoMatrix *w, int u, size_t *bytes) {
  * on demand, once per matrix and thread (bench_ab.py, three runs: decoding 1.00-1.02x at one thread and
  * 0.99-1.01x at two, float32, Q80 and Q4K alike; into L1, 0.99-1.00x). */
 static void prefetch_share(const MatmulJob *jobs, int n_jobs) {
-    int total = 0, first, end;
-    for (int j = 0; j < n_jobs; j++) total += matmul_units(jobs[j].w);
-    thread_share(total, &first, &end);
+    int first, end;
+    thread_share(jobs_units(jobs, n_jobs), &first, &end);
     if (first >= end) return;
-    int j = 0;
-    while (first >= matmul_units(jobs[j].w)) first -= matmul_units(jobs[j++].w);
-    const NanoMatrix *w = jobs[j].w;
+    const NanoMatrix *w = jobs[job_of_unit(jobs, &first)].w;
     size_t bytes, ahead = w->f32 ? F32_AHEAD : w->q4k ? Q4K_AHEAD : Q80_AHEAD;
     const uint8_t *p = unit_weights(w, first, &bytes);
     if (bytes > ahead) bytes = ahead;
