@@ -90,7 +90,7 @@ def measure_in_process(libraries, model_path, threads, position, steps):
     result = subprocess.run([sys.executable, __file__, "--worker", model_path, str(position), str(steps), *libraries],
                             capture_output=True, text=True, env=env)
     if result.returncode:
-        raise RuntimeError(f"the measurement failed:\n{result.stderr}")
+        raise SystemExit(f"the measurement failed: {result.stderr.strip()}")
     return json.loads(result.stdout)
 
 
@@ -108,7 +108,10 @@ def compare(baseline, candidate, model_path, threads, position, steps):
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         model_path, position, steps, *libraries = sys.argv[2:]
-        print(json.dumps(measure(libraries, model_path, int(position), int(steps))))
+        try:
+            print(json.dumps(measure(libraries, model_path, int(position), int(steps))))
+        except (OSError, ValueError, MemoryError) as error:   # a bad file, a prompt past the context
+            raise SystemExit(str(error))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", help="the library before the change (a copy of infer_c/libnano.so)")

@@ -62,3 +62,13 @@ def test_command_line_prints_the_table(libraries, model_path):
     missing = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_ab.py"), native, "/nonexistent.so"],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_a_truncated_model_gives_one_clear_line(libraries, model_path, tmp_path):
+    native, _ = libraries
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(open(model_path, "rb").read()[:-1000])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_ab.py"), native, native, "--model",
+                        str(truncated), "--threads", "1", "--steps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "truncated" in r.stderr and "Traceback" not in r.stderr
